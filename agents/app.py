@@ -1,0 +1,55 @@
+"""The Faust application: one worker process hosts every agent; scale by adding workers.
+
+Settings that matter and why:
+- at-least-once processing (Faust's default) with idempotent folds: each fold remembers the
+  last source offset it applied, so a redelivered event changes nothing;
+- `concurrency=1` per agent: with more, Faust can commit an offset past an event still in
+  flight, and a crash would then skip it;
+- table store `memory://` by default: the only table today holds one small row per tenant,
+  so restoring it from its compacted changelog takes a moment and needs no native
+  dependency or per-worker data directory; set `LEDGERFLOW_AGENT_STORE=rocksdb://` (with
+  faust's rocksdict extra) once tables outgrow memory.
+"""
+
+from __future__ import annotations
+
+import os
+
+import faust
+
+from agents.transport import broker_url
+from streams.codec import Codec
+from streams.topics import Topics
+
+
+def create_app(
+    app_id: str,
+    bootstrap: str,
+    topics: Topics,
+    *,
+    data_dir: str = ".ledgerflow/agents",
+    web_port: int = 6066,
+    store: str | None = None,
+) -> faust.App:
+    app = faust.App(
+        app_id,
+        broker=broker_url(bootstrap),
+        store=store or os.environ.get("LEDGERFLOW_AGENT_STORE", "memory://"),
+        datadir=data_dir,
+        web_port=web_port,
+        web_host="127.0.0.1",
+        topic_partitions=topics.partitions,
+        topic_replication_factor=1,
+        topic_allow_declare=True,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        broker_commit_every=100,
+        broker_commit_interval=1.0,
+        stream_wait_empty=True,
+        table_cleanup_interval=60.0,
+        web_enabled=True,
+    )
+    from agents import totals  # agents register themselves on the app
+
+    totals.register(app, topics, Codec())
+    return app

@@ -1,0 +1,56 @@
+"""Agent: per-tenant running totals of requests and cost, from TokensCharged.
+
+I/O only: decode, look up the tenant's state, call the pure `domain.totals.fold`, store the
+new state in a changelog-backed table, and send the derived event. Poison records go to the
+dead-letter topic and the agent moves on.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+
+from domain.totals import TenantTotals, fold
+from streams.codec import Codec, PoisonEvent
+from streams.deadletter import DeadLetter
+from streams.events import TokensCharged
+from streams.topics import Topics
+
+AGENT_NAME = "tenant-totals"
+
+
+def register(app: faust.App, topics: Topics, codec: Codec) -> Any:
+    source_name = topics.name("token-charges")
+    source = app.topic(source_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    derived = app.topic(topics.name("tenant-totals"), key_serializer="raw", value_serializer="raw")
+    dead = app.topic(topics.dlq(source_name), key_serializer="raw", value_serializer="raw")
+    table = app.Table(f"{AGENT_NAME}-state", partitions=topics.partitions, key_type=str, value_type=dict)
+
+    @app.agent(source, name=AGENT_NAME, concurrency=1)
+    async def tenant_totals(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            msg = event.message
+            try:
+                charge = codec.decode(msg.value)
+                if not isinstance(charge, TokensCharged):
+                    raise PoisonEvent("wrong-topic", f"{charge.event_type} on {source_name}")
+            except PoisonEvent as exc:
+                letter = DeadLetter(
+                    exc.reason, exc.detail, msg.topic, msg.partition, msg.offset,
+                    AGENT_NAME, datetime.now(UTC), msg.key, msg.value,
+                )
+                await event.send(dead, key=msg.key, value=msg.value or b"", headers=letter.headers())
+                continue
+            stored = table.get(charge.tenant)
+            state = TenantTotals.from_json(stored) if stored else None
+            new, out = fold(state, charge, msg.partition, msg.offset)
+            if out is None:
+                continue
+            table[charge.tenant] = new.to_json()
+            # event.send attaches the message to the source offset: it is produced before
+            # that offset is committed (at-least-once; duplicates carry the same event id).
+            await event.send(derived, key=charge.tenant.encode(), value=codec.encode(out), headers=[])
+
+    return tenant_totals

@@ -1,0 +1,69 @@
+"""Runs the gateway process: real keys, the transactional fact publisher, readiness on Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiohttp import web
+from confluent_kafka import KafkaException
+
+from gateway.app import create_app
+from gateway.auth import KeyStore
+from ledgerflow.settings import Settings
+from streams.admin import admin
+from streams.publisher import FactPublisher
+from streams.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class KafkaReadiness:
+    """Ready when the broker answers and every fact topic exists; cached for a second."""
+
+    def __init__(self, bootstrap: str, topics: Topics) -> None:
+        self._bootstrap = bootstrap
+        self._topics = topics
+        self._cached: tuple[float, bool, str] = (0.0, False, "not checked")
+
+    async def __call__(self) -> tuple[bool, str]:
+        at, ok, detail = self._cached
+        if time.monotonic() - at < 1.0:
+            return ok, detail
+        ok, detail = await asyncio.to_thread(self._check)
+        self._cached = (time.monotonic(), ok, detail)
+        return ok, detail
+
+    def _check(self) -> tuple[bool, str]:
+        try:
+            md = admin(self._bootstrap).list_topics(timeout=1.0)
+        except KafkaException as exc:
+            return False, f"kafka unreachable at {self._bootstrap}: {exc}"
+        missing = [t for t in self._topics.facts() if t not in md.topics]
+        if missing:
+            return False, f"topics missing: {', '.join(missing)} (run `ledgerflow up` or create them)"
+        return True, f"kafka {self._bootstrap}"
+
+
+def build(settings: Settings) -> tuple[web.Application, FactPublisher]:
+    topics = Topics(settings.topic_prefix, settings.partitions)
+    keys = KeyStore((k.key_id, k.tenant, k.sha256, k.roles) for k in settings.api_keys)
+    publisher = FactPublisher(settings.bootstrap, f"ledgerflow-{settings.instance_id}", topics)
+    app = create_app(keys, publisher, KafkaReadiness(settings.bootstrap, topics), publish_timeout=settings.publish_timeout_s)
+
+    async def on_startup(_: web.Application) -> None:
+        publisher.start()
+
+    async def on_cleanup(_: web.Application) -> None:
+        await asyncio.to_thread(publisher.close)
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app, publisher
+
+
+def run(settings: Settings) -> None:
+    app, _ = build(settings)
+    log.info("gateway listening on %s", settings.gateway_url)
+    web.run_app(app, host=settings.gateway_host, port=settings.gateway_port, print=None, access_log=None)

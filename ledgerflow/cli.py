@@ -1,0 +1,278 @@
+"""`ledgerflow` command line: up, down, status, query, demo.
+
+The only module that knows every side; it starts them as processes and talks to them over
+Kafka and HTTP, so each side stays a separate, separately scalable process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from ledgerflow import demo as demo_mod
+from ledgerflow.settings import Settings, SettingsError, load
+from ledgerflow.supervisor import Child, Supervisor, pid_alive, read_state
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ledgerflow", description="Event-sourced control plane for LLM traffic.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start Kafka (if none configured), the agents, the sink and the gateway")
+    up.add_argument("--demo", type=int, default=0, metavar="N", help="after start, send N sample requests")
+    up.add_argument("--exit-after-demo", action="store_true", help="stop everything once the demo has printed")
+    sub.add_parser("down", help="stop what `up` started")
+    sub.add_parser("status", help="processes, topics and consumer lag")
+    q = sub.add_parser("query", help="run read-only SQL against the projections")
+    q.add_argument("sql")
+    q.add_argument("--format", default="PrettyCompactMonoBlock")
+    d = sub.add_parser("demo", help="send sample requests over HTTP and print a summary from ClickHouse")
+    d.add_argument("-n", type=int, default=200)
+    args = parser.parse_args(argv)
+    try:
+        settings = load()
+    except SettingsError as exc:
+        print(f"ledgerflow: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "up":
+            return cmd_up(settings, args.demo, args.exit_after_demo)
+        if args.command == "down":
+            return cmd_down(settings)
+        if args.command == "status":
+            return cmd_status(settings)
+        if args.command == "query":
+            return cmd_query(settings, args.sql, args.format)
+        if args.command == "demo":
+            return demo_mod.run(settings, args.n)
+    except PlatformError as exc:
+        print(f"ledgerflow: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+class PlatformError(RuntimeError):
+    """A failure with a message that says what to do; printed without a stack trace."""
+
+
+# --- up / down ---------------------------------------------------------------------------
+
+
+def state_file(settings: Settings) -> Path:
+    return settings.resolved_data_dir / "run" / "up.json"
+
+
+def kafka_config(settings: Settings):  # type: ignore[no-untyped-def]
+    from infra.kafka.runner import KafkaConfig
+
+    return KafkaConfig(
+        home=settings.resolved_data_dir / "kafka",
+        cache=(REPO / settings.jar_cache) if not settings.jar_cache.is_absolute() else settings.jar_cache,
+        port=settings.kafka_port,
+        controller_port=settings.kafka_controller_port,
+        heap_mb=settings.kafka_heap_mb,
+    )
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "LEDGERFLOW_KAFKA_BOOTSTRAP": settings.bootstrap,
+            "LEDGERFLOW_DATA_DIR": str(settings.resolved_data_dir),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def children(settings: Settings) -> list[Child]:
+    py = sys.executable
+    logs = settings.resolved_data_dir / "logs"
+    env = child_env(settings)
+    return [
+        Child(
+            "projections",
+            [py, "-m", "projections",
+             "--bootstrap", settings.bootstrap, "--group", settings.sink_group,
+             "--topic-prefix", settings.topic_prefix, "--partitions", str(settings.partitions),
+             "--store", settings.store_url, "--database", settings.clickhouse_database,
+             "--host", settings.projections_host, "--port", str(settings.projections_port)],
+            logs / "projections.log", env, settings.projections_url,
+        ),
+        Child("agents", [py, "-m", "agents", "worker", "--loglevel", "warning"], logs / "agents.log", env,
+              f"http://127.0.0.1:{settings.worker_web_port}"),
+        Child("gateway", [py, "-m", "gateway"], logs / "gateway.log", env, settings.gateway_url),
+    ]
+
+
+def cmd_up(settings: Settings, demo_n: int, exit_after_demo: bool) -> int:
+    existing = read_state(state_file(settings))
+    if existing and pid_alive(existing.get("supervisor_pid")):  # type: ignore[arg-type]
+        raise PlatformError(f"already running (pid {existing['supervisor_pid']}); `ledgerflow down` stops it")
+    settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+    kafka_started = False
+    if settings.embedded_kafka:
+        from infra.kafka.runner import KafkaError, ensure_jars, log_path, start
+
+        cfg = kafka_config(settings)
+        try:
+            ensure_jars(cfg.cache)
+            print(f"kafka: starting Apache Kafka (KRaft) on {cfg.bootstrap} ...", flush=True)
+            start(cfg)
+        except KafkaError as exc:
+            raise PlatformError(str(exc)) from None
+        kafka_started = True
+        print(f"kafka:       {cfg.bootstrap}  (log: {log_path(cfg)})", flush=True)
+    from streams.admin import ensure_topics
+    from streams.topics import Topics
+
+    try:
+        ensure_topics(settings.bootstrap, Topics(settings.topic_prefix, settings.partitions))
+    except Exception as exc:
+        raise PlatformError(f"cannot create topics on {settings.bootstrap}: {exc}") from None
+    sup = Supervisor(children(settings), state_file(settings), {"kafka_started": kafka_started})
+    try:
+        sup.start_all()
+        wait_ready(sup)
+        for c in sup.children:
+            print(f"{c.name + ':':<12} {c.url}  (log: {c.log})", flush=True)
+        print(f"clickhouse:  {settings.store_url} (SQL over {settings.projections_url})", flush=True)
+        print("ready. `ledgerflow demo` sends traffic; `ledgerflow status` shows lag; Ctrl-C stops.", flush=True)
+        if demo_n:
+            demo_mod.run(settings, demo_n)
+        if not exit_after_demo:
+            sup.run()
+    finally:
+        print("stopping ...", flush=True)
+        sup.stop_all()
+        if kafka_started:
+            from infra.kafka.runner import stop
+
+            stop(kafka_config(settings))
+        print("stopped.", flush=True)
+    return 0
+
+
+def wait_ready(sup: Supervisor, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    pending = {c.name: c for c in sup.children}
+    paths = {"projections": "/readyz", "gateway": "/readyz", "agents": "/"}
+    while pending and time.monotonic() < deadline:
+        for name, c in list(pending.items()):
+            if not c.alive:
+                tail = c.log.read_text(errors="replace").splitlines()[-15:] if c.log.exists() else []
+                raise PlatformError(f"{name} exited during start; its log {c.log} ends:\n  " + "\n  ".join(tail))
+            if http_ok(c.url + paths[name]):
+                del pending[name]
+        time.sleep(0.3)
+    if pending:
+        raise PlatformError(f"not ready after {timeout:.0f}s: {', '.join(pending)}; see logs in {sup.children[0].log.parent}")
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def cmd_down(settings: Settings) -> int:
+    state = read_state(state_file(settings))
+    if not state:
+        print("nothing is running (no run state).")
+        return 0
+    pid = state.get("supervisor_pid")
+    if isinstance(pid, int) and pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        print("stopped." if not pid_alive(pid) else f"supervisor {pid} did not stop in 60 s")
+        return 0
+    # Supervisor gone (killed): stop what it left behind.
+    for child in state.get("children", []):  # type: ignore[union-attr]
+        cpid = child.get("pid")
+        if pid_alive(cpid):
+            os.kill(cpid, signal.SIGTERM)
+    if state.get("kafka_started"):
+        from infra.kafka.runner import stop
+
+        stop(kafka_config(settings))
+    state_file(settings).unlink(missing_ok=True)
+    print("stopped leftovers of a supervisor that had died.")
+    return 0
+
+
+# --- status / query ------------------------------------------------------------------------
+
+
+def cmd_status(settings: Settings) -> int:
+    from streams.admin import group_lag, list_groups
+    from streams.topics import Topics
+
+    state = read_state(state_file(settings)) or {}
+    print("processes:")
+    if not state:
+        print("  (not started by `ledgerflow up` here)")
+    for child in state.get("children", []):  # type: ignore[union-attr]
+        alive = "up" if pid_alive(child.get("pid")) else "DOWN"
+        print(f"  {child['name']:<12} {alive:<5} pid {child.get('pid')}  {child.get('url', '')}")
+    topics = Topics(settings.topic_prefix, settings.partitions)
+    try:
+        from streams.admin import admin
+
+        md = admin(settings.bootstrap).list_topics(timeout=5)
+    except Exception as exc:
+        raise PlatformError(f"kafka unreachable at {settings.bootstrap}: {exc}") from None
+    print(f"topics ({settings.bootstrap}):")
+    for name in topics.all():
+        parts = len(md.topics[name].partitions) if name in md.topics else 0
+        print(f"  {name:<40} {'missing' if not parts else f'{parts} partitions'}")
+    groups = [g for g in list_groups(settings.bootstrap) if g in (settings.sink_group, settings.worker_id)]
+    print("consumer lag:")
+    if not groups:
+        print("  (no consumer groups yet)")
+    for group in groups:
+        watched = topics.all() if group == settings.sink_group else [topics.name("token-charges")]
+        lags = group_lag(settings.bootstrap, group, watched)
+        total = sum(p.lag for p in lags)
+        print(f"  {group:<28} lag {total}")
+        for p in lags:
+            if p.lag:
+                print(f"    {p.topic}[{p.partition}] committed {p.committed} end {p.end} lag {p.lag}")
+    return 0
+
+
+def cmd_query(settings: Settings, sql: str, fmt: str) -> int:
+    print(query_text(settings, sql, fmt), end="")
+    return 0
+
+
+def query_text(settings: Settings, sql: str, fmt: str = "TabSeparatedWithNames") -> str:
+    """Read-only SQL; embedded mode goes through the process that owns the chDB store."""
+    if settings.embedded_store:
+        params = urllib.parse.urlencode({"database": settings.clickhouse_database, "default_format": fmt})
+        req = urllib.request.Request(f"{settings.projections_url}/?{params}", data=sql.encode(), method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return str(resp.read().decode())
+        except urllib.error.HTTPError as exc:
+            raise PlatformError(f"query failed: {exc.read().decode(errors='replace').strip()}") from None
+        except urllib.error.URLError as exc:
+            raise PlatformError(f"projections service not reachable at {settings.projections_url} ({exc.reason}); "
+                                "is `ledgerflow up` running?") from None
+    import clickhouse_connect
+
+    client = clickhouse_connect.get_client(dsn=settings.store_url, database=settings.clickhouse_database)
+    result = client.raw_query(sql, settings={"readonly": 1}, fmt=fmt)
+    return result.decode()

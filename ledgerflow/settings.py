@@ -1,0 +1,163 @@
+"""Every setting, declared once, with its type, default and why.
+
+Sources, later wins: defaults → a TOML file (`$LEDGERFLOW_CONFIG`, else `./ledgerflow.toml`
+if present) → `LEDGERFLOW_<NAME>` environment variables. Validated at start; an error names
+the key and how to fix it. A leaf module: any side may import it; it imports none of ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+ENV_PREFIX = "LEDGERFLOW_"
+
+
+class ApiKey(BaseModel):
+    """An API key as the gateway stores it: only the SHA-256 of the secret."""
+
+    key_id: str
+    tenant: str
+    sha256: str
+    roles: list[str] = Field(default_factory=lambda: ["user"])
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+# Demo keys for the embedded default; their plaintext is public on purpose (README, demo).
+DEMO_KEYS = {"acme": "lf_demo_acme_3f9a1c", "globex": "lf_demo_globex_7b2e4d", "initech": "lf_demo_initech_c81d0e"}
+
+
+def _demo_api_keys() -> list[ApiKey]:
+    return [ApiKey(key_id=f"demo-{t}", tenant=t, sha256=hash_key(s)) for t, s in DEMO_KEYS.items()]
+
+
+class SettingsError(ValueError):
+    """Settings failed validation; the message lists each bad key and the fix."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    data_dir: Path = Field(Path(".ledgerflow"), description="Where embedded Kafka, chDB and run files live.")
+    jar_cache: Path = Field(Path(".cache/kafka"), description="Maven-fetched Kafka jars (git-ignored).")
+
+    kafka_bootstrap: str = Field("", description="host:port of an existing Kafka; empty = start the embedded broker.")
+    kafka_port: int = Field(9092, ge=1, le=65535, description="Embedded broker client port.")
+    kafka_controller_port: int = Field(9093, ge=1, le=65535, description="Embedded broker KRaft controller port.")
+    kafka_heap_mb: int = Field(512, ge=128, le=4096, description="Embedded broker JVM heap.")
+    topic_prefix: str = Field("ledgerflow.", description="Prefix of every topic, so deployments can share a broker.")
+    partitions: int = Field(12, ge=1, le=1024, description="Partitions of each fact topic.")
+
+    clickhouse_url: str = Field("", description="chdb:///path or http(s)://host:port; empty = chdb under data_dir.")
+    clickhouse_database: str = Field("ledgerflow", description="Database holding the projections.")
+    projections_host: str = Field("127.0.0.1", description="Read-side HTTP service (SQL endpoint) bind address.")
+    projections_port: int = Field(8124, ge=1, le=65535, description="Read-side HTTP port.")
+    sink_group: str = Field("ledgerflow-sink", description="Consumer group of the projection sink.")
+    sink_batch_max: int = Field(5000, ge=1, description="Most rows per ClickHouse insert.")
+    sink_batch_ms: int = Field(200, ge=1, description="Longest wait before a partial batch is inserted.")
+
+    gateway_host: str = Field("127.0.0.1", description="Gateway bind address.")
+    gateway_port: int = Field(8080, ge=1, le=65535, description="Gateway port.")
+    gateway_instance_id: str = Field("", description="Stable id of this gateway replica (its transactional.id).")
+    publish_timeout_s: float = Field(1.8, gt=0, le=30, description="Longest a request waits for Kafka before 503.")
+    api_keys: list[ApiKey] = Field(default_factory=_demo_api_keys, description="Accepted API keys (hashed).")
+
+    worker_id: str = Field("ledgerflow-agents", description="Faust app id = the agents' consumer group.")
+    worker_web_port: int = Field(6066, ge=1, le=65535, description="Faust worker web port.")
+    log_level: str = Field("INFO", description="Python log level.")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("use DEBUG, INFO, WARNING or ERROR")
+        return v.upper()
+
+    @field_validator("clickhouse_url")
+    @classmethod
+    def _ch_url(cls, v: str) -> str:
+        if v and not v.startswith(("chdb://", "http://", "https://")):
+            raise ValueError("use chdb:///absolute/path or http(s)://host:port")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = _toml_path()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+    # --- derived values ----------------------------------------------------------------
+
+    @cached_property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def embedded_kafka(self) -> bool:
+        return not self.kafka_bootstrap
+
+    @property
+    def bootstrap(self) -> str:
+        return self.kafka_bootstrap or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def store_url(self) -> str:
+        return self.clickhouse_url or f"chdb://{self.resolved_data_dir / 'clickhouse'}"
+
+    @property
+    def embedded_store(self) -> bool:
+        return self.store_url.startswith("chdb://")
+
+    @property
+    def projections_url(self) -> str:
+        return f"http://{self.projections_host}:{self.projections_port}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.gateway_host}:{self.gateway_port}"
+
+    @property
+    def instance_id(self) -> str:
+        return self.gateway_instance_id or f"gateway-{os.uname().nodename}-{self.gateway_port}"
+
+
+def _toml_path() -> Path | None:
+    explicit = os.environ.get(ENV_PREFIX + "CONFIG")
+    if explicit:
+        return Path(explicit)
+    default = Path("ledgerflow.toml")
+    return default if default.is_file() else None
+
+
+def load(**overrides: Any) -> Settings:
+    """Settings from all sources; raises SettingsError naming each bad key and its fix."""
+    toml = _toml_path()
+    if toml is not None and not toml.is_file():
+        raise SettingsError(f"{ENV_PREFIX}CONFIG points to {toml}, which does not exist: fix the path or unset it")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "settings"
+            where = f"{ENV_PREFIX}{key.split('.')[0].upper()} or '{key.split('.')[0]}' in {toml or 'ledgerflow.toml'}"
+            lines.append(f"setting {key!r}: {err['msg']} (got {err.get('input')!r}); fix {where}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,71 @@
+"""The topic catalogue, declared once: which events live where, partitions, retention.
+
+Facts are kept forever (retention -1, delete policy, never compacted) because the log is the
+source of truth that projections and the ledger are rebuilt from. Every topic is keyed by
+tenant so one tenant's facts stay ordered in one partition and per-tenant folds are local.
+Names carry a prefix so tests (and several deployments) can share one broker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PARTITIONS = 12
+DLQ_SUFFIX = ".dlq"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    key: str  # short name; full name is prefix + key
+    events: tuple[str, ...]  # event types recorded on this topic
+    derived: bool = False  # written by an agent rather than the gateway
+    compacted: bool = False
+    retention_ms: int = -1  # -1 = forever
+
+    def configs(self) -> dict[str, str]:
+        return {
+            "cleanup.policy": "compact" if self.compacted else "delete",
+            "retention.ms": str(self.retention_ms),
+            "min.insync.replicas": "1",
+        }
+
+
+CATALOGUE: tuple[TopicSpec, ...] = (
+    TopicSpec("requests", ("RequestReceived",)),
+    TopicSpec("policy-decisions", ("PolicyDecided",)),
+    TopicSpec("token-charges", ("TokensCharged",)),
+    TopicSpec("audit", ("AuditRecorded",)),
+    TopicSpec("tenant-totals", ("TenantTotalsUpdated",), derived=True),
+)
+
+
+class Topics:
+    """Full topic names for one deployment prefix."""
+
+    def __init__(self, prefix: str = "ledgerflow.", partitions: int = DEFAULT_PARTITIONS) -> None:
+        self.prefix = prefix
+        self.partitions = partitions
+        self._by_event = {e: spec for spec in CATALOGUE for e in spec.events}
+
+    def name(self, key: str) -> str:
+        return self.prefix + key
+
+    def for_event(self, event_type: str) -> str:
+        return self.name(self._by_event[event_type].key)
+
+    def spec_for(self, full_name: str) -> TopicSpec | None:
+        key = full_name.removeprefix(self.prefix)
+        return next((s for s in CATALOGUE if s.key == key), None)
+
+    def all(self) -> list[str]:
+        return [self.name(s.key) for s in CATALOGUE]
+
+    def facts(self) -> list[str]:
+        return [self.name(s.key) for s in CATALOGUE if not s.derived]
+
+    @staticmethod
+    def dlq(full_name: str) -> str:
+        return full_name + DLQ_SUFFIX
+
+    def with_dlqs(self) -> list[str]:
+        return self.all() + [self.dlq(t) for t in self.all()]

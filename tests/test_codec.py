@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import dataclasses
+from decimal import Decimal
+
+import pytest
+
+from streams.codec import MAGIC, Codec, PoisonEvent
+from streams.events import EVENT_TYPES
+from streams.schemas import load_all
+from tests import factories
+
+CODEC = Codec()
+
+
+def test_every_schema_has_a_dataclass_with_the_same_fields() -> None:
+    schemas = load_all()
+    assert set(schemas) == set(EVENT_TYPES)
+    for name, schema in schemas.items():
+        avro_fields = [f["name"] for f in schema.raw["fields"]]
+        py_fields = [f.name for f in dataclasses.fields(EVENT_TYPES[name])]
+        assert sorted(avro_fields) == sorted(py_fields), name
+        for f in schema.raw["fields"]:
+            assert f.get("doc"), f"{name}.{f['name']} has no doc"
+
+
+@pytest.mark.parametrize("make", [factories.charge, factories.request, factories.decision, factories.audit])
+def test_round_trip(make: object) -> None:
+    event = make()  # type: ignore[operator]
+    data = CODEC.encode(event)
+    assert data[:2] == MAGIC
+    assert CODEC.decode(data) == event
+
+
+def test_money_is_exact_decimal() -> None:
+    event = factories.charge(cost="12345678901234567890.123456789012")
+    back = CODEC.decode(CODEC.encode(event))
+    assert isinstance(back.cost, Decimal)  # type: ignore[attr-defined]
+    assert back.cost == Decimal("12345678901234567890.123456789012")  # type: ignore[attr-defined]
+
+
+def test_more_than_12_places_is_refused_not_rounded() -> None:
+    with pytest.raises(ValueError):
+        CODEC.encode(factories.charge(cost="0.0000000000001"))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda b: b"", "not-single-object-encoding"),
+        (lambda b: b"{}", "not-single-object-encoding"),
+        (lambda b: b[:2] + b"\x00" * 8 + b[10:], "unknown-fingerprint"),
+        (lambda b: b[:-5], "undecodable-body"),
+        (lambda b: b + b"\x00", "trailing-bytes"),
+    ],
+)
+def test_poison_has_a_reason(mutate: object, reason: str) -> None:
+    good = CODEC.encode(factories.charge())
+    with pytest.raises(PoisonEvent) as exc:
+        CODEC.decode(mutate(good))  # type: ignore[operator]
+    assert exc.value.reason == reason
+
+
+def test_missing_tenant_is_poison() -> None:
+    event = factories.charge(tenant=" ")
+    with pytest.raises(PoisonEvent) as exc:
+        CODEC.decode(CODEC.encode(event))
+    assert exc.value.reason == "missing-tenant"
+
+
+def test_malformed_id_is_poison() -> None:
+    event = factories.charge()
+    bad = dataclasses.replace(event, envelope=dataclasses.replace(event.envelope, event_id="nope"))
+    with pytest.raises(PoisonEvent) as exc:
+        CODEC.decode(CODEC.encode(bad))
+    assert exc.value.reason == "malformed-id"

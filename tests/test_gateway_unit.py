@@ -1,0 +1,98 @@
+"""Gateway request handling with an in-memory publisher: validation, auth, 503 on publish failure.
+
+The real-broker path is covered in test_e2e.py; here we check that bad input gets a clear
+4xx and records nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from decimal import Decimal
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.app import always_ready, create_app
+from gateway.auth import KeyStore
+from ledgerflow.settings import hash_key
+from streams.events import Event, TokensCharged
+from streams.publisher import PublishFailed
+
+KEY = "lf_test_secret"
+
+
+class RecordingPublisher:
+    def __init__(self, fail: bool = False) -> None:
+        self.batches: list[list[Event]] = []
+        self.fail = fail
+
+    async def publish(self, events: Sequence[Event], timeout: float = 1.8) -> None:
+        if self.fail:
+            raise PublishFailed("broker down")
+        self.batches.append(list(events))
+
+
+@pytest.fixture
+def publisher() -> RecordingPublisher:
+    return RecordingPublisher()
+
+
+@pytest.fixture
+async def client(publisher: RecordingPublisher) -> AsyncIterator[TestClient]:
+    keys = KeyStore([("k-acme", "acme", hash_key(KEY), ["user"])])
+    app = create_app(keys, publisher, always_ready)
+    async with TestClient(TestServer(app)) as c:
+        yield c
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+async def test_ask_answers_and_records_four_facts(client: TestClient, publisher: RecordingPublisher) -> None:
+    resp = await client.post("/v1/ask", json={"prompt": "What is 2+2?"}, headers=AUTH)
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert body["model"] == "sim-small" and body["usage"]["total_tokens"] > 0
+    [batch] = publisher.batches
+    assert [e.event_type for e in batch] == ["RequestReceived", "PolicyDecided", "TokensCharged", "AuditRecorded"]
+    assert {e.envelope.correlation_id for e in batch} == {body["request_id"]}
+    assert {e.tenant for e in batch} == {"acme"}
+    charge = batch[2]
+    assert isinstance(charge, TokensCharged) and Decimal(body["cost"]) == charge.cost
+    assert "What is 2+2" not in repr(batch)  # the prompt text never reaches an event
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status", "needle"),
+    [
+        ({}, {"prompt": "hi"}, 401, "API key"),
+        ({"X-API-Key": "wrong"}, {"prompt": "hi"}, 401, "not known"),
+        (AUTH, b"{not json", 400, "not valid JSON"),
+        (AUTH, b"", 400, "JSON object"),
+        (AUTH, b"[1,2]", 400, "JSON object"),
+        (AUTH, {}, 422, "exactly one of 'prompt'"),
+        (AUTH, {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 422, "exactly one"),
+        (AUTH, {"messages": [{"role": "wizard", "content": "b"}]}, 422, "messages.0.role"),
+        (AUTH, {"prompt": "hi", "temperature": 2}, 422, "temperature"),
+        (AUTH, {"prompt": "hi", "model": "gpt-9"}, 400, "sim-small"),
+    ],
+)
+async def test_bad_input_is_4xx_with_a_message_and_records_nothing(
+    client: TestClient, publisher: RecordingPublisher, headers: dict[str, str], body: object, status: int, needle: str
+) -> None:
+    if isinstance(body, bytes):
+        resp = await client.post("/v1/ask", data=body, headers={**headers, "Content-Type": "application/json"})
+    else:
+        resp = await client.post("/v1/ask", json=body, headers=headers)
+    assert resp.status == status
+    payload = await resp.json()
+    assert needle in payload["error"]["message"]
+    assert publisher.batches == []
+
+
+async def test_publish_failure_is_503_with_retry_after(client: TestClient, publisher: RecordingPublisher) -> None:
+    publisher.fail = True
+    resp = await client.post("/v1/ask", json={"prompt": "hi"}, headers=AUTH)
+    assert resp.status == 503
+    assert resp.headers["Retry-After"] == "1"
+    assert "retry" in (await resp.json())["error"]["message"]
