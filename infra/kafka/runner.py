@@ -595,6 +595,8 @@ def _terminate(cfg: KafkaConfig, pid: int, timeout: float) -> None:
 def stop(cfg: KafkaConfig, timeout: float = 30.0) -> bool:
     """Stop this home's broker; True if one was running.  Safe to call when stopped."""
     cfg = _absolute(cfg)
+    if not cfg.home.is_dir():
+        return False  # never started here; don't create the home just to look
     with _home_lock(cfg):
         pid = _broker_pid(cfg)
         if pid is None:
@@ -608,12 +610,12 @@ def stop(cfg: KafkaConfig, timeout: float = 30.0) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``start`` / ``stop`` / ``status`` for a local broker; exit 0 on success (status: running)."""
+    """``fetch`` / ``start`` / ``stop`` / ``status`` for a local broker; exit 0 on success (status: running)."""
     parser = argparse.ArgumentParser(
         prog="python -m infra.kafka",
         description="Run a local single-node Kafka broker for ledgerflow development.",
     )
-    parser.add_argument("command", choices=["start", "stop", "status"])
+    parser.add_argument("command", choices=["fetch", "start", "stop", "status"])
     parser.add_argument("--home", type=Path, default=DEFAULT_HOME, help="broker working dir")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="jar cache dir")
     parser.add_argument("--port", type=int, default=9092, help="client listener port")
@@ -627,6 +629,10 @@ def main(argv: list[str] | None = None) -> int:
         controller_port=args.controller_port,
     )
     try:
+        if args.command == "fetch":
+            libs = ensure_jars(cfg.cache)
+            print(f"kafka jars in {libs} ({len(list(libs.glob('*.jar')))} jars)")
+            return 0
         if args.command == "start":
             began = time.monotonic()
             pid = start(cfg)
