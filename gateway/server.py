@@ -20,11 +20,12 @@ log = logging.getLogger(__name__)
 
 
 class KafkaReadiness:
-    """Ready when the broker answers and every fact topic exists; cached for a second."""
+    """Ready when the broker answers, every fact topic exists and the publisher is initialised."""
 
-    def __init__(self, bootstrap: str, topics: Topics) -> None:
+    def __init__(self, bootstrap: str, topics: Topics, publisher: FactPublisher) -> None:
         self._bootstrap = bootstrap
         self._topics = topics
+        self._publisher = publisher
         self._cached: tuple[float, bool, str] = (0.0, False, "not checked")
 
     async def __call__(self) -> tuple[bool, str]:
@@ -43,6 +44,8 @@ class KafkaReadiness:
         missing = [t for t in self._topics.facts() if t not in md.topics]
         if missing:
             return False, f"topics missing: {', '.join(missing)} (run `ledgerflow up` or create them)"
+        if not self._publisher.ready:
+            return False, f"transactional producer not initialised yet: {self._publisher.last_error or 'starting'}"
         return True, f"kafka {self._bootstrap}"
 
 
@@ -50,7 +53,7 @@ def build(settings: Settings) -> tuple[web.Application, FactPublisher]:
     topics = Topics(settings.topic_prefix, settings.partitions)
     keys = KeyStore((k.key_id, k.tenant, k.sha256, k.roles) for k in settings.api_keys)
     publisher = FactPublisher(settings.bootstrap, f"ledgerflow-{settings.instance_id}", topics)
-    app = create_app(keys, publisher, KafkaReadiness(settings.bootstrap, topics), publish_timeout=settings.publish_timeout_s)
+    app = create_app(keys, publisher, KafkaReadiness(settings.bootstrap, topics, publisher), publish_timeout=settings.publish_timeout_s)
 
     async def on_startup(_: web.Application) -> None:
         publisher.start()

@@ -108,7 +108,7 @@ def children(settings: Settings) -> list[Child]:
              "--host", settings.projections_host, "--port", str(settings.projections_port)],
             logs / "projections.log", env, settings.projections_url,
         ),
-        Child("agents", [py, "-m", "agents", "worker", "--loglevel", "warning"], logs / "agents.log", env,
+        Child("agents", [py, "-m", "agents", "worker", "--loglevel", "warn"], logs / "agents.log", env,
               f"http://127.0.0.1:{settings.worker_web_port}"),
         Child("gateway", [py, "-m", "gateway"], logs / "gateway.log", env, settings.gateway_url),
     ]

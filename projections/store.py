@@ -87,7 +87,9 @@ class LockedStore:
     def database(self) -> str | None:
         return self.client.database
 
-    def command(self, cmd: str, parameters: dict[str, Any] | None = None, settings: dict[str, Any] | None = None) -> Any:
+    def command(
+        self, cmd: str, parameters: dict[str, Any] | None = None, settings: dict[str, Any] | None = None
+    ) -> Any:
         with self._lock:
             return self.client.command(cmd, parameters=parameters, settings=settings)
 
@@ -100,7 +102,11 @@ class LockedStore:
             return self.client.raw_query(query, parameters=parameters)
 
     def insert(
-        self, table: str, rows: Sequence[Sequence[Any]], column_names: Sequence[str], settings: dict[str, Any] | None = None
+        self,
+        table: str,
+        rows: Sequence[Sequence[Any]],
+        column_names: Sequence[str],
+        settings: dict[str, Any] | None = None,
     ) -> None:
         with self._lock:
             self.client.insert(table, rows, column_names=column_names, settings=settings)

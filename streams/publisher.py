@@ -24,6 +24,7 @@ is failed without being produced, so a dead broker turns into a prompt 503, neve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -83,7 +84,8 @@ class FactPublisher:
         self._linger = linger
         self._max_batch = max_batch
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
-        self._producer: Producer | None = None
+        self._producer: Producer | None = None  # initialised and owned by the thread
+        self._initing: Producer | None = None  # being initialised (init_transactions can be retried)
         self._thread = threading.Thread(target=self._run, name="fact-publisher", daemon=True)
         self._started = False
         self.last_ok: float = 0.0  # monotonic time of the last successful commit
@@ -122,9 +124,23 @@ class FactPublisher:
 
     # --- producer thread -------------------------------------------------------------
 
+    @property
+    def ready(self) -> bool:
+        """True once the transactional producer is initialised (the first init can take seconds)."""
+        return self._producer is not None
+
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
+            if self._producer is None:
+                # Not initialised: warm up in short slices between polls, so a call queued
+                # meanwhile still gets its answer within its deadline.
+                try:
+                    first = self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    self._try_init(1.0)
+                    continue
+            else:
+                first = self._queue.get()
             if first is None:
                 return
             batch = [first]
@@ -168,16 +184,26 @@ class FactPublisher:
         for p in live:
             _resolve(p, None)
 
+    def _try_init(self, timeout: float) -> None:
+        """One bounded attempt to initialise the transactional producer; retried by callers."""
+        if self._initing is None:
+            self._initing = Producer(self._conf)
+        try:
+            # A new producer with the same transactional.id fences any earlier one and makes
+            # the coordinator abort its open transaction: no half-commit survives a restart.
+            self._initing.init_transactions(timeout)
+        except KafkaException as exc:
+            self.last_error = f"event log unreachable: {_describe(exc)}"
+            if not exc.args[0].retriable():
+                self._initing = None  # start over with a fresh producer next time
+            return
+        self._producer, self._initing = self._initing, None
+
     def _ensure_producer(self, deadline: float) -> Producer:
         if self._producer is None:
-            producer = Producer(self._conf)
-            try:
-                # A new producer with the same transactional.id fences any earlier one and
-                # makes the coordinator abort its open transaction: no half-commit survives.
-                producer.init_transactions(max(0.05, deadline - time.monotonic()))
-            except KafkaException as exc:
-                raise PublishFailed(f"event log unreachable: {_describe(exc)}") from None
-            self._producer = producer
+            self._try_init(max(0.05, deadline - time.monotonic()))
+        if self._producer is None:
+            raise PublishFailed(self.last_error or "event log unreachable")
         return self._producer
 
     def _discard_producer(self) -> None:
@@ -201,7 +227,8 @@ def _resolve(p: _Pending, error: Exception | None) -> None:
         else:
             p.future.set_exception(error)
 
-    p.loop.call_soon_threadsafe(settle)
+    with contextlib.suppress(RuntimeError):  # the caller's loop is gone: nobody is waiting
+        p.loop.call_soon_threadsafe(settle)
 
 
 def _describe(exc: BaseException) -> str:
