@@ -38,8 +38,15 @@ def register(app: faust.App, topics: Topics, codec: Codec) -> Any:
                     raise PoisonEvent("wrong-topic", f"{charge.event_type} on {source_name}")
             except PoisonEvent as exc:
                 letter = DeadLetter(
-                    exc.reason, exc.detail, msg.topic, msg.partition, msg.offset,
-                    AGENT_NAME, datetime.now(UTC), msg.key, msg.value,
+                    exc.reason,
+                    exc.detail,
+                    msg.topic,
+                    msg.partition,
+                    msg.offset,
+                    AGENT_NAME,
+                    datetime.now(UTC),
+                    msg.key,
+                    msg.value,
                 )
                 await event.send(dead, key=msg.key, value=msg.value or b"", headers=letter.headers())
                 continue

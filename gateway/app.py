@@ -54,7 +54,9 @@ class GatewayState:
 STATE = web.AppKey("state", GatewayState)
 
 
-def error(status: int, code: str, message: str, fields: Sequence[str] = (), headers: dict[str, str] | None = None) -> web.Response:
+def error(
+    status: int, code: str, message: str, fields: Sequence[str] = (), headers: dict[str, str] | None = None
+) -> web.Response:
     body = {"error": {"code": code, "message": message, "fields": list(fields)}}
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
 
@@ -64,7 +66,9 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 @web.middleware
-async def errors_as_json(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def errors_as_json(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """Every failure is a JSON error body; internals never leak into a response."""
     try:
         return await handler(request)
@@ -83,7 +87,9 @@ async def authenticate(request: web.Request) -> Principal | web.Response:
         return error(401, "missing_api_key", "send your API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
     principal = request.app[STATE].keys.lookup(secret)
     if principal is None:
-        return error(401, "unknown_api_key", "the API key is not known or was revoked; check the key or ask for a new one")
+        return error(
+            401, "unknown_api_key", "the API key is not known or was revoked; check the key or ask for a new one"
+        )
     return principal
 
 

@@ -22,7 +22,9 @@ class AskRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
     messages: list[Message] | None = Field(None, min_length=1, max_length=1000)
-    model: str | None = Field(None, min_length=1, max_length=100, description="Model hint; default: the router's choice.")
+    model: str | None = Field(
+        None, min_length=1, max_length=100, description="Model hint; default: the router's choice."
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> AskRequest:

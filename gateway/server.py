@@ -53,7 +53,12 @@ def build(settings: Settings) -> tuple[web.Application, FactPublisher]:
     topics = Topics(settings.topic_prefix, settings.partitions)
     keys = KeyStore((k.key_id, k.tenant, k.sha256, k.roles) for k in settings.api_keys)
     publisher = FactPublisher(settings.bootstrap, f"ledgerflow-{settings.instance_id}", topics)
-    app = create_app(keys, publisher, KafkaReadiness(settings.bootstrap, topics, publisher), publish_timeout=settings.publish_timeout_s)
+    app = create_app(
+        keys,
+        publisher,
+        KafkaReadiness(settings.bootstrap, topics, publisher),
+        publish_timeout=settings.publish_timeout_s,
+    )
 
     async def on_startup(_: web.Application) -> None:
         publisher.start()

@@ -101,22 +101,45 @@ def children(settings: Settings) -> list[Child]:
     return [
         Child(
             "projections",
-            [py, "-m", "projections",
-             "--bootstrap", settings.bootstrap, "--group", settings.sink_group,
-             "--topic-prefix", settings.topic_prefix, "--partitions", str(settings.partitions),
-             "--store", settings.store_url, "--database", settings.clickhouse_database,
-             "--host", settings.projections_host, "--port", str(settings.projections_port)],
-            logs / "projections.log", env, settings.projections_url,
+            [
+                py,
+                "-m",
+                "projections",
+                "--bootstrap",
+                settings.bootstrap,
+                "--group",
+                settings.sink_group,
+                "--topic-prefix",
+                settings.topic_prefix,
+                "--partitions",
+                str(settings.partitions),
+                "--store",
+                settings.store_url,
+                "--database",
+                settings.clickhouse_database,
+                "--host",
+                settings.projections_host,
+                "--port",
+                str(settings.projections_port),
+            ],
+            logs / "projections.log",
+            env,
+            settings.projections_url,
         ),
-        Child("agents", [py, "-m", "agents", "worker", "--loglevel", "warn"], logs / "agents.log", env,
-              f"http://127.0.0.1:{settings.worker_web_port}"),
+        Child(
+            "agents",
+            [py, "-m", "agents", "worker", "--loglevel", "warn"],
+            logs / "agents.log",
+            env,
+            f"http://127.0.0.1:{settings.worker_web_port}",
+        ),
         Child("gateway", [py, "-m", "gateway"], logs / "gateway.log", env, settings.gateway_url),
     ]
 
 
 def cmd_up(settings: Settings, demo_n: int, exit_after_demo: bool) -> int:
     existing = read_state(state_file(settings))
-    if existing and pid_alive(existing.get("supervisor_pid")):  # type: ignore[arg-type]
+    if existing and pid_alive(existing.get("supervisor_pid")):
         raise PlatformError(f"already running (pid {existing['supervisor_pid']}); `ledgerflow down` stops it")
     settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
     kafka_started = False
@@ -175,7 +198,9 @@ def wait_ready(sup: Supervisor, timeout: float = 120.0) -> None:
                 del pending[name]
         time.sleep(0.3)
     if pending:
-        raise PlatformError(f"not ready after {timeout:.0f}s: {', '.join(pending)}; see logs in {sup.children[0].log.parent}")
+        raise PlatformError(
+            f"not ready after {timeout:.0f}s: {', '.join(pending)}; see logs in {sup.children[0].log.parent}"
+        )
 
 
 def http_ok(url: str, timeout: float = 1.0) -> bool:
@@ -200,7 +225,7 @@ def cmd_down(settings: Settings) -> int:
         print("stopped." if not pid_alive(pid) else f"supervisor {pid} did not stop in 60 s")
         return 0
     # Supervisor gone (killed): stop what it left behind.
-    for child in state.get("children", []):  # type: ignore[union-attr]
+    for child in state.get("children", []):
         cpid = child.get("pid")
         if pid_alive(cpid):
             os.kill(cpid, signal.SIGTERM)
@@ -224,7 +249,7 @@ def cmd_status(settings: Settings) -> int:
     print("processes:")
     if not state:
         print("  (not started by `ledgerflow up` here)")
-    for child in state.get("children", []):  # type: ignore[union-attr]
+    for child in state.get("children", []):
         alive = "up" if pid_alive(child.get("pid")) else "DOWN"
         print(f"  {child['name']:<12} {alive:<5} pid {child.get('pid')}  {child.get('url', '')}")
     topics = Topics(settings.topic_prefix, settings.partitions)
@@ -269,8 +294,10 @@ def query_text(settings: Settings, sql: str, fmt: str = "TabSeparatedWithNames")
         except urllib.error.HTTPError as exc:
             raise PlatformError(f"query failed: {exc.read().decode(errors='replace').strip()}") from None
         except urllib.error.URLError as exc:
-            raise PlatformError(f"projections service not reachable at {settings.projections_url} ({exc.reason}); "
-                                "is `ledgerflow up` running?") from None
+            raise PlatformError(
+                f"projections service not reachable at {settings.projections_url} ({exc.reason}); "
+                "is `ledgerflow up` running?"
+            ) from None
     import clickhouse_connect
 
     client = clickhouse_connect.get_client(dsn=settings.store_url, database=settings.clickhouse_database)

@@ -46,8 +46,9 @@ async def send(settings: Settings, n: int, concurrency: int = 8) -> tuple[int, i
         body = {"prompt": f"{PROMPTS[i % len(PROMPTS)]} (#{i})", "model": "sim-large" if i % 5 == 0 else "sim-small"}
         async with sem:
             try:
-                async with session.post(f"{settings.gateway_url}/v1/ask", json=body,
-                                        headers={"Authorization": f"Bearer {key}"}) as resp:
+                async with session.post(
+                    f"{settings.gateway_url}/v1/ask", json=body, headers={"Authorization": f"Bearer {key}"}
+                ) as resp:
                     await resp.read()
                     if resp.status == 200:
                         ok += 1

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -37,7 +38,9 @@ class Child:
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         out = self.log.open("ab")
-        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
         out.close()
         self.started_at = time.monotonic()
 
@@ -95,8 +98,11 @@ class Supervisor:
                 if child.next_start == 0.0:
                     code = child.proc.returncode if child.proc else None
                     backoff = min(RESTART_BACKOFF_MAX_S, 2.0 ** min(child.restarts, 5))
-                    print(f"ledgerflow: {child.name} exited ({code}); restarting in {backoff:.0f}s, log: {child.log}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"ledgerflow: {child.name} exited ({code}); restarting in {backoff:.0f}s, log: {child.log}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     child.next_start = now + backoff
                 elif now >= child.next_start:
                     child.restarts += 1
@@ -112,7 +118,7 @@ class Supervisor:
             self.state_file.unlink()
 
 
-def read_state(state_file: Path) -> dict[str, object] | None:
+def read_state(state_file: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(state_file.read_text())
     except (FileNotFoundError, json.JSONDecodeError):

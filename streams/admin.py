@@ -57,12 +57,7 @@ def group_lag(bootstrap: str, group: str, topic_names: list[str], timeout: float
     """Committed offset and end offset for every partition of `topic_names` in `group`."""
     client = admin(bootstrap)
     md = client.list_topics(timeout=timeout)
-    tps = [
-        TopicPartition(t, p)
-        for t in topic_names
-        if t in md.topics
-        for p in sorted(md.topics[t].partitions)
-    ]
+    tps = [TopicPartition(t, p) for t in topic_names if t in md.topics for p in sorted(md.topics[t].partitions)]
     if not tps:
         return []
     fut = client.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)])[group]

@@ -42,7 +42,9 @@ class DeadLetter:
         ]
 
     @classmethod
-    def from_headers(cls, headers: list[tuple[str, bytes]] | None, key: bytes | None, value: bytes | None) -> DeadLetter:
+    def from_headers(
+        cls, headers: list[tuple[str, bytes]] | None, key: bytes | None, value: bytes | None
+    ) -> DeadLetter:
         h = {k: v.decode(errors="replace") for k, v in (headers or [])}
         return cls(
             reason=h.get(HEADER_REASON, "unknown"),

@@ -102,6 +102,5 @@ class TenantTotalsUpdated(Event):
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.__name__: cls
-    for cls in (RequestReceived, PolicyDecided, TokensCharged, AuditRecorded, TenantTotalsUpdated)
+    cls.__name__: cls for cls in (RequestReceived, PolicyDecided, TokensCharged, AuditRecorded, TenantTotalsUpdated)
 }

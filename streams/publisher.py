@@ -41,13 +41,16 @@ from streams.topics import Topics
 log = logging.getLogger(__name__)
 
 
+_Record = tuple[str, bytes, bytes, list[tuple[str, str | bytes | None]]]  # topic, key, value, headers
+
+
 class PublishFailed(RuntimeError):
     """The facts were not (or not known to be) committed; the caller should answer 503."""
 
 
 @dataclass
 class _Pending:
-    records: list[tuple[str, bytes, bytes, list[tuple[str, bytes]]]]
+    records: list[_Record]
     deadline: float
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[None]
@@ -103,11 +106,11 @@ class FactPublisher:
         if self._producer is not None:
             self._producer.flush(timeout)
 
-    def encode(self, events: Sequence[Event]) -> list[tuple[str, bytes, bytes, list[tuple[str, bytes]]]]:
+    def encode(self, events: Sequence[Event]) -> list[_Record]:
         """Encode outside the producer thread: (topic, key, value, headers) per event."""
         out = []
         for e in events:
-            headers = [("lf.event_type", e.event_type.encode())]
+            headers: list[tuple[str, str | bytes | None]] = [("lf.event_type", e.event_type.encode())]
             if e.envelope.trace_parent:
                 headers.append(("traceparent", e.envelope.trace_parent.encode()))
             out.append((self._topics.for_event(e.event_type), e.tenant.encode(), self._codec.encode(e), headers))

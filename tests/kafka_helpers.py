@@ -10,13 +10,15 @@ from confluent_kafka import Consumer, Message
 
 def read_all(bootstrap: str, topics: list[str], expect: int, timeout: float = 30.0) -> list[Message]:
     """Every committed record of `topics` from the beginning; waits until `expect` arrived (or timeout)."""
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap,
-        "group.id": f"reader-{uuid.uuid4().hex}",
-        "auto.offset.reset": "earliest",
-        "enable.auto.commit": False,
-        "isolation.level": "read_committed",
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
     consumer.subscribe(topics)
     out: list[Message] = []
     deadline = time.monotonic() + timeout

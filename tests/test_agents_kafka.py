@@ -43,17 +43,24 @@ def test_worker_folds_only_committed_charges(kafka_bootstrap: str, topics: Topic
     txn([b"poison!", CODEC.encode(factories.charge(cost="0.000000000002"))], commit=True)
 
     env = dict(os.environ)
-    env.update({
-        "LEDGERFLOW_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "LEDGERFLOW_TOPIC_PREFIX": topics.prefix,
-        "LEDGERFLOW_PARTITIONS": str(topics.partitions),
-        "LEDGERFLOW_WORKER_ID": f"agents-{uuid.uuid4().hex[:8]}",
-        "LEDGERFLOW_WORKER_WEB_PORT": str(free_port()),
-        "LEDGERFLOW_DATA_DIR": str(tmp_path),
-    })
+    env.update(
+        {
+            "LEDGERFLOW_KAFKA_BOOTSTRAP": kafka_bootstrap,
+            "LEDGERFLOW_TOPIC_PREFIX": topics.prefix,
+            "LEDGERFLOW_PARTITIONS": str(topics.partitions),
+            "LEDGERFLOW_WORKER_ID": f"agents-{uuid.uuid4().hex[:8]}",
+            "LEDGERFLOW_WORKER_WEB_PORT": str(free_port()),
+            "LEDGERFLOW_DATA_DIR": str(tmp_path),
+        }
+    )
     log = (tmp_path / "worker.log").open("wb")
-    worker = subprocess.Popen([sys.executable, "-m", "agents", "worker", "--loglevel", "warn"],
-                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "agents", "worker", "--loglevel", "warn"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         totals = read_all(kafka_bootstrap, [topics.name("tenant-totals")], expect=2, timeout=90)
         dead = read_all(kafka_bootstrap, [topics.dlq(source)], expect=1, timeout=30)
@@ -61,7 +68,9 @@ def test_worker_folds_only_committed_charges(kafka_bootstrap: str, topics: Topic
         worker.terminate()
         worker.wait(30)
     updates = [CODEC.decode(m.value()) for m in totals]
-    assert [u.cost for u in updates] == [Decimal("1.5"), Decimal("1.500000000002")], (tmp_path / "worker.log").read_text()
+    assert [u.cost for u in updates] == [Decimal("1.5"), Decimal("1.500000000002")], (
+        tmp_path / "worker.log"
+    ).read_text()
     assert updates[-1].requests == 2
     assert len(dead) == 1 and dead[0].value() == b"poison!"
     assert dict(dead[0].headers())["lf.dlq.reason"] == b"not-single-object-encoding"

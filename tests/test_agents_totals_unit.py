@@ -56,7 +56,9 @@ async def test_agent_folds_charges_per_tenant_and_skips_poison(app, sent) -> Non
     assert globex.requests == 1 and globex.cost == Decimal(7)
     derived = [CODEC.decode(v) for t, _, v, _ in sent if t == "u.tenant-totals"]
     assert [d.cost for d in derived if d.tenant == "acme"] == [
-        Decimal("0.1"), Decimal("0.3"), Decimal("0.300000000003")
+        Decimal("0.1"),
+        Decimal("0.3"),
+        Decimal("0.300000000003"),
     ]
     dead = [(v, dict(h)) for t, _, v, h in sent if t == "u.token-charges.dlq"]
     assert len(dead) == 1 and dead[0][0] == b"\x00garbage"

@@ -55,7 +55,10 @@ def test_requests_land_once_per_fact_and_totals_match_to_the_last_digit(platform
     tenants = sorted(DEMO_KEYS)
     n = 150
     bodies = [
-        (DEMO_KEYS[tenants[i % 3]], {"prompt": f"question {i} " * (1 + i % 7), "model": ["sim-small", "sim-large"][i % 2]})
+        (
+            DEMO_KEYS[tenants[i % 3]],
+            {"prompt": f"question {i} " * (1 + i % 7), "model": ["sim-small", "sim-large"][i % 2]},
+        )
         for i in range(n)
     ]
     # Bad requests mixed in must record nothing.
@@ -79,15 +82,22 @@ def test_requests_land_once_per_fact_and_totals_match_to_the_last_digit(platform
         assert int(platform.scalar(f"SELECT uniqExact(event_id) FROM {table}")) == n, table
         assert int(platform.scalar(f"SELECT uniqExact(_topic, _partition, _offset) FROM {table}")) == n, table
     charged = dict(platform.sql("SELECT tenant, toString(sum(cost)) FROM tokens_charged GROUP BY tenant"))
-    agent = dict(platform.sql("SELECT tenant, toString(argMax(cost, requests)) FROM tenant_totals_updated GROUP BY tenant"))
+    agent = dict(
+        platform.sql("SELECT tenant, toString(argMax(cost, requests)) FROM tenant_totals_updated GROUP BY tenant")
+    )
     for tenant in tenants:
         assert Decimal(charged[tenant]) == answered_cost[tenant]
         assert Decimal(agent[tenant]) == answered_cost[tenant]
     # One request = one correlation id shared by its four facts.
-    assert int(platform.scalar(
-        "SELECT count() FROM (SELECT correlation_id FROM request_received "
-        "INNER JOIN tokens_charged USING (correlation_id))"
-    )) == n
+    assert (
+        int(
+            platform.scalar(
+                "SELECT count() FROM (SELECT correlation_id FROM request_received "
+                "INNER JOIN tokens_charged USING (correlation_id))"
+            )
+        )
+        == n
+    )
 
 
 def test_status_shows_lag_reaching_zero(platform: Platform) -> None:
@@ -96,8 +106,11 @@ def test_status_shows_lag_reaching_zero(platform: Platform) -> None:
         with contextlib.redirect_stdout(out):
             cli.cmd_status(platform.settings)
         text = out.getvalue()
-        lines = [ln for ln in text.splitlines() if ln.strip().startswith((platform.settings.sink_group,
-                                                                           platform.settings.worker_id))]
+        lines = [
+            ln
+            for ln in text.splitlines()
+            if ln.strip().startswith((platform.settings.sink_group, platform.settings.worker_id))
+        ]
         return len(lines) == 2 and all(ln.split()[-1] == "0" for ln in lines)
 
     wait_for(lag_zero, what="lag 0 for the sink and the agents")

@@ -27,7 +27,7 @@ def test_error_names_the_key_and_the_fix(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_missing_config_file_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("LEDGERFLOW_CONFIG", str(tmp_path / "nope.toml"))
-    with pytest.raises(SettingsError, match="nope.toml"):
+    with pytest.raises(SettingsError, match=r"nope\.toml"):
         load()
 
 
