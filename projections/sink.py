@@ -168,9 +168,9 @@ class Sink:
         """partition → next offset to consume, from what ClickHouse already holds (step 1)."""
         spec = self.topics.spec_for(topic)
         tables = [table_for(e) for e in spec.events] if spec else []
+        where = "_topic = {topic:String} AND _partition IN {parts:Array(UInt16)}"
         union = " UNION ALL ".join(
-            f"SELECT _partition, _offset FROM {t} WHERE _topic = {{topic:String}} AND _partition IN {{parts:Array(UInt16)}}"
-            for t in [*tables, DEAD_LETTERS]
+            f"SELECT _partition, _offset FROM {t} WHERE {where}" for t in [*tables, DEAD_LETTERS]
         )
         rows = self._store.query_rows(
             f"SELECT _partition, max(_offset) FROM ({union}) GROUP BY _partition",
@@ -247,7 +247,7 @@ class Sink:
 
     def _decode(self, msg: Message) -> _Record:
         """Step 3: an event row for its table, or a dead letter."""
-        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        topic, partition, offset = _coordinates(msg)
         value = msg.value()
         try:
             try:
@@ -259,8 +259,8 @@ class Sink:
             spec = self.topics.spec_for(topic)
             if spec is None or event.event_type not in spec.events:
                 raise PoisonEvent("wrong-topic", f"{event.event_type} does not belong on {topic}")
-            table = table_for(event.event_type)
-            return _Record(offset, table, columns_for(event.event_type), event_to_row(event, topic, partition, offset), None)
+            row = event_to_row(event, topic, partition, offset)
+            return _Record(offset, table_for(event.event_type), columns_for(event.event_type), row, None)
         except PoisonEvent as exc:
             dl = DeadLetter(
                 reason=exc.reason,
@@ -343,7 +343,8 @@ class Sink:
 
         dlq = self.topics.dlq(topic)
         for dl in dead:
-            self._producer.produce(dlq, value=dl.value, key=dl.key, headers=dl.headers(), on_delivery=on_delivery)
+            headers: list[tuple[str, str | bytes | None]] = list(dl.headers())
+            self._producer.produce(dlq, value=dl.value, key=dl.key, headers=headers, on_delivery=on_delivery)
         left = self._producer.flush(10.0)
         if left or errors:
             raise SinkError(f"dead letters to {dlq} not acknowledged: {left} pending, errors {errors[:3]}")
@@ -382,12 +383,13 @@ class Sink:
                     log.warning("consumer error: %s", err)
                     self.last_error = f"consumer: {err.str()}"
                 continue
-            key = (msg.topic(), msg.partition())
-            p = self._parts.get(key)
-            if p is None or msg.offset() < p.next_offset:
+            topic, partition, offset = _coordinates(msg)
+            key = (topic, partition)
+            part = self._parts.get(key)
+            if part is None or offset < part.next_offset:
                 continue  # not ours any more, or a redelivery of something already taken
-            p.next_offset = msg.offset() + 1
-            p.backlog.append(self._decode(msg))
+            part.next_offset = offset + 1
+            part.backlog.append(self._decode(msg))
             touched.add(key)
         for p in list(self._parts.values()):
             if not p.paused and ((p.topic, p.partition) in touched or p.run is not None):
@@ -446,3 +448,10 @@ class Sink:
             "last_insert_at": self.last_insert_at.isoformat() if self.last_insert_at else None,
             "last_error": self.last_error,
         }
+
+
+def _coordinates(msg: Message) -> tuple[str, int, int]:
+    """(topic, partition, offset) of a consumed record (never None for a real record)."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    assert topic is not None and partition is not None and offset is not None
+    return topic, partition, offset

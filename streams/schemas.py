@@ -36,7 +36,7 @@ def _inline_envelope(raw: dict[str, Any], envelope: dict[str, Any]) -> dict[str,
 def build(raw: dict[str, Any], envelope: dict[str, Any]) -> EventSchema:
     """Make an EventSchema from a raw event schema and the envelope schema."""
     full = _inline_envelope(raw, envelope)
-    parsed = parse_schema(full, _write_hint=False)
+    parsed = parse_schema(full)
     canonical = to_parsing_canonical_form(full)
     fp = int(fingerprint(canonical, "CRC-64-AVRO"), 16).to_bytes(8, "little")
     return EventSchema(name=raw["name"], raw=full, parsed=parsed, fingerprint=fp)
