@@ -1,6 +1,6 @@
 """`python -m agents worker ...`: the Faust worker, configured from ledgerflow settings."""
 
-from agents.app import create_app
+from agents.app import create_app, ensure_internal_topics
 from ledgerflow.settings import load
 from streams.topics import Topics
 
@@ -14,4 +14,5 @@ app = create_app(
 )
 
 if __name__ == "__main__":
+    ensure_internal_topics(app, settings.bootstrap)
     app.main()

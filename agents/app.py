@@ -18,6 +18,7 @@ import os
 import faust
 
 from agents.transport import broker_url
+from streams.admin import create_missing
 from streams.codec import Codec
 from streams.topics import Topics
 
@@ -53,3 +54,20 @@ def create_app(
 
     totals.register(app, topics, Codec())
     return app
+
+
+def ensure_internal_topics(app: faust.App, bootstrap: str) -> list[str]:
+    """Create the tables' changelog topics before the worker starts.
+
+    Faust declares them itself, but on a broker without topic auto-creation its first
+    metadata read can miss a topic it has just created, and the agent then crashes on a
+    partition-count check. Creating them up front (compacted, co-partitioned with the
+    source) removes the race.
+    """
+    wanted = []
+    for table in app.tables.values():
+        changelog = table.changelog_topic
+        wanted.append(
+            (changelog.get_topic_name(), table.partitions or app.conf.topic_partitions, {"cleanup.policy": "compact"})
+        )
+    return create_missing(bootstrap, wanted)

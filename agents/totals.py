@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import faust
+from mode import CrashingSupervisor
 
 from domain.totals import TenantTotals, fold
 from streams.codec import Codec, PoisonEvent
@@ -26,9 +27,13 @@ def register(app: faust.App, topics: Topics, codec: Codec) -> Any:
     source = app.topic(source_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     derived = app.topic(topics.name("tenant-totals"), key_serializer="raw", value_serializer="raw")
     dead = app.topic(topics.dlq(source_name), key_serializer="raw", value_serializer="raw")
-    table = app.Table(f"{AGENT_NAME}-state", partitions=topics.partitions, key_type=str, value_type=dict)
+    # Keys and values use the app's default JSON serializer (value_type=dict would make Faust
+    # look for a Record's from_data during changelog recovery and never finish recovering).
+    table = app.Table(f"{AGENT_NAME}-state", partitions=topics.partitions)
 
-    @app.agent(source, name=AGENT_NAME, concurrency=1)
+    # CrashingSupervisor: if the agent dies the whole worker exits, so the process
+    # supervisor restarts it, instead of a worker that lives on with a dead agent.
+    @app.agent(source, name=AGENT_NAME, concurrency=1, supervisor_strategy=CrashingSupervisor)
     async def tenant_totals(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             msg = event.message
@@ -37,22 +42,15 @@ def register(app: faust.App, topics: Topics, codec: Codec) -> Any:
                 if not isinstance(charge, TokensCharged):
                     raise PoisonEvent("wrong-topic", f"{charge.event_type} on {source_name}")
             except PoisonEvent as exc:
-                letter = DeadLetter(
-                    exc.reason,
-                    exc.detail,
-                    msg.topic,
-                    msg.partition,
-                    msg.offset,
-                    AGENT_NAME,
-                    datetime.now(UTC),
-                    msg.key,
-                    msg.value,
-                )
-                await event.send(dead, key=msg.key, value=msg.value or b"", headers=letter.headers())
+                await _dead_letter(event, dead, exc.reason, exc.detail)
                 continue
             stored = table.get(charge.tenant)
             state = TenantTotals.from_json(stored) if stored else None
-            new, out = fold(state, charge, msg.partition, msg.offset)
+            try:
+                new, out = fold(state, charge, msg.partition, msg.offset)
+            except ValueError as exc:  # a valid event the fold refuses (e.g. a currency change)
+                await _dead_letter(event, dead, "fold-refused", str(exc))
+                continue
             if out is None:
                 continue
             table[charge.tenant] = new.to_json()
@@ -61,3 +59,12 @@ def register(app: faust.App, topics: Topics, codec: Codec) -> Any:
             await event.send(derived, key=charge.tenant.encode(), value=codec.encode(out), headers=[])
 
     return tenant_totals
+
+
+async def _dead_letter(event: faust.EventT[bytes], dead: faust.TopicT, reason: str, detail: str) -> None:
+    """Copy the record to the dead-letter topic with why and where it came from; the agent goes on."""
+    msg = event.message
+    letter = DeadLetter(
+        reason, detail, msg.topic, msg.partition, msg.offset, AGENT_NAME, datetime.now(UTC), msg.key, msg.value
+    )
+    await event.send(dead, key=msg.key, value=msg.value or b"", headers=letter.headers())

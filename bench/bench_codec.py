@@ -19,9 +19,9 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streams.codec import Codec  # noqa: E402
-from streams.events import Envelope, TokensCharged  # noqa: E402
-from streams.ids import derived_uuid7, uuid7  # noqa: E402
+from streams.codec import Codec
+from streams.events import Envelope, TokensCharged
+from streams.ids import derived_uuid7, uuid7
 
 
 def typical_charge() -> TokensCharged:
@@ -72,10 +72,26 @@ def main() -> None:
     record = event.to_record()
     json_bytes = orjson.dumps(record, default=str)
     rows = [
-        ("codec.decode (Avro single-object → validated TokensCharged)", len(avro), rate(lambda: codec.decode(avro), args.seconds)),
-        ("codec.encode (TokensCharged → Avro single-object)", len(avro), rate(lambda: codec.encode(event), args.seconds)),
-        ("orjson.loads (same record as JSON → dict, no validation)", len(json_bytes), rate(lambda: orjson.loads(json_bytes), args.seconds)),
-        ("orjson.dumps (same record → JSON)", len(json_bytes), rate(lambda: orjson.dumps(record, default=str), args.seconds)),
+        (
+            "codec.decode (Avro single-object → validated TokensCharged)",
+            len(avro),
+            rate(lambda: codec.decode(avro), args.seconds),
+        ),
+        (
+            "codec.encode (TokensCharged → Avro single-object)",
+            len(avro),
+            rate(lambda: codec.encode(event), args.seconds),
+        ),
+        (
+            "orjson.loads (same record as JSON → dict, no validation)",
+            len(json_bytes),
+            rate(lambda: orjson.loads(json_bytes), args.seconds),
+        ),
+        (
+            "orjson.dumps (same record → JSON)",
+            len(json_bytes),
+            rate(lambda: orjson.dumps(record, default=str), args.seconds),
+        ),
     ]
     base = rows[2][2]
     print(f"python {platform.python_version()}, {platform.machine()}, {args.seconds:.0f} s per row\n")

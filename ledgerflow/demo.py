@@ -26,9 +26,9 @@ FACT_TABLES = ["request_received", "policy_decided", "tokens_charged", "audit_re
 
 TOTALS_SQL = """
 SELECT c.tenant AS tenant, c.n AS charges, c.total AS sum_of_charges,
-       t.requests AS agent_requests, t.cost AS agent_cost, c.total = t.cost AND c.n = t.requests AS agree
+       t.n AS agent_requests, t.total AS agent_cost, c.total = t.total AND c.n = t.n AS agree
 FROM (SELECT tenant, count() AS n, sum(cost) AS total FROM tokens_charged GROUP BY tenant) AS c
-LEFT JOIN (SELECT tenant, max(requests) AS requests, argMax(cost, requests) AS cost
+LEFT JOIN (SELECT tenant, max(requests) AS n, argMax(cost, requests) AS total
            FROM tenant_totals_updated GROUP BY tenant) AS t USING (tenant)
 ORDER BY tenant
 """

@@ -92,6 +92,8 @@ class _Partition:
     backlog: deque[_Record] = field(default_factory=deque)  # consumed while the run could not be flushed
     paused: bool = False
     unresolved: bool = False  # ClickHouse could not be asked where to resume (step 1 pending)
+    committed: int = -1  # last offset we committed to Kafka
+    idle_check_at: float = 0.0
     failures: int = 0
     retry_at: float = 0.0
     last_error: str | None = None
@@ -142,6 +144,10 @@ class Sink:
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
             "queued.max.messages.kbytes": 16384,  # bounds librdkafka's prefetch buffer
+            # A crashed sink's partitions move after this long (broker minimum is 6 s); pass
+            # group.instance.id (static membership) for an instant takeover by its restart.
+            "session.timeout.ms": 10000,
+            "heartbeat.interval.ms": 2000,
         }
         conf.update(consumer_config or {})
         self._consumer = Consumer(conf)
@@ -185,6 +191,7 @@ class Sink:
         unresolved: set[tuple[str, int]] = set()
         for topic, tps in by_topic.items():
             try:
+                # (1) ClickHouse holds every record ≤ max(_offset) and none above: start at max+1.
                 resume = self.resume_offsets(topic, [tp.partition for tp in tps])
             except Exception as exc:  # ClickHouse down: consume nothing until we know (retried in poll_once)
                 log.warning("cannot read resume offsets of %s from ClickHouse, pausing: %s", topic, exc)
@@ -214,13 +221,14 @@ class Sink:
         for p in todo:
             try:
                 resume = self.resume_offsets(p.topic, [p.partition])
+                if p.partition in resume:
+                    self._consumer.seek(TopicPartition(p.topic, p.partition, resume[p.partition]))
+                    p.next_offset = resume[p.partition]
             except Exception as exc:
                 self._backoff(p, f"resume offsets: {exc}")
                 continue
-            if p.partition in resume:
-                self._consumer.seek(TopicPartition(p.topic, p.partition, resume[p.partition]))
-                p.next_offset = resume[p.partition]
             p.unresolved = False
+            p.backlog.clear()
             self._resume(p)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -246,7 +254,7 @@ class Sink:
     # --- steps 2-5 ---------------------------------------------------------------------
 
     def _decode(self, msg: Message) -> _Record:
-        """Step 3: an event row for its table, or a dead letter."""
+        """(3) An event row for its table, or a dead letter: a bad record never stops the sink."""
         topic, partition, offset = _coordinates(msg)
         value = msg.value()
         try:
@@ -282,6 +290,7 @@ class Sink:
         """
         while p.backlog:
             rec = p.backlog[0]
+            # (2) a run never mixes tables: inserts land in offset order, so (1)'s max is a prefix.
             if p.run is not None and p.run.table != rec.table and not self._flush(p):
                 return False
             if p.run is None:
@@ -304,21 +313,17 @@ class Sink:
         token = f"{p.topic}-{p.partition}-{run.first}-{run.last}"
         try:
             if run.dead and not run.dlq_sent:
-                self._produce_dead_letters(p.topic, run.dead)  # step 3: DLQ topic before the table
+                self._produce_dead_letters(p.topic, run.dead)  # (3) DLQ topic first, acknowledged
                 run.dlq_sent = True
-            # step 4: one insert per run; a retry of the same run carries the same token
+            # (4) one insert per run; a retry of the same run carries the same token → deduplicated
             self._store.insert(run.table, run.rows, run.columns, settings={"insert_deduplication_token": token})
         except Exception as exc:
             self.insert_failures += 1
             log.warning("insert of %s into %s failed (%d rows), pausing: %s", token, run.table, len(run.rows), exc)
             self._backoff(p, f"insert {token}: {exc}")
             return False
-        # step 5: only now tell Kafka; failure here is harmless (step 1 resumes from ClickHouse)
-        try:
-            self._consumer.commit(offsets=[TopicPartition(p.topic, p.partition, run.last + 1)], asynchronous=False)
-        except KafkaException as exc:
-            self.commit_failures += 1
-            log.info("offset commit for %s failed (ClickHouse stays authoritative): %s", token, exc)
+        # (5) only now tell Kafka; a failed commit is harmless, (1) resumes from ClickHouse
+        self._commit(p, run.last + 1)
         if run.table == DEAD_LETTERS:
             self.dead_lettered += len(run.rows)
         else:
@@ -329,6 +334,33 @@ class Sink:
         p.failures = 0
         p.last_error = None
         return True
+
+    def _commit(self, p: _Partition, offset: int) -> None:
+        try:
+            self._consumer.commit(offsets=[TopicPartition(p.topic, p.partition, offset)], asynchronous=False)
+            p.committed = offset
+        except KafkaException as exc:
+            self.commit_failures += 1
+            log.info(
+                "offset commit %s[%d]@%d failed (ClickHouse stays authoritative): %s", p.topic, p.partition, offset, exc
+            )
+
+    def _commit_idle(self, p: _Partition, now: float) -> None:
+        """Commit past transaction markers once a partition is idle, so group lag reaches 0.
+
+        A transactional producer leaves a control record after each commit; the consumer skips
+        it, so `last + 1` stays one short of the end. When everything delivered has landed,
+        the consumer's position is the right commit point (it only adds skipped non-data offsets).
+        """
+        if p.run or p.backlog or p.paused or p.unresolved or now < p.idle_check_at:
+            return
+        p.idle_check_at = now + 1.0
+        try:
+            position = self._consumer.position([p.tp])[0].offset
+        except KafkaException:
+            return
+        if position >= 0 and position > p.committed:
+            self._commit(p, position)
 
     def _produce_dead_letters(self, topic: str, dead: list[DeadLetter]) -> None:
         if self._producer is None:
@@ -379,21 +411,22 @@ class Sink:
         for msg in msgs:
             err = msg.error()
             if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error: %s", err)
+                if err.code() != KafkaError._PARTITION_EOF and self.last_error != f"consumer: {err.str()}":
+                    log.warning("consumer error: %s", err)  # once per distinct error, not per poll
                     self.last_error = f"consumer: {err.str()}"
                 continue
             topic, partition, offset = _coordinates(msg)
             key = (topic, partition)
             part = self._parts.get(key)
-            if part is None or offset < part.next_offset:
-                continue  # not ours any more, or a redelivery of something already taken
+            if part is None or part.unresolved or offset < part.next_offset:
+                continue  # not ours any more, start not known yet (refetched after the seek), or a redelivery
             part.next_offset = offset + 1
             part.backlog.append(self._decode(msg))
             touched.add(key)
         for p in list(self._parts.values()):
             if not p.paused and ((p.topic, p.partition) in touched or p.run is not None):
                 self._drain(p)
+            self._commit_idle(p, now)
         return len(msgs)
 
     def run_once(self) -> int:

@@ -35,7 +35,16 @@ _NUMBER = re.compile(r"(?:0[xX][0-9a-fA-F_]+|0[bB][01_]+|(?:\d[\d_]*\.?[\d_]*|\.
 
 
 class UnsafeQuery(ValueError):
-    """The text is not a single read-only statement we are willing to run."""
+    """The text is not a single read-only statement we are willing to run.
+
+    `code`/`name` follow ClickHouse's error codes so HTTP clients see what a real server with
+    a readonly user would answer: 164 READONLY for refused statements, 62 SYNTAX_ERROR for
+    text that is not one well-formed statement.
+    """
+
+    def __init__(self, message: str, *, syntax: bool = False) -> None:
+        super().__init__(message)
+        self.code, self.name = (62, "SYNTAX_ERROR") if syntax else (164, "READONLY")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +70,10 @@ def tokenize(sql: str) -> list[Token]:
         elif sql.startswith("/*", i):
             j = sql.find("*/", i + 2)
             if j < 0 or "/*" in sql[i + 2 : j]:
-                raise UnsafeQuery("unterminated or nested /* comment")
+                raise UnsafeQuery("unterminated or nested /* comment", syntax=True)
             i = j + 2
         elif c == "#":
-            raise UnsafeQuery("'#' comments are not supported here; use -- or /* */")
+            raise UnsafeQuery("'#' comments are not supported here; use -- or /* */", syntax=True)
         elif c in "'\"`":
             j = _end_of_quoted(sql, i)
             body = sql[i + 1 : j - 1]
@@ -73,10 +82,10 @@ def tokenize(sql: str) -> list[Token]:
         elif c == "$":
             m = _HEREDOC.match(sql, i)
             if not m:
-                raise UnsafeQuery(f"unexpected '$' at position {i}")
+                raise UnsafeQuery(f"unexpected '$' at position {i}", syntax=True)
             j = sql.find(m.group(0), m.end())
             if j < 0:
-                raise UnsafeQuery("unterminated heredoc string")
+                raise UnsafeQuery("unterminated heredoc string", syntax=True)
             out.append(Token("string", sql[m.end() : j], i, j + len(m.group(0)), depth))
             i = j + len(m.group(0))
         elif c.isalpha() or c == "_":
@@ -116,7 +125,7 @@ def _end_of_quoted(sql: str, i: int) -> int:
                 continue
             return j + 1
         j += 1
-    raise UnsafeQuery(f"unterminated {q}quoted{q} text starting at position {i}")
+    raise UnsafeQuery(f"unterminated {q}quoted{q} text starting at position {i}", syntax=True)
 
 
 def split_statements(sql: str) -> list[str]:
@@ -141,19 +150,20 @@ def split_statements(sql: str) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class ReadQuery:
-    sql: str  # the statement, ready to run (a trailing ';' removed, FORMAT appended if absent)
-    format: str  # output format the response is in
+    sql: str  # the statement as sent, a trailing ';' removed
+    format: str  # output format of the response: the query's FORMAT clause, else the default
+    explicit_format: bool  # the query names its own FORMAT
 
 
 def check_format_name(name: str) -> str:
     """Format names are spliced into SQL; only plain names pass."""
     if not _FORMAT_NAME.match(name):
-        raise UnsafeQuery(f"bad format name {name!r}")
+        raise UnsafeQuery(f"bad format name {name!r}", syntax=True)
     return name
 
 
 def prepare_read_query(sql: str, default_format: str = "TabSeparated") -> ReadQuery:
-    """Validate that `sql` is one read-only statement and fix its output format.
+    """Validate that `sql` is one read-only statement and find its output format.
 
     Raises UnsafeQuery with a message fit for the client when it is not.
     """
@@ -162,9 +172,9 @@ def prepare_read_query(sql: str, default_format: str = "TabSeparated") -> ReadQu
         sql = sql[: tokens[-1].start]
         tokens = tokens[:-1]
     if not tokens:
-        raise UnsafeQuery("empty query")
+        raise UnsafeQuery("empty query", syntax=True)
     if any(t.kind == "punct" and t.text == ";" for t in tokens):
-        raise UnsafeQuery("Multi-statements are not allowed: send one statement per request")
+        raise UnsafeQuery("Multi-statements are not allowed: send one statement per request", syntax=True)
     first = tokens[0]
     is_read = first.kind == "word" and first.text.upper() in READ_STATEMENTS
     if not (is_read or (first.kind == "punct" and first.text == "(")):
@@ -190,6 +200,5 @@ def prepare_read_query(sql: str, default_format: str = "TabSeparated") -> ReadQu
         if upper == "FORMAT" and t.depth == 0 and k > 0 and nxt.kind in ("word", "qident") and ends_clause:
             fmt = check_format_name(nxt.text)
     if fmt is None:
-        fmt = check_format_name(default_format)
-        sql = f"{sql.rstrip()}\nFORMAT {fmt}"
-    return ReadQuery(sql=sql, format=fmt)
+        return ReadQuery(sql=sql.rstrip(), format=check_format_name(default_format), explicit_format=False)
+    return ReadQuery(sql=sql.rstrip(), format=fmt, explicit_format=True)

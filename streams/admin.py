@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
@@ -16,21 +17,26 @@ def admin(bootstrap: str) -> AdminClient:
 
 def ensure_topics(bootstrap: str, topics: Topics, timeout: float = 30.0) -> list[str]:
     """Create every catalogue topic (and its dead-letter topic) that is missing; return those created."""
-    client = admin(bootstrap)
-    existing = set(client.list_topics(timeout=timeout).topics)
-    wanted: list[NewTopic] = []
+    wanted: list[tuple[str, int, dict[str, str]]] = []
     for name in topics.all():
         spec = topics.spec_for(name)
         assert spec is not None
-        if name not in existing:
-            wanted.append(NewTopic(name, topics.partitions, 1, config=spec.configs()))
-        dlq = topics.dlq(name)
-        if dlq not in existing:
-            wanted.append(NewTopic(dlq, 1, 1, config={"retention.ms": "-1"}))
-    if not wanted:
+        wanted.append((name, topics.partitions, spec.configs()))
+        wanted.append((topics.dlq(name), 1, {"retention.ms": "-1"}))
+    return create_missing(bootstrap, wanted, timeout)
+
+
+def create_missing(bootstrap: str, wanted: list[tuple[str, int, dict[str, str]]], timeout: float = 30.0) -> list[str]:
+    """Create each (name, partitions, configs) topic that does not exist yet; return those created."""
+    client = admin(bootstrap)
+    existing = set(client.list_topics(timeout=timeout).topics)
+    new = [
+        NewTopic(name, partitions, 1, config=configs) for name, partitions, configs in wanted if name not in existing
+    ]
+    if not new:
         return []
     created = []
-    for name, fut in client.create_topics(wanted, operation_timeout=timeout).items():
+    for name, fut in client.create_topics(new, operation_timeout=timeout).items():
         try:
             fut.result(timeout)
             created.append(name)
@@ -47,14 +53,17 @@ class PartitionLag:
     partition: int
     committed: int  # -1 when nothing committed yet
     end: int
-
-    @property
-    def lag(self) -> int:
-        return self.end - max(self.committed, 0)
+    lag: int  # records the group has still to read (transaction markers not counted)
 
 
 def group_lag(bootstrap: str, group: str, topic_names: list[str], timeout: float = 10.0) -> list[PartitionLag]:
-    """Committed offset and end offset for every partition of `topic_names` in `group`."""
+    """Committed offset, end offset and records left to read for every partition of `topic_names`.
+
+    With transactional producers the log holds commit markers that take an offset but are
+    never delivered, so `end - committed` overstates lag (a caught-up consumer that commits
+    "last record + 1" sits one marker behind the end). Small gaps are therefore counted by
+    reading them with a read_committed consumer; large ones are reported as the offset gap.
+    """
     client = admin(bootstrap)
     md = client.list_topics(timeout=timeout)
     tps = [TopicPartition(t, p) for t in topic_names if t in md.topics for p in sorted(md.topics[t].partitions)]
@@ -62,17 +71,60 @@ def group_lag(bootstrap: str, group: str, topic_names: list[str], timeout: float
         return []
     fut = client.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)])[group]
     committed = {(tp.topic, tp.partition): tp.offset for tp in fut.result(timeout).topic_partitions}
-    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{group}.lag-probe", "enable.auto.commit": False})
+    probe = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"{group}.lag-probe",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
     try:
-        out = []
+        ends = {}
         for tp in tps:
-            _low, high = probe.get_watermark_offsets(tp, timeout=timeout, cached=False)
-            out.append(PartitionLag(group, tp.topic, tp.partition, committed.get((tp.topic, tp.partition), -1), high))
-        return out
+            low, high = probe.get_watermark_offsets(tp, timeout=timeout, cached=False)
+            ends[(tp.topic, tp.partition)] = (low, high)
+        gaps = {}
+        for key, (low, high) in ends.items():
+            start = committed.get(key, -1)
+            gaps[key] = high - (start if start >= 0 else low)
+        small = {k: max(committed.get(k, -1), ends[k][0]) for k, gap in gaps.items() if 0 < gap <= _EXACT_LAG_LIMIT}
+        exact = _count_remaining(probe, small, {k: ends[k][1] for k in small}, timeout) if small else {}
+        return [
+            PartitionLag(group, t, p, committed.get((t, p), -1), ends[(t, p)][1], exact.get((t, p), gaps[(t, p)]))
+            for t, p in ((tp.topic, tp.partition) for tp in tps)
+        ]
     finally:
         probe.close()
 
 
+_EXACT_LAG_LIMIT = 1000
+
+
+def _count_remaining(
+    probe: Consumer, starts: dict[tuple[str, int], int], ends: dict[tuple[str, int], int], timeout: float
+) -> dict[tuple[str, int], int]:
+    """Records (not markers) between each start and end, read with read_committed."""
+    probe.assign([TopicPartition(t, p, off) for (t, p), off in starts.items()])
+    counts = dict.fromkeys(starts, 0)
+    pending = set(starts)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        for msg in probe.consume(500, 0.2):
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            if msg.error() is None and topic is not None and partition is not None and offset is not None:
+                key = (topic, partition)
+                if offset < ends[key]:
+                    counts[key] += 1
+        for tp in probe.position([TopicPartition(t, p) for t, p in pending]):
+            if tp.offset >= ends[(tp.topic, tp.partition)]:
+                pending.discard((tp.topic, tp.partition))
+    for key in pending:  # could not read to the end in time: fall back to the offset gap
+        counts[key] = ends[key] - starts[key]
+    return counts
+
+
 def list_groups(bootstrap: str, timeout: float = 10.0) -> list[str]:
-    result = admin(bootstrap).list_consumer_groups(request_timeout=timeout).result()
+    client = admin(bootstrap)  # keep a reference: a destroyed client resolves the future empty
+    result = client.list_consumer_groups(request_timeout=timeout).result()
     return sorted(g.group_id for g in result.valid)

@@ -81,6 +81,10 @@ class FactPublisher:
             "socket.connection.setup.timeout.ms": 1000,
             "reconnect.backoff.max.ms": 500,
             "message.timeout.ms": transaction_timeout_ms,
+            # Back-to-back transactions often meet CONCURRENT_TRANSACTIONS while the previous
+            # commit's markers are written; the default 100 ms retry backoff then dominates latency.
+            "retry.backoff.ms": 5,
+            "retry.backoff.max.ms": 50,
         }
         self._topics = topics
         self._codec = codec or Codec()

@@ -17,6 +17,7 @@ from projections.migrations import migrate
 from projections.schema import DEAD_LETTERS, columns_for, event_to_row, table_for
 from projections.sink import Sink
 from projections.store import LockedStore, open_store
+from streams.admin import group_lag
 from streams.codec import Codec
 from streams.deadletter import HEADER_OFFSET, HEADER_REASON, DeadLetter
 from streams.events import (
@@ -64,13 +65,15 @@ def make_event(kind: int, tenant: str, i: int) -> Event:
                 _env("TokensCharged", tenant), rid, "sim", i, 2 * i, Decimal("0.15"), Decimal("0.6"), "v1", "USD", cost
             )
         case 3:
-            return AuditRecorded(_env("AuditRecorded", tenant), "request.completed", "k1", rid, "success", {"i": str(i)})
+            return AuditRecorded(
+                _env("AuditRecorded", tenant), "request.completed", "k1", rid, "success", {"i": str(i)}
+            )
         case _:
             return TenantTotalsUpdated(_env("TenantTotalsUpdated", tenant), i, i, i, Decimal(i), "USD", 0, i)
 
 
 def make_events(n: int) -> list[Event]:
-    return [make_event(i, TENANTS[i % len(TENANTS)], i) for i in range(n)]
+    return [make_event(i, TENANTS[(i // 5) % len(TENANTS)], i) for i in range(n)]
 
 
 def produce(bootstrap: str, records: Sequence[tuple[str, bytes | None, bytes | None]]) -> None:
@@ -81,8 +84,12 @@ def produce(bootstrap: str, records: Sequence[tuple[str, bytes | None, bytes | N
     assert p.flush(30) == 0
 
 
+def encoded(topics: Topics, events: Sequence[Event]) -> list[tuple[str, bytes | None, bytes | None]]:
+    return [(topics.for_event(e.event_type), e.tenant.encode(), CODEC.encode(e)) for e in events]
+
+
 def produce_events(bootstrap: str, topics: Topics, events: Sequence[Event]) -> None:
-    produce(bootstrap, [(topics.for_event(e.event_type), e.tenant.encode(), CODEC.encode(e)) for e in events])
+    produce(bootstrap, encoded(topics, events))
 
 
 def counts(client: Client) -> dict[str, int]:
@@ -184,9 +191,7 @@ def test_sink_lands_each_event_once_dead_letters_poison_and_resumes(
         (topics.name("audit"), b"hooli", None),  # tombstone
     ]
     # Poison in the middle of good traffic: its neighbours in the same partitions must land.
-    produce_events(kafka_bootstrap, topics, events[:120])
-    produce(kafka_bootstrap, poison)
-    produce_events(kafka_bootstrap, topics, events[120:])
+    produce(kafka_bootstrap, encoded(topics, events[:120]) + poison + encoded(topics, events[120:]))
     assert CODEC.decode(valid_request).event_type == "RequestReceived"
 
     sink = new_sink(group="g-main")
@@ -210,7 +215,8 @@ def test_sink_lands_each_event_once_dead_letters_poison_and_resumes(
     letters = [DeadLetter.from_headers(m.headers(), m.key(), m.value()) for m in dlq_msgs]
     assert sorted(d.reason for d in letters) == sorted(r[0] for r in reasons.result_rows)
     assert {(d.topic, d.partition, d.offset) for d in letters} == {
-        tuple(r) for r in store.query("SELECT source_topic, source_partition, source_offset FROM dead_letters").result_rows
+        tuple(r)
+        for r in store.query("SELECT source_topic, source_partition, source_offset FROM dead_letters").result_rows
     }
     assert all(dict(m.headers() or [])[HEADER_REASON] for m in dlq_msgs)
     assert all(int(dict(m.headers() or [])[HEADER_OFFSET]) >= 0 for m in dlq_msgs)
@@ -221,7 +227,7 @@ def test_sink_lands_each_event_once_dead_letters_poison_and_resumes(
 
     # A new instance of the same group and store: nothing doubled, new facts picked up.
     again = new_sink(group="g-main")
-    settle(again, 1.5)
+    settle(again, 1.0)
     assert counts(store) == want
     more = make_events(40)
     produce_events(kafka_bootstrap, topics, more)
@@ -340,6 +346,12 @@ def test_aborted_transactions_are_not_projected(
     settle(sink, 0.5)
     assert counts(store) == want
 
+    # Transaction markers are skipped, yet the group's lag still reaches 0 once idle.
+    def lag_zero() -> bool:
+        return sum(p.lag for p in group_lag(kafka_bootstrap, sink.group, topics.all())) == 0
+
+    run_until(sink, lag_zero, timeout=10)
+
 
 def _read(bootstrap: str, names: list[str], expect: int, timeout: float = 20.0) -> list[Any]:
     c = Consumer(
@@ -366,3 +378,31 @@ def _read(bootstrap: str, names: list[str], expect: int, timeout: float = 20.0) 
         return out
     finally:
         c.close()
+
+
+@pytest.mark.kafka
+def test_two_sinks_share_partitions_and_hand_over_on_close(
+    kafka_bootstrap: str, topics: Topics, store: Client, new_sink: Callable[..., Sink]
+) -> None:
+    """Scaling out and back in: rebalances flush on revoke and resume from ClickHouse on assign."""
+    group = f"pair-{uuid.uuid4().hex[:6]}"
+    a, b = new_sink(group=group), new_sink(group=group)
+    total = len(topics.all()) * topics.partitions
+
+    def both_own_some() -> bool:
+        owned = [len(s.status()["assigned"]) for s in (a, b)]
+        return all(owned) and sum(owned) == total
+
+    run_until([a, b], both_own_some)  # the group settled with both members before any traffic
+    events = make_events(200)
+    produce_events(kafka_bootstrap, topics, events)
+    run_until([a, b], lambda: counts(store) == expected_counts(events))
+    assert a.rows_inserted > 0 and b.rows_inserted > 0  # both got a share
+    a.close()  # leaves the group: b takes every partition
+    more = make_events(100)
+    produce_events(kafka_bootstrap, topics, more)
+    want = expected_counts(events + more)
+    run_until(b, lambda: counts(store) == want)
+    settle(b, 0.5)
+    assert counts(store) == want
+    assert len(b.status()["assigned"]) == total

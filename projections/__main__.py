@@ -1,0 +1,76 @@
+"""`python -m projections`: the read-side process (migrations, sink, read-only SQL endpoint).
+
+Why its own entry point: the store-owning process must be startable on its own (by
+`ledgerflow up`, a supervisor or a test) with plain flags, without importing `ledgerflow`.
+SIGTERM/SIGINT stop it cleanly: HTTP closes, the sink does a final flush and commit, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from projections.service import ProjectionService, serve
+from streams.topics import DEFAULT_PARTITIONS, Topics
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m projections", description=__doc__.splitlines()[0])
+    p.add_argument("--bootstrap", default="", help="Kafka bootstrap servers (host:port)")
+    p.add_argument("--group", default="ledgerflow-sink", help="consumer group of the sink")
+    p.add_argument("--topic-prefix", default="ledgerflow.", help="prefix of every topic")
+    p.add_argument("--partitions", type=int, default=DEFAULT_PARTITIONS, help="partitions of topics it creates")
+    p.add_argument("--store", required=True, help="chdb:///abs/path or http(s)://[user:pass@]host:port")
+    p.add_argument("--database", default="ledgerflow", help="database holding the projections")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8124, help="HTTP port (0 = any free port, printed at start)")
+    p.add_argument("--no-sink", action="store_true", help="serve SQL only, do not consume Kafka")
+    p.add_argument("--instance-id", default=None, help="static group membership id: restarts rejoin at once")
+    p.add_argument("--batch-max", type=int, default=5000, help="most rows per insert")
+    p.add_argument("--batch-ms", type=int, default=200, help="longest wait before a partial batch is inserted")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = p.parse_args(argv)
+    if not args.no_sink and not args.bootstrap:
+        p.error("--bootstrap is required unless --no-sink")
+    return args
+
+
+async def _main(args: argparse.Namespace) -> None:
+    service = ProjectionService(
+        store_url=args.store,
+        database=args.database,
+        bootstrap=args.bootstrap,
+        group=args.group,
+        topics=Topics(args.topic_prefix, args.partitions),
+        run_sink=not args.no_sink,
+        batch_max=args.batch_max,
+        batch_ms=args.batch_ms,
+        instance_id=args.instance_id,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await serve(service, args.host, args.port, stop)
+    finally:
+        # Blocking on purpose: the sink's final flush and commit must finish before exit.
+        await loop.run_in_executor(None, service.stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(_main(args))
+    except Exception as exc:  # a broken store or an edited migration: say why, exit non-zero
+        logging.getLogger("projections").error("projections service failed: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

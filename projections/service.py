@@ -1,0 +1,455 @@
+"""The read-side process: owns the store, runs the sink, serves read-only SQL over HTTP.
+
+Why one process: chDB opens one data path per process, so whoever hosts the embedded store
+must also be the one that writes it (the sink) and answers everybody else's queries. The
+SQL endpoint speaks the subset of the ClickHouse HTTP interface that curl and
+clickhouse-connect's HTTP client use, so tools written against a real ClickHouse work
+unchanged; with a ClickHouse server as the store, clients should talk to the server
+directly and this endpoint answers 501.
+
+Read-only is enforced by the engine, not by parsing: every query runs on a chDB handle whose
+session has readonly=1, which refuses writes, DDL, external table functions and any
+settings change (so `SETTINGS readonly=0` in a query fails). `sqlguard` adds what readonly=1
+does not cover in clickhouse-local: one statement only, no INTO OUTFILE, no file() & co.
+Settings sent as URL parameters are ignored (a `readonly` other than 1 is refused).
+
+Endpoints: `/` (SQL, GET ?query= or POST body), `/ping`, `/readyz`, `/status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import chdb
+import orjson
+from aiohttp import web
+from clickhouse_connect.driver.client import Client
+
+from projections.migrations import applied, migrate
+from projections.sink import Sink
+from projections.sqlguard import UnsafeQuery, prepare_read_query
+from projections.store import check_identifier, open_store
+from streams.admin import ensure_topics
+from streams.topics import Topics
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "ledgerflow-projections"
+MAX_QUERY_BYTES = 1 << 20  # SQL text only: this endpoint takes no insert data
+# URL parameters that are part of the HTTP protocol, not settings; everything else that a
+# client sends (wait_end_of_query, enable_http_compression, date_time_input_format, ...) is
+# a setting and is ignored: a readonly=1 session could not change it anyway.
+_PROTOCOL_PARAMS = frozenset({"query", "database", "default_format", "query_id", "user", "password", "readonly"})
+_CODE = re.compile(r"Code: (\d+)")
+_NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)\s*$")
+_VERSION = re.compile(r"\s*\(version [^)]*\)")
+_DOUBLE_NAME = re.compile(r"(\([A-Z][A-Z0-9_]+\))\.? \1$")
+_NESTED = re.compile(r"^(Code: \d+\. DB::Exception: )(?:Code: \d+\. DB::Exception: )+")
+# ClickHouse's exception code → HTTP status mapping, for the codes a read query can hit.
+_STATUS_BY_CODE = {
+    48: 501,  # NOT_IMPLEMENTED
+    164: 403,  # READONLY
+    497: 403,  # ACCESS_DENIED
+    291: 403,  # DATABASE_ACCESS_DENIED
+    60: 404,  # UNKNOWN_TABLE
+    81: 404,  # UNKNOWN_DATABASE
+    62: 400,  # SYNTAX_ERROR
+    6: 400,  # CANNOT_PARSE_TEXT
+    27: 400,  # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    36: 400,  # BAD_ARGUMENTS
+    42: 400,  # NUMBER_OF_ARGUMENTS_DOESNT_MATCH
+    43: 400,  # ILLEGAL_TYPE_OF_ARGUMENT
+    44: 400,  # ILLEGAL_COLUMN
+    46: 400,  # UNKNOWN_FUNCTION
+    47: 400,  # UNKNOWN_IDENTIFIER
+    53: 400,  # TYPE_MISMATCH
+    73: 400,  # UNKNOWN_FORMAT
+    115: 400,  # UNKNOWN_SETTING
+    130: 400,  # CANNOT_READ_ARRAY_FROM_TEXT
+    184: 400,  # ILLEGAL_AGGREGATION
+    215: 400,  # NOT_AN_AGGREGATE
+    456: 400,  # UNKNOWN_QUERY_PARAMETER
+    457: 400,  # BAD_QUERY_PARAMETER
+}
+
+
+class QueryError(Exception):
+    """A ClickHouse error to hand back to the HTTP client as a real server would."""
+
+    def __init__(self, code: int, name: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.name, self.message = code, name, message
+
+    @classmethod
+    def from_engine(cls, exc: Exception) -> QueryError:
+        text = _VERSION.sub("", str(exc)).strip()
+        idx = text.find("Code: ")
+        text = text[idx:] if idx > 0 else text
+        # chDB nests some errors ("Code: 164. DB::Exception: Code: 164. DB::Exception: ..."): keep one prefix
+        text = _NESTED.sub(r"\1", text)
+        text = _DOUBLE_NAME.sub(r"\1", text)
+        code = _CODE.search(text)
+        name = _NAME.search(text)
+        return cls(int(code.group(1)) if code else 1000, name.group(1) if name else "STD_EXCEPTION", text)
+
+    @property
+    def status(self) -> int:
+        return _STATUS_BY_CODE.get(self.code, 500)
+
+    def body(self, version: str) -> str:
+        text = self.message
+        if not text.startswith("Code: "):
+            text = f"Code: {self.code}. DB::Exception: {text}"
+        if not text.rstrip().endswith(f"({self.name})"):
+            text = f"{text.rstrip().rstrip('.')}. ({self.name})"
+        return f"{text} (version {version})\n"
+
+
+@dataclass(frozen=True)
+class SqlResult:
+    body: bytes
+    rows_read: int
+    bytes_read: int
+    elapsed_ns: int
+
+
+class _Handle:
+    __slots__ = ("conn", "database")
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.database: str | None = None
+
+
+class ChdbReader:
+    """Read-only SQL on this process's chDB engine, through its own readonly=1 handles.
+
+    Why raw chDB handles and not a clickhouse-connect client: query parameters must reach
+    the engine exactly as the HTTP client escaped them, and the response is returned in the
+    client's format byte for byte. A small pool lets queries run in parallel; each handle
+    is used by one thread at a time.
+    """
+
+    def __init__(self, path: str, database: str, handles: int = 3, max_execution_time: int = 120) -> None:
+        self.default_database = check_identifier(database)
+        self._pool: queue.Queue[_Handle] = queue.Queue()
+        conn_str = os.path.realpath(path)  # clickhouse-connect opens the engine by its real path too
+        for _ in range(handles):
+            conn = chdb.connect(conn_str)
+            # Limits first: once readonly=1 is set, no setting can be changed on this handle.
+            conn.query(f"SET max_execution_time = {int(max_execution_time)}")
+            conn.query("SET readonly = 1")
+            self._pool.put(_Handle(conn))
+        probe = self.execute("SELECT version(), timezone()", "TabSeparated", database, {})
+        version, tz = probe.body.decode().split("\t")
+        self.version, self.timezone = version.strip(), tz.strip()
+
+    def execute(self, sql: str, fmt: str, database: str, params: dict[str, str]) -> SqlResult:
+        """Run one already-vetted statement; QueryError carries the engine's error."""
+        try:
+            check_identifier(database)
+        except ValueError:
+            raise QueryError(81, "UNKNOWN_DATABASE", f"Database {database!r} does not exist") from None
+        try:
+            handle = self._pool.get(timeout=60)
+        except queue.Empty:
+            raise QueryError(202, "TOO_MANY_SIMULTANEOUS_QUERIES", "all query handles busy for 60 s") from None
+        try:
+            started = time.perf_counter_ns()
+            if handle.database != database:
+                handle.conn.query(f"USE `{database}`")
+                handle.database = database
+            res = handle.conn.query(sql, fmt, params=params)
+            return SqlResult(
+                body=res.bytes() or b"",
+                rows_read=int(res.rows_read()),
+                bytes_read=int(res.bytes_read()),
+                elapsed_ns=time.perf_counter_ns() - started,
+            )
+        except Exception as exc:  # the engine's own error text, code and name
+            raise QueryError.from_engine(exc) from None
+        finally:
+            self._pool.put(handle)
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._pool.get_nowait().conn.close()
+            except queue.Empty:
+                return
+
+
+def content_type(fmt: str) -> str:
+    """The Content-Type ClickHouse sends for an output format."""
+    f = fmt.lower()
+    if f.startswith(("tabseparated", "tsv")):
+        return "text/tab-separated-values; charset=UTF-8"
+    if f.startswith("csv"):
+        return "text/csv; charset=UTF-8; header=" + ("present" if "withnames" in f else "absent")
+    if f in ("jsoneachrow", "jsonlines", "ndjson", "jsoncompacteachrow", "jsonstringseachrow", "jsonobjecteachrow"):
+        return "application/x-ndjson; charset=UTF-8"
+    if f.startswith("json"):
+        return "application/json; charset=UTF-8"
+    if f == "xml":
+        return "application/xml; charset=UTF-8"
+    if f.startswith(("native", "rowbinary", "parquet", "arrow", "orc", "avro", "protobuf", "msgpack", "capnproto")):
+        return "application/octet-stream"
+    return "text/plain; charset=UTF-8"
+
+
+def redact(url: str) -> str:
+    """The store URL without credentials, for /status and logs."""
+    p = urlparse(url)
+    if p.password or p.username:
+        host = p.hostname or ""
+        return p._replace(netloc=f"{host}:{p.port}" if p.port else host).geturl()
+    return url
+
+
+class ProjectionService:
+    """Migrations, the sink thread and the read-only SQL endpoint over one store."""
+
+    def __init__(
+        self,
+        *,
+        store_url: str,
+        database: str,
+        bootstrap: str = "",
+        group: str = "ledgerflow-sink",
+        topics: Topics | None = None,
+        run_sink: bool = True,
+        batch_max: int = 5000,
+        batch_ms: int = 200,
+        sql_handles: int = 3,
+        instance_id: str | None = None,
+    ) -> None:
+        if run_sink and not bootstrap:
+            raise ValueError("the sink needs a Kafka bootstrap (or run without the sink)")
+        self.store_url = store_url
+        self.database = check_identifier(database)
+        self.bootstrap = bootstrap
+        self.group = group
+        self.topics = topics or Topics()
+        self.run_sink = run_sink
+        self.batch_max = batch_max
+        self.batch_ms = batch_ms
+        self.sql_handles = sql_handles
+        # Static group membership: a restarted sink (crash, deploy) takes its partitions back at
+        # once instead of waiting out the dead member's session timeout.
+        self.consumer_config = {"group.instance.id": instance_id} if instance_id else {}
+        self.writer: Client | None = None
+        self.reader: ChdbReader | None = None
+        self.sink: Sink | None = None
+        self.migrations: list[int] = []
+        self.migrated = threading.Event()
+        self.start_error: str | None = None
+        self.sink_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Migrate, open the read side, start the sink thread. Raises if the store is unusable."""
+        try:
+            self.writer = open_store(self.store_url, self.database)
+            migrate(self.writer, self.database)
+            self.migrations = sorted(applied(self.writer, self.database))
+            self.migrated.set()
+            if self.store_url.startswith("chdb:"):
+                self.reader = ChdbReader(urlparse(self.store_url).path, self.database, handles=self.sql_handles)
+            if self.run_sink:
+                try:
+                    ensure_topics(self.bootstrap, self.topics)
+                except Exception as exc:  # the sink still subscribes; topics may appear later
+                    log.warning("could not ensure topics exist: %s", exc)
+                self.sink = Sink(
+                    self.bootstrap,
+                    self.group,
+                    self.topics,
+                    self.writer,
+                    batch_max=self.batch_max,
+                    batch_ms=self.batch_ms,
+                    consumer_config=self.consumer_config,
+                )
+                self._thread = threading.Thread(target=self._sink_main, name="projection-sink", daemon=True)
+                self._thread.start()
+        except Exception as exc:
+            self.start_error = f"{type(exc).__name__}: {exc}"
+            raise
+
+    def _sink_main(self) -> None:
+        assert self.sink is not None
+        try:
+            self.sink.run(self._stop)
+        except Exception as exc:  # the sink never stops on data; this is a bug or a dead client
+            log.exception("projection sink stopped")
+            self.sink_error = f"{type(exc).__name__}: {exc}"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the sink (its final flush and commit happen in its thread), then close stores."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("sink thread did not stop within %.0fs", timeout)
+        if self.reader is not None:
+            self.reader.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    # --- health -----------------------------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        if self.start_error:
+            return False, f"start failed: {self.start_error}"
+        if not self.migrated.is_set():
+            return False, "migrations not applied yet"
+        if not self.run_sink:
+            return True, "ready (no sink)"
+        if self.sink is None or not self.sink.assigned.is_set():
+            return False, "sink has no partition assignment yet"
+        if self._thread is None or not self._thread.is_alive():
+            return False, f"sink stopped: {self.sink_error or 'stopped'}"
+        return True, "ready"
+
+    def status(self) -> dict[str, Any]:
+        ok, why = self.ready()
+        sink: dict[str, Any] | None = None
+        if self.sink is not None:
+            sink = self.sink.status()
+            sink["running"] = bool(self._thread and self._thread.is_alive())
+            sink["error"] = self.sink_error
+        return {
+            "ready": ok,
+            "reason": why,
+            "store": redact(self.store_url),
+            "database": self.database,
+            "migrations": self.migrations,
+            "sql_endpoint": self.reader is not None,
+            "sink": sink,
+        }
+
+    # --- HTTP -------------------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_QUERY_BYTES)
+        app.router.add_get("/ping", self._ping)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/status", self._status)
+        app.router.add_get("/", self._sql)
+        app.router.add_post("/", self._sql)
+        return app
+
+    async def _ping(self, _request: web.Request) -> web.Response:
+        return web.Response(text="Ok.\n")
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        ok, why = self.ready()
+        return web.Response(status=200 if ok else 503, text=why + "\n")
+
+    async def _status(self, _request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(self.status()), content_type="application/json")
+
+    def _error(self, err: QueryError, query_id: str) -> web.Response:
+        version = self.reader.version if self.reader else "unknown"
+        return web.Response(
+            status=err.status,
+            text=err.body(version),
+            headers={
+                "X-ClickHouse-Exception-Code": str(err.code),
+                "X-ClickHouse-Query-Id": query_id,
+                "X-ClickHouse-Server-Display-Name": SERVER_NAME,
+            },
+        )
+
+    async def _sql(self, request: web.Request) -> web.Response:
+        params = request.query
+        query_id = params.get("query_id") or str(uuid.uuid4())
+        parts = [params["query"]] if "query" in params else []
+        if request.method == "POST":
+            body = await request.read()
+            if body:
+                try:
+                    parts.append(body.decode("utf-8"))
+                except UnicodeDecodeError:
+                    return self._error(QueryError(62, "SYNTAX_ERROR", "query is not valid UTF-8"), query_id)
+        if not parts:
+            if request.method == "GET":
+                return web.Response(text="Ok.\n")  # what ClickHouse answers to a bare GET /
+            return self._error(QueryError(62, "SYNTAX_ERROR", "Empty query"), query_id)
+        if self.reader is None and self.store_url.startswith("chdb:"):
+            return web.Response(status=503, text="projections service is starting (migrations); retry shortly\n")
+        if self.reader is None:
+            return self._error(
+                QueryError(48, "NOT_IMPLEMENTED", f"no embedded store here: query {redact(self.store_url)} directly"),
+                query_id,
+            )
+        if params.get("readonly", "1") != "1":
+            err = QueryError(164, "READONLY", "Cannot modify 'readonly' setting in readonly mode")
+            return self._error(err, query_id)
+        default_format = params.get("default_format") or request.headers.get("X-ClickHouse-Format") or "TabSeparated"
+        database = params.get("database") or request.headers.get("X-ClickHouse-Database") or self.database
+        query_params = {k[len("param_") :]: v for k, v in params.items() if k.startswith("param_")}
+        ignored = sorted(k for k in params if k not in _PROTOCOL_PARAMS and not k.startswith("param_"))
+        if ignored:
+            log.debug("ignoring settings sent as URL parameters: %s", ignored)
+        try:
+            rq = prepare_read_query("\n".join(parts), default_format)
+        except UnsafeQuery as exc:
+            return self._error(QueryError(exc.code, exc.name, str(exc)), query_id)
+        reader = self.reader
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(
+                None, reader.execute, rq.sql, rq.format, database, query_params
+            )
+        except QueryError as err:
+            return self._error(err, query_id)
+        summary = {
+            "read_rows": str(result.rows_read),
+            "read_bytes": str(result.bytes_read),
+            "written_rows": "0",
+            "written_bytes": "0",
+            "total_rows_to_read": str(result.rows_read),
+            "result_rows": "0",
+            "result_bytes": str(len(result.body)),
+            "elapsed_ns": str(result.elapsed_ns),
+        }
+        return web.Response(
+            body=result.body,
+            headers={
+                "Content-Type": content_type(rq.format),
+                "X-ClickHouse-Format": rq.format,
+                "X-ClickHouse-Timezone": reader.timezone,
+                "X-ClickHouse-Query-Id": query_id,
+                "X-ClickHouse-Server-Display-Name": SERVER_NAME,
+                "X-ClickHouse-Summary": orjson.dumps(summary).decode(),
+            },
+        )
+
+
+async def serve(service: ProjectionService, host: str, port: int, stop: asyncio.Event) -> None:
+    """Serve HTTP, bring the service up behind it, and run until `stop` is set."""
+    runner = web.AppRunner(service.make_app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = getattr(site, "_server", None)
+    bound = server.sockets[0].getsockname()[1] if server and server.sockets else port
+    print(f"projections: listening on http://{host}:{bound}", flush=True)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, service.start)
+        log.info("projections ready: database %s, migrations %s", service.database, service.migrations)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
