@@ -7,7 +7,7 @@ KAFKA_LIBS := .cache/kafka/libs
 .PHONY: up test lint unit install prereqs kafka-jars clean
 
 up: install
-	$(BIN)/ledgerflow up --demo 200
+	$(BIN)/ledgerflow up --demo 200 --poison
 
 test: install lint
 	$(BIN)/pytest -q -p no:cacheprovider

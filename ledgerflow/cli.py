@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from ledgerflow import demo as demo_mod
+from ledgerflow import dlq
 from ledgerflow.settings import Settings, SettingsError, load
 from ledgerflow.supervisor import Child, Supervisor, pid_alive, read_state
 
@@ -36,6 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--format", default="PrettyCompactMonoBlock")
     d = sub.add_parser("demo", help="send sample requests over HTTP and print a summary from ClickHouse")
     d.add_argument("-n", type=int, default=200)
+    d.add_argument("--poison", action="store_true", help="also produce one hand-made poison record")
+    dl = sub.add_parser("dlq", help="inspect and re-drive dead letters")
+    dsub = dl.add_subparsers(dest="dlq_command", required=True)
+    dsub.add_parser("list", help="every dead letter with its reason and source")
+    show = dsub.add_parser("show", help="one dead letter in full")
+    show.add_argument("id")
+    rd = dsub.add_parser("redrive", help="put records back on their source topic once they decode")
+    rd.add_argument("ids", nargs="*")
+    rd.add_argument("--all", action="store_true")
+    rd.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
     try:
         settings = load()
@@ -52,7 +63,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "query":
             return cmd_query(settings, args.sql, args.format)
         if args.command == "demo":
-            return demo_mod.run(settings, args.n)
+            return demo_mod.run(settings, args.n, poison=args.poison)
+        if args.command == "dlq":
+            if args.dlq_command == "list":
+                return dlq.cmd_list(settings)
+            if args.dlq_command == "show":
+                return dlq.cmd_show(settings, args.id)
+            if not args.ids and not args.all:
+                print(
+                    "name the dead letters to re-drive (ids from `ledgerflow dlq list`) or pass --all", file=sys.stderr
+                )
+                return 2
+            return dlq.cmd_redrive(settings, args.ids, args.all, args.dry_run)
     except PlatformError as exc:
         print(f"ledgerflow: {exc}", file=sys.stderr)
         return 1

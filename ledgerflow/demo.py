@@ -22,7 +22,9 @@ PROMPTS = [
     "Draft a polite reminder email about an unpaid invoice.",
     "Explain Kafka consumer groups to a new engineer.",
 ]
-FACT_TABLES = ["request_received", "policy_decided", "tokens_charged", "audit_recorded", "tenant_totals_updated"]
+FACT_TABLES = [
+    "request_received", "policy_decided", "tokens_charged", "audit_recorded", "tenant_totals_updated", "dead_letters",
+]  # fmt: skip
 
 TOTALS_SQL = """
 SELECT c.tenant AS tenant, c.n AS charges, c.total AS sum_of_charges,
@@ -69,9 +71,24 @@ def caught_up(settings: Settings) -> bool:
     return bool(rows) and all(r.split("\t")[-1] == "1" for r in rows)
 
 
-def run(settings: Settings, n: int, timeout: float = 120.0) -> int:
+def produce_poison(settings: Settings) -> None:
+    """One hand-made bad record on the charges topic: consumers must dead-letter it and go on."""
+    from confluent_kafka import Producer
+
+    from streams.topics import Topics
+
+    producer = Producer({"bootstrap.servers": settings.bootstrap, "enable.idempotence": True})
+    topic = Topics(settings.topic_prefix, settings.partitions).name("token-charges")
+    producer.produce(topic, key=b"acme", value=b'{"cost": 1.0, "note": "JSON where Avro belongs"}')
+    producer.flush(10)
+    print(f"demo: produced one poison record to {topic}; `ledgerflow dlq list` shows where it went", flush=True)
+
+
+def run(settings: Settings, n: int, timeout: float = 120.0, poison: bool = False) -> int:
     from ledgerflow.cli import PlatformError, query_text
 
+    if poison:
+        produce_poison(settings)
     started = time.monotonic()
     ok, failed = asyncio.run(send(settings, n))
     elapsed = time.monotonic() - started

@@ -23,6 +23,7 @@ def ensure_topics(bootstrap: str, topics: Topics, timeout: float = 30.0) -> list
         assert spec is not None
         wanted.append((name, topics.partitions, spec.configs()))
         wanted.append((topics.dlq(name), 1, {"retention.ms": "-1"}))
+    wanted.append((topics.redrives(), 1, {"cleanup.policy": "compact"}))
     return create_missing(bootstrap, wanted, timeout)
 
 

@@ -6,8 +6,13 @@ the reason and the source coordinates, and the consumer moves on. Redrive reads 
 
 from __future__ import annotations
 
+import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
 HEADER_REASON = "lf.dlq.reason"
 HEADER_DETAIL = "lf.dlq.detail"
@@ -57,3 +62,150 @@ class DeadLetter:
             key=key,
             value=value,
         )
+
+
+# --- reading and re-driving ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredLetter:
+    """A dead letter as it sits in a `.dlq` topic; `id` is what the CLI shows and takes."""
+
+    dlq_topic: str
+    dlq_offset: int
+    letter: DeadLetter
+
+    @property
+    def id(self) -> str:
+        return f"{self.dlq_topic}@{self.dlq_offset}"
+
+    @property
+    def source_key(self) -> str:
+        """The source record's coordinates: several consumers may dead-letter the same record."""
+        return f"{self.letter.topic}:{self.letter.partition}:{self.letter.offset}"
+
+
+@dataclass(frozen=True)
+class RedriveResult:
+    source_key: str
+    ids: tuple[str, ...]
+    outcome: str  # redriven | already-redriven | still-poison | dry-run
+    detail: str = ""
+
+
+def read_dlq(bootstrap: str, dlq_topics: list[str], timeout: float = 10.0) -> list[StoredLetter]:
+    """Every dead letter in `dlq_topics`, oldest first (reads to the end, commits nothing)."""
+    out: list[StoredLetter] = []
+    for _topic, _offset, msg in _read_to_end(bootstrap, dlq_topics, timeout):
+        letter = DeadLetter.from_headers(_headers(msg), msg.key(), msg.value())
+        out.append(StoredLetter(msg.topic() or "", msg.offset() or 0, letter))
+    return out
+
+
+def redriven(bootstrap: str, redrive_topic: str, timeout: float = 10.0) -> dict[str, str]:
+    """source_key → when it was re-driven, from the compacted redrive topic."""
+    return {
+        (msg.key() or b"").decode(): (msg.value() or b"").decode()
+        for _t, _o, msg in _read_to_end(bootstrap, [redrive_topic], timeout)
+        if msg.value() is not None
+    }
+
+
+def redrive(
+    bootstrap: str,
+    letters: list[StoredLetter],
+    redrive_topic: str,
+    check: Callable[[bytes | None], str | None],
+    *,
+    dry_run: bool = False,
+    timeout: float = 30.0,
+) -> list[RedriveResult]:
+    """Put dead-lettered records back on their source topic, once per source record.
+
+    `check(value)` returns None when the record now decodes (the fix is deployed) or the
+    reason it still does not; such records stay where they are. Each re-driven record and
+    its marker in `redrive_topic` are written in one transaction, so a record is re-driven
+    at most once however often the command runs, and the original bytes stay in the DLQ.
+    """
+    done = redriven(bootstrap, redrive_topic, timeout)
+    groups: dict[str, list[StoredLetter]] = {}
+    for stored in letters:
+        groups.setdefault(stored.source_key, []).append(stored)
+    results: list[RedriveResult] = []
+    todo: list[tuple[str, StoredLetter]] = []
+    for key, group in groups.items():
+        ids = tuple(s.id for s in group)
+        if key in done:
+            results.append(RedriveResult(key, ids, "already-redriven", done[key]))
+            continue
+        reason = check(group[0].letter.value)
+        if reason is not None:
+            results.append(RedriveResult(key, ids, "still-poison", reason))
+        elif dry_run:
+            results.append(RedriveResult(key, ids, "dry-run"))
+        else:
+            todo.append((key, group[0]))
+    if todo:
+        producer = Producer({"bootstrap.servers": bootstrap, "transactional.id": f"ledgerflow-redrive-{uuid.uuid4()}"})
+        producer.init_transactions(timeout)
+        producer.begin_transaction()
+        at = datetime.now(UTC).isoformat()
+        for key, stored in todo:
+            letter = stored.letter
+            producer.produce(
+                letter.topic,
+                key=letter.key,
+                value=letter.value,
+                headers=[("lf.redriven_from", stored.id.encode()), ("lf.redriven_at", at.encode())],
+            )
+            producer.produce(redrive_topic, key=key.encode(), value=at.encode())
+        producer.commit_transaction(timeout)
+        results.extend(RedriveResult(key, tuple(s.id for s in groups[key]), "redriven", at) for key, _ in todo)
+    return results
+
+
+def _headers(msg: Message) -> list[tuple[str, bytes]]:
+    out: list[tuple[str, bytes]] = []
+    for pair in msg.headers() or []:
+        key, value = pair[0], pair[1]
+        out.append((str(key), value.encode() if isinstance(value, str) else bytes(value or b"")))
+    return out
+
+
+def _read_to_end(bootstrap: str, topics: list[str], timeout: float) -> list[tuple[str, int, Message]]:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"ledgerflow-dlq-reader-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    try:
+        md = consumer.list_topics(timeout=timeout)
+        ends: dict[tuple[str, int], int] = {}
+        assign = []
+        for topic in topics:
+            if topic not in md.topics:
+                continue
+            for p in md.topics[topic].partitions:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+                if high > low:
+                    ends[(topic, p)] = high
+                    assign.append(TopicPartition(topic, p, low))
+        if not assign:
+            return []
+        consumer.assign(assign)
+        out: list[tuple[str, int, Message]] = []
+        deadline = time.monotonic() + timeout
+        pending = set(ends)
+        while pending and time.monotonic() < deadline:
+            for msg in consumer.consume(500, 0.2):
+                if msg.error() is None:
+                    out.append((msg.topic() or "", msg.offset() or 0, msg))
+            for tp in consumer.position([TopicPartition(t, p) for t, p in pending]):
+                if tp.offset >= ends[(tp.topic or "", tp.partition)]:
+                    pending.discard((tp.topic or "", tp.partition))
+        return out
+    finally:
+        consumer.close()

@@ -67,5 +67,9 @@ class Topics:
     def dlq(full_name: str) -> str:
         return full_name + DLQ_SUFFIX
 
+    def redrives(self) -> str:
+        """Compacted topic recording which dead-lettered source records were re-driven."""
+        return self.prefix + "dlq-redrives"
+
     def with_dlqs(self) -> list[str]:
         return self.all() + [self.dlq(t) for t in self.all()]
