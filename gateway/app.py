@@ -13,23 +13,25 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from domain.pricing import DEFAULT_PRICES, Price
-from gateway.adapters import Adapter, SimulatedAdapter
+from gateway.adapters import Adapter, Completion, SimulatedAdapter
 from gateway.auth import KeyStore, Principal, presented_key
-from gateway.facts import request_facts
-from gateway.models import AskRequest, AskResponse, Usage
+from gateway.facts import CallContext, closing_facts, opening_facts
+from gateway.frames import AskFrames, ChatFrames, Frames
+from gateway.models import AskRequest, ChatCompletionRequest
 from streams.events import Event
 from streams.ids import uuid7
 from streams.publisher import PublishFailed
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
+M = TypeVar("M", bound=BaseModel)
 RETRY_AFTER_S = "1"
 
 
@@ -115,44 +117,52 @@ def validation_error(exc: ValidationError) -> web.Response:
     return error(422, "invalid_request", "; ".join(parts), fields)
 
 
-async def ask(request: web.Request) -> web.Response:
+class Rejected(Exception):
+    """A request refused before the model is called; carries the response to send."""
+
+    def __init__(self, response: web.Response) -> None:
+        self.response = response
+
+
+async def begin_call(request: web.Request, model_cls: type[M], route: str) -> tuple[M, CallContext, Price]:
+    """Authenticate, parse and validate; raise Rejected with a clear 4xx otherwise."""
     state = request.app[STATE]
-    started = time.monotonic()
     principal = await authenticate(request)
     if isinstance(principal, web.Response):
-        return principal
+        raise Rejected(principal)
     body = await read_json(request)
     if isinstance(body, web.Response):
-        return body
+        raise Rejected(body)
     if not isinstance(body, dict):
-        return error(400, "invalid_request", "the body must be a JSON object with 'prompt' or 'messages'")
+        raise Rejected(error(400, "invalid_request", "the body must be a JSON object"))
     try:
-        req = AskRequest.model_validate(body)
+        req = model_cls.model_validate(body)
     except ValidationError as exc:
-        return validation_error(exc)
-    model = req.model or state.default_model
+        raise Rejected(validation_error(exc)) from None
+    hint: str | None = getattr(req, "model", None)
+    model = hint or state.default_model
     price = state.prices.get(model)
     if model not in state.adapter.models or price is None:
         known = ", ".join(sorted(m for m in state.adapter.models if m in state.prices))
-        return error(400, "unknown_model", f"model {model!r} is not available; use one of: {known}", ["model"])
-
-    messages = req.as_messages()
-    request_id = str(uuid7())
-    completion = await state.adapter.complete(model, messages)
-    recorded = request_facts(
-        request_id=request_id,
+        raise Rejected(error(400, "unknown_model", f"model {model!r} is not available; use one of: {known}", ["model"]))
+    ctx = CallContext(
+        request_id=str(uuid7()),
         at=datetime.now(UTC),
         principal=principal,
-        route="/v1/ask",
-        messages=messages,
-        model_hint=req.model,
-        completion=completion,
-        price=price,
+        route=route,
+        messages=req.as_messages(),  # type: ignore[attr-defined]
+        model_hint=hint,
+        model=model,
         trace_parent=request.headers.get("traceparent"),
     )
+    return req, ctx, price
+
+
+async def record(state: GatewayState, events: Sequence[Event], started: float, request_id: str) -> web.Response | None:
+    """Publish facts within what is left of the budget; a 503 response if Kafka did not take them."""
     budget = max(0.05, state.publish_timeout - (time.monotonic() - started))
     try:
-        await state.publisher.publish(recorded.events, timeout=budget)
+        await state.publisher.publish(events, timeout=budget)
     except PublishFailed as exc:
         log.warning("request %s not recorded: %s", request_id, exc)
         return error(
@@ -161,20 +171,76 @@ async def ask(request: web.Request) -> web.Response:
             "the event log did not accept the request in time; nothing was charged, retry later",
             headers={"Retry-After": RETRY_AFTER_S},
         )
-    charge = recorded.charge
-    answer = AskResponse(
-        request_id=request_id,
-        model=completion.model,
-        answer=completion.text,
-        usage=Usage(
-            prompt_tokens=charge.prompt_tokens,
-            completion_tokens=charge.completion_tokens,
-            total_tokens=charge.prompt_tokens + charge.completion_tokens,
-        ),
-        cost=charge.cost,
-        currency=charge.currency,
-    )
-    return web.Response(body=answer.model_dump_json(), content_type="application/json")
+    return None
+
+
+async def answer_whole(
+    state: GatewayState, ctx: CallContext, price: Price, started: float
+) -> Completion | web.Response:
+    """Call the model, then record all four facts in one transaction; the caller answers after."""
+    completion = await state.adapter.complete(ctx.model, ctx.messages)
+    charged, audited = closing_facts(ctx, completion, price)
+    failed = await record(state, [*opening_facts(ctx), charged, audited], started, ctx.request_id)
+    return failed or completion
+
+
+async def ask(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    started = time.monotonic()
+    try:
+        req, ctx, price = await begin_call(request, AskRequest, "/v1/ask")
+    except Rejected as r:
+        return r.response
+    if req.stream:
+        return await stream_answer(request, ctx, price, started, AskFrames(ctx))
+    result = await answer_whole(state, ctx, price, started)
+    if isinstance(result, web.Response):
+        return result
+    return web.Response(body=AskFrames(ctx).whole(result, price).model_dump_json(), content_type="application/json")
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    started = time.monotonic()
+    try:
+        req, ctx, price = await begin_call(request, ChatCompletionRequest, "/v1/chat/completions")
+    except Rejected as r:
+        return r.response
+    frames = ChatFrames(ctx, include_usage=bool(req.stream_options and req.stream_options.include_usage))
+    if req.stream:
+        return await stream_answer(request, ctx, price, started, frames)
+    result = await answer_whole(state, ctx, price, started)
+    if isinstance(result, web.Response):
+        return result
+    return web.Response(body=frames.whole(result).model_dump_json(), content_type="application/json")
+
+
+async def stream_answer(
+    request: web.Request, ctx: CallContext, price: Price, started: float, frames: Frames
+) -> web.StreamResponse:
+    """Server-sent events: opening facts recorded before the first byte, closing facts before the last frame."""
+    state = request.app[STATE]
+    failed = await record(state, opening_facts(ctx), started, ctx.request_id)
+    if failed is not None:
+        return failed
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    pieces: list[str] = []
+    async for piece in state.adapter.stream(ctx.model, ctx.messages):
+        pieces.append(piece)
+        await resp.write(frames.delta(piece))
+    completion = state.adapter.usage(ctx.model, ctx.messages, "".join(pieces))
+    closing = closing_facts(ctx, completion, price)
+    try:
+        await state.publisher.publish(closing, timeout=state.publish_timeout)
+    except PublishFailed as exc:
+        log.error("request %s streamed but its charge was not recorded: %s", ctx.request_id, exc)
+        await resp.write(frames.failure("the event log did not accept the charge; the answer is incomplete"))
+        await resp.write_eof()
+        return resp
+    await resp.write(frames.done(completion, price))
+    await resp.write_eof()
+    return resp
 
 
 async def healthz(_: web.Request) -> web.Response:
@@ -207,6 +273,7 @@ def create_app(
         ready_check=ready_check,
     )
     app.router.add_post("/v1/ask", ask)
+    app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app

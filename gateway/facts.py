@@ -1,9 +1,10 @@
 """The facts one answered request records, built purely from what happened.
 
-All four share the request id as correlation id and derive their event ids from it
-(`derived_uuid7(request_id, type)`), so a re-sent request (same Idempotency-Key) records
-identical facts, which downstream collapses; and they are published in one Kafka
-transaction (`streams.publisher`), so a request is never half-recorded.
+All of a request's facts share the request id as correlation id and derive their event ids
+from it (`derived_uuid7(request_id, type)`), so re-sending a request's facts produces
+identical ids, which downstream collapses. A plain answer publishes all four in one Kafka
+transaction (`streams.publisher`), so it is never half-recorded; a streamed answer publishes
+the opening facts before its first byte and the closing facts before its final frame.
 """
 
 from __future__ import annotations
@@ -26,9 +27,30 @@ POLICY_VERSION = "builtin-allow-1"
 
 
 @dataclass(frozen=True)
-class Recorded:
-    events: list[Event]
-    charge: TokensCharged
+class CallContext:
+    """What is known about a call before the model answers."""
+
+    request_id: str
+    at: datetime
+    principal: Principal
+    route: str
+    messages: list[Message]
+    model_hint: str | None
+    model: str
+    trace_parent: str | None = None
+
+    def envelope(self, event_type: str, causation: str | None = None) -> Envelope:
+        return Envelope(
+            event_id=str(derived_uuid7(self.request_id, event_type)),
+            event_type=event_type,
+            schema_version=1,
+            tenant=self.principal.tenant,
+            occurred_at=self.at,
+            correlation_id=self.request_id,
+            causation_id=causation,
+            trace_parent=self.trace_parent,
+            producer=PRODUCER,
+        )
 
 
 def prompt_hash(messages: list[Message]) -> str:
@@ -36,58 +58,38 @@ def prompt_hash(messages: list[Message]) -> str:
     return hashlib.sha256(canonical).hexdigest()
 
 
-def request_facts(
-    *,
-    request_id: str,
-    at: datetime,
-    principal: Principal,
-    route: str,
-    messages: list[Message],
-    model_hint: str | None,
-    completion: Completion,
-    price: Price,
-    trace_parent: str | None = None,
-) -> Recorded:
-    """RequestReceived, PolicyDecided, TokensCharged and AuditRecorded for one answered call."""
-
-    def envelope(event_type: str, causation: str | None = None) -> Envelope:
-        return Envelope(
-            event_id=str(derived_uuid7(request_id, event_type)),
-            event_type=event_type,
-            schema_version=1,
-            tenant=principal.tenant,
-            occurred_at=at,
-            correlation_id=request_id,
-            causation_id=causation,
-            trace_parent=trace_parent,
-            producer=PRODUCER,
-        )
-
+def opening_facts(ctx: CallContext) -> list[Event]:
+    """RequestReceived and PolicyDecided: recorded before any of the answer is sent."""
     received = RequestReceived(
-        envelope=envelope("RequestReceived"),
-        request_id=request_id,
-        route=route,
-        api_key_id=principal.key_id,
-        model_hint=model_hint,
-        message_count=len(messages),
-        prompt_chars=sum(len(m.content) for m in messages),
-        prompt_sha256=prompt_hash(messages),
+        envelope=ctx.envelope("RequestReceived"),
+        request_id=ctx.request_id,
+        route=ctx.route,
+        api_key_id=ctx.principal.key_id,
+        model_hint=ctx.model_hint,
+        message_count=len(ctx.messages),
+        prompt_chars=sum(len(m.content) for m in ctx.messages),
+        prompt_sha256=prompt_hash(ctx.messages),
     )
     decision_input = orjson.dumps(
-        {"tenant": principal.tenant, "roles": list(principal.roles), "route": route, "model": completion.model},
+        {"tenant": ctx.principal.tenant, "roles": list(ctx.principal.roles), "route": ctx.route, "model": ctx.model},
         option=orjson.OPT_SORT_KEYS,
     )
     decided = PolicyDecided(
-        envelope=envelope("PolicyDecided", received.envelope.event_id),
-        request_id=request_id,
+        envelope=ctx.envelope("PolicyDecided", received.envelope.event_id),
+        request_id=ctx.request_id,
         decision="allow",
         policy_version=POLICY_VERSION,
         determining_policies=["default-allow"],
         input_sha256=hashlib.sha256(decision_input).hexdigest(),
     )
+    return [received, decided]
+
+
+def closing_facts(ctx: CallContext, completion: Completion, price: Price) -> tuple[TokensCharged, AuditRecorded]:
+    """TokensCharged and AuditRecorded: recorded before the answer (or its last frame) is sent."""
     charged = TokensCharged(
-        envelope=envelope("TokensCharged", decided.envelope.event_id),
-        request_id=request_id,
+        envelope=ctx.envelope("TokensCharged", str(derived_uuid7(ctx.request_id, "PolicyDecided"))),
+        request_id=ctx.request_id,
         model=completion.model,
         prompt_tokens=completion.prompt_tokens,
         completion_tokens=completion.completion_tokens,
@@ -98,11 +100,11 @@ def request_facts(
         cost=cost(completion.prompt_tokens, completion.completion_tokens, price),
     )
     audited = AuditRecorded(
-        envelope=envelope("AuditRecorded", charged.envelope.event_id),
+        envelope=ctx.envelope("AuditRecorded", charged.envelope.event_id),
         action="request.completed",
-        actor=principal.key_id,
-        subject=request_id,
+        actor=ctx.principal.key_id,
+        subject=ctx.request_id,
         outcome="success",
-        details={"model": completion.model, "cost": str(charged.cost), "decision": "allow", "route": route},
+        details={"model": completion.model, "cost": str(charged.cost), "decision": "allow", "route": ctx.route},
     )
-    return Recorded([received, decided, charged, audited], charged)
+    return charged, audited

@@ -25,6 +25,7 @@ class AskRequest(BaseModel):
     model: str | None = Field(
         None, min_length=1, max_length=100, description="Model hint; default: the router's choice."
     )
+    stream: bool = Field(False, description="Answer as server-sent events: `delta` frames, then one `done` frame.")
 
     @model_validator(mode="after")
     def _one_input(self) -> AskRequest:
@@ -59,3 +60,104 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class AskDelta(BaseModel):
+    """A streamed `/v1/ask` frame (`event: delta`): the next piece of the answer."""
+
+    request_id: str
+    text: str
+
+
+# --- OpenAI-compatible chat completions (the subset clients send) ---------------------------
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, object]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """Plain text of the message (text parts of a multi-part content list)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """`POST /v1/chat/completions`, as the OpenAI SDK and LiteLLM send it."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, max_length=100)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    user: str | None = Field(None, max_length=256)
+
+    @model_validator(mode="after")
+    def _text_limit(self) -> ChatCompletionRequest:
+        if sum(len(m.text()) for m in self.messages) > MAX_PROMPT_CHARS:
+            raise ValueError(f"messages hold more than {MAX_PROMPT_CHARS} characters; shorten the conversation")
+        return self
+
+    def as_messages(self) -> list[Message]:
+        role_map = {"developer": "system"}
+        return [Message(role=role_map.get(m.role, m.role), content=m.text()) for m in self.messages]  # type: ignore[arg-type]
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatChoiceMessage
+    finish_reason: Literal["stop", "length"] = "stop"
+
+
+class ChatUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: ChatUsage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE `data:` frame of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: ChatUsage | None = None

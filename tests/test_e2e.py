@@ -175,3 +175,32 @@ def test_sink_killed_with_sigkill_mid_stream_loses_and_doubles_nothing(platform:
         total = int(platform.scalar(f"SELECT count() FROM {table}"))
         unique = int(platform.scalar(f"SELECT uniqExact(_topic, _partition, _offset) FROM {table}"))
         assert total == unique == before + n, (table, total, unique)
+
+
+def test_openai_client_gets_a_normal_and_a_streamed_answer(platform: Platform) -> None:
+    """The official OpenAI Python client, unchanged, against the gateway and the real broker."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{platform.settings.gateway_url}/v1", api_key=DEMO_KEYS["globex"], max_retries=0)
+    before = int(platform.scalar("SELECT count() FROM tokens_charged WHERE tenant = 'globex'"))
+    whole = client.chat.completions.create(model="sim-large", messages=[{"role": "user", "content": "Hello there"}])
+    assert whole.choices[0].message.content and whole.usage and whole.usage.total_tokens > 0
+    stream = client.chat.completions.create(
+        model="sim-small",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Stream please"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, usage = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(pieces).startswith("[sim-small]") and usage is not None and usage.completion_tokens > 0
+    wait_for(
+        lambda: int(platform.scalar("SELECT count() FROM tokens_charged WHERE tenant = 'globex'")) == before + 2,
+        what="both answers charged",
+    )
+    whole_id = whole.id.removeprefix("chatcmpl-")
+    assert platform.scalar(f"SELECT model FROM tokens_charged WHERE request_id = '{whole_id}'") == "sim-large"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -96,3 +97,33 @@ async def test_publish_failure_is_503_with_retry_after(client: TestClient, publi
     assert resp.status == 503
     assert resp.headers["Retry-After"] == "1"
     assert "retry" in (await resp.json())["error"]["message"]
+
+
+async def test_streamed_ask_records_opening_facts_first_and_closing_facts_before_done(
+    client: TestClient, publisher: RecordingPublisher
+) -> None:
+    resp = await client.post("/v1/ask", json={"prompt": "stream it", "stream": True}, headers=AUTH)
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+    text = await resp.text()
+    events = [block.split("\n")[0] for block in text.strip().split("\n\n")]
+    assert events[0] == "event: delta" and events[-1] == "event: done"
+    assert [[e.event_type for e in b] for b in publisher.batches] == [
+        ["RequestReceived", "PolicyDecided"],
+        ["TokensCharged", "AuditRecorded"],
+    ]
+    done = orjson.loads(text.strip().split("\n\n")[-1].split("data: ", 1)[1])
+    deltas = [orjson.loads(b.split("data: ", 1)[1])["text"] for b in text.strip().split("\n\n")[:-1]]
+    assert "".join(deltas) == done["answer"]
+    assert Decimal(done["cost"]) == publisher.batches[1][0].cost  # type: ignore[attr-defined]
+
+
+async def test_chat_completions_matches_openai_shape(client: TestClient, publisher: RecordingPublisher) -> None:
+    body = {"model": "sim-small", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    resp = await client.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert resp.status == 200
+    data = await resp.json()
+    assert data["object"] == "chat.completion" and data["choices"][0]["message"]["role"] == "assistant"
+    assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + data["usage"]["completion_tokens"]
+    assert len(publisher.batches) == 1 and len(publisher.batches[0]) == 4
+    bad = await client.post("/v1/chat/completions", json={"model": "sim-small", "messages": []}, headers=AUTH)
+    assert bad.status == 422 and "messages" in (await bad.json())["error"]["message"]
