@@ -25,6 +25,7 @@ from gateway.auth import KeyStore, Principal, presented_key
 from gateway.facts import CallContext, closing_facts, opening_facts
 from gateway.frames import AskFrames, ChatFrames, Frames
 from gateway.models import AskRequest, ChatCompletionRequest
+from gateway.openapi import render as render_openapi
 from streams.events import Event
 from streams.ids import uuid7
 from streams.publisher import PublishFailed
@@ -32,6 +33,7 @@ from streams.publisher import PublishFailed
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
 M = TypeVar("M", bound=BaseModel)
+OPENAPI = render_openapi()
 RETRY_AFTER_S = "1"
 
 
@@ -243,6 +245,10 @@ async def stream_answer(
     return resp
 
 
+async def openapi(_: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI, content_type="application/json")
+
+
 async def healthz(_: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
@@ -274,6 +280,7 @@ def create_app(
     )
     app.router.add_post("/v1/ask", ask)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app

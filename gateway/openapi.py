@@ -1,0 +1,110 @@
+"""The gateway's OpenAPI 3.1 document, generated from the pydantic models.
+
+Served at `/openapi.json` and checked in as `docs/openapi.json`; `tests/test_openapi.py`
+fails when the two drift. Regenerate with `python -m gateway.openapi > docs/openapi.json`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from gateway.models import (
+    AskDelta,
+    AskRequest,
+    AskResponse,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ErrorResponse,
+)
+
+API_VERSION = "1.0.0"
+MODELS: list[type[BaseModel]] = [
+    AskRequest, AskResponse, AskDelta, ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, ErrorResponse,
+]  # fmt: skip
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {
+        400: "Malformed JSON or an unknown model; the message says what to fix.",
+        401: "Missing or unknown API key.",
+        413: "Body over 1 MiB.",
+        422: "A field is invalid; `fields` names each one.",
+        503: "The event log did not accept the request in time (Retry-After is set); nothing was charged.",
+    }
+    return {
+        str(c): {"description": text[c], "content": {"application/json": {"schema": _ref(ErrorResponse)}}}
+        for c in codes
+    }
+
+
+def _call(summary: str, req: type[BaseModel], whole: type[BaseModel], frame: type[BaseModel], frames: str) -> Any:
+    return {
+        "post": {
+            "summary": summary,
+            "security": [{"bearer": []}, {"apiKey": []}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(req)}}},
+            "responses": {
+                "200": {
+                    "description": f"The answer, or with `stream: true` server-sent events: {frames}",
+                    "content": {
+                        "application/json": {"schema": _ref(whole)},
+                        "text/event-stream": {"schema": _ref(frame)},
+                    },
+                },
+                **_errors(400, 401, 413, 422, 503),
+            },
+        }
+    }
+
+
+def document() -> dict[str, Any]:
+    _, defs = models_json_schema([(m, "validation") for m in MODELS], ref_template="#/components/schemas/{model}")
+    probe = {"description": "JSON status", "content": {"application/json": {"schema": {"type": "object"}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "ledgerflow gateway",
+            "version": API_VERSION,
+            "description": "Write side of ledgerflow. Versioning and deprecation: docs/api-versioning.md.",
+        },
+        "servers": [{"url": "http://127.0.0.1:8080"}],
+        "paths": {
+            "/v1/ask": _call(
+                "Ask a model (native API)", AskRequest, AskResponse, AskDelta,
+                "`event: delta` frames (AskDelta), then one `event: done` frame (AskResponse).",
+            ),
+            "/v1/chat/completions": _call(
+                "OpenAI-compatible chat completion", ChatCompletionRequest, ChatCompletion, ChatCompletionChunk,
+                "`data:` ChatCompletionChunk frames, then `data: [DONE]`.",
+            ),
+            "/healthz": {"get": {"summary": "Liveness", "responses": {"200": probe}}},
+            "/readyz": {"get": {"summary": "Readiness: Kafka reachable, state loaded", "responses": {
+                "200": probe, "503": probe}}},
+        },
+        "components": {
+            "schemas": defs["$defs"],
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "API key as a bearer token"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
+        },
+    }  # fmt: skip
+
+
+def render() -> bytes:
+    return orjson.dumps(document(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.buffer.write(render())
