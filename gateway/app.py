@@ -25,6 +25,7 @@ from gateway.auth import KeyStore, Principal, presented_key
 from gateway.facts import CallContext, closing_facts, opening_facts
 from gateway.frames import AskFrames, ChatFrames, Frames
 from gateway.models import AskRequest, ChatCompletionRequest
+from gateway.oidc import OidcVerifier, TokenRejected
 from gateway.openapi import render as render_openapi
 from streams.events import Event
 from streams.ids import uuid7
@@ -53,6 +54,7 @@ class GatewayState:
     default_model: str
     publish_timeout: float
     ready_check: ReadyCheck
+    oidc: OidcVerifier | None = None
 
 
 STATE = web.AppKey("state", GatewayState)
@@ -86,10 +88,17 @@ async def errors_as_json(
 
 
 async def authenticate(request: web.Request) -> Principal | web.Response:
+    """An API key, or an OIDC bearer JWT when an issuer is configured."""
+    state = request.app[STATE]
     secret = presented_key(request)
     if secret is None:
-        return error(401, "missing_api_key", "send your API key as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
-    principal = request.app[STATE].keys.lookup(secret)
+        return error(401, "missing_credentials", "send 'Authorization: Bearer <API key or JWT>' or 'X-API-Key: <key>'")
+    if state.oidc is not None and state.oidc.looks_like_jwt(secret):
+        try:
+            return await state.oidc.verify(secret)
+        except TokenRejected as exc:
+            return error(401, "invalid_token", str(exc))
+    principal = state.keys.lookup(secret)
     if principal is None:
         return error(
             401, "unknown_api_key", "the API key is not known or was revoked; check the key or ask for a new one"
@@ -267,6 +276,7 @@ def create_app(
     prices: dict[str, Price] | None = None,
     default_model: str = "sim-small",
     publish_timeout: float = 1.8,
+    oidc: OidcVerifier | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY_BYTES)
     app[STATE] = GatewayState(
@@ -277,6 +287,7 @@ def create_app(
         default_model=default_model,
         publish_timeout=publish_timeout,
         ready_check=ready_check,
+        oidc=oidc,
     )
     app.router.add_post("/v1/ask", ask)
     app.router.add_post("/v1/chat/completions", chat_completions)

@@ -11,6 +11,7 @@ from confluent_kafka import KafkaException
 
 from gateway.app import create_app
 from gateway.auth import KeyStore
+from gateway.oidc import OidcVerifier
 from ledgerflow.settings import Settings
 from streams.admin import admin
 from streams.publisher import FactPublisher
@@ -53,11 +54,17 @@ def build(settings: Settings) -> tuple[web.Application, FactPublisher]:
     topics = Topics(settings.topic_prefix, settings.partitions)
     keys = KeyStore((k.key_id, k.tenant, k.sha256, k.roles) for k in settings.api_keys)
     publisher = FactPublisher(settings.bootstrap, f"ledgerflow-{settings.instance_id}", topics)
+    oidc = None
+    if settings.oidc_issuer:
+        oidc = OidcVerifier(
+            settings.oidc_issuer, settings.oidc_audience, settings.oidc_jwks_url, settings.oidc_tenant_claim
+        )
     app = create_app(
         keys,
         publisher,
         KafkaReadiness(settings.bootstrap, topics, publisher),
         publish_timeout=settings.publish_timeout_s,
+        oidc=oidc,
     )
 
     async def on_startup(_: web.Application) -> None:

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     publish_timeout_s: float = Field(1.8, gt=0, le=30, description="Longest a request waits for Kafka before 503.")
     api_keys: list[ApiKey] = Field(default_factory=_demo_api_keys, description="Accepted API keys (hashed).")
 
+    oidc_issuer: str = Field("", description="Accept OIDC bearer JWTs from this issuer (empty = API keys only).")
+    oidc_audience: str = Field("ledgerflow", description="Audience the JWTs must carry.")
+    oidc_jwks_url: str = Field("", description="The issuer's JWKS URL; the only place keys are fetched from.")
+    oidc_tenant_claim: str = Field("tenant", description="JWT claim that names the tenant.")
+
     worker_id: str = Field("ledgerflow-agents", description="Faust app id = the agents' consumer group.")
     worker_web_port: int = Field(6066, ge=1, le=65535, description="Faust worker web port.")
     log_level: str = Field("INFO", description="Python log level.")
