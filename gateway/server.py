@@ -11,6 +11,7 @@ from confluent_kafka import KafkaException
 
 from gateway.app import create_app
 from gateway.auth import KeyStore
+from gateway.keycatalog import KeyCatalog
 from gateway.oidc import OidcVerifier
 from ledgerflow.settings import Settings
 from streams.admin import admin
@@ -23,10 +24,11 @@ log = logging.getLogger(__name__)
 class KafkaReadiness:
     """Ready when the broker answers, every fact topic exists and the publisher is initialised."""
 
-    def __init__(self, bootstrap: str, topics: Topics, publisher: FactPublisher) -> None:
+    def __init__(self, bootstrap: str, topics: Topics, publisher: FactPublisher, catalog: KeyCatalog) -> None:
         self._bootstrap = bootstrap
         self._topics = topics
         self._publisher = publisher
+        self._catalog = catalog
         self._cached: tuple[float, bool, str] = (0.0, False, "not checked")
 
     async def __call__(self) -> tuple[bool, str]:
@@ -45,6 +47,8 @@ class KafkaReadiness:
         missing = [t for t in self._topics.facts() if t not in md.topics]
         if missing:
             return False, f"topics missing: {', '.join(missing)} (run `ledgerflow up` or create them)"
+        if not self._catalog.loaded.is_set():
+            return False, "api keys not loaded yet from the api-keys topic"
         if not self._publisher.ready:
             return False, f"transactional producer not initialised yet: {self._publisher.last_error or 'starting'}"
         return True, f"kafka {self._bootstrap}"
@@ -54,6 +58,7 @@ def build(settings: Settings) -> tuple[web.Application, FactPublisher]:
     topics = Topics(settings.topic_prefix, settings.partitions)
     keys = KeyStore((k.key_id, k.tenant, k.sha256, k.roles) for k in settings.api_keys)
     publisher = FactPublisher(settings.bootstrap, f"ledgerflow-{settings.instance_id}", topics)
+    catalog = KeyCatalog(settings.bootstrap, topics.name("api-keys"), keys)
     oidc = None
     if settings.oidc_issuer:
         oidc = OidcVerifier(
@@ -62,15 +67,17 @@ def build(settings: Settings) -> tuple[web.Application, FactPublisher]:
     app = create_app(
         keys,
         publisher,
-        KafkaReadiness(settings.bootstrap, topics, publisher),
+        KafkaReadiness(settings.bootstrap, topics, publisher, catalog),
         publish_timeout=settings.publish_timeout_s,
         oidc=oidc,
     )
 
     async def on_startup(_: web.Application) -> None:
         publisher.start()
+        catalog.start()
 
     async def on_cleanup(_: web.Application) -> None:
+        await asyncio.to_thread(catalog.close)
         await asyncio.to_thread(publisher.close)
 
     app.on_startup.append(on_startup)

@@ -38,6 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="send sample requests over HTTP and print a summary from ClickHouse")
     d.add_argument("-n", type=int, default=200)
     d.add_argument("--poison", action="store_true", help="also produce one hand-made poison record")
+    k = sub.add_parser("keys", help="issue, revoke and list API keys (events on the api-keys topic)")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    ki = ksub.add_parser("issue", help="issue a key for a tenant; prints the secret once")
+    ki.add_argument("--tenant", required=True)
+    ki.add_argument("--role", action="append", dest="roles", default=None)
+    ki.add_argument("--label")
+    kr = ksub.add_parser("revoke", help="revoke a key by its id")
+    kr.add_argument("key_id")
+    kr.add_argument("--reason", default="user_request")
+    ksub.add_parser("list", help="keys issued and not revoked (ids and hashes only)")
     dl = sub.add_parser("dlq", help="inspect and re-drive dead letters")
     dsub = dl.add_subparsers(dest="dlq_command", required=True)
     dsub.add_parser("list", help="every dead letter with its reason and source")
@@ -64,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_query(settings, args.sql, args.format)
         if args.command == "demo":
             return demo_mod.run(settings, args.n, poison=args.poison)
+        if args.command == "keys":
+            return cmd_keys(settings, args)
         if args.command == "dlq":
             if args.dlq_command == "list":
                 return dlq.cmd_list(settings)
@@ -265,6 +277,24 @@ def cmd_down(settings: Settings) -> int:
         stop(kafka_config(settings))
     state_file(settings).unlink(missing_ok=True)
     print("stopped leftovers of a supervisor that had died.")
+    return 0
+
+
+def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
+    from ledgerflow import keys
+
+    if args.keys_command == "issue":
+        key_id, secret = keys.issue(settings, args.tenant, args.roles or ["user"], args.label)
+        print(f"issued {key_id} for tenant {args.tenant}. The key, shown this once:\n{secret}")
+        return 0
+    if args.keys_command == "revoke":
+        if keys.revoke(settings, args.key_id, args.reason):
+            print(f"revoked {args.key_id}")
+            return 0
+        print(f"no key {args.key_id!r} was issued through the api-keys topic", file=sys.stderr)
+        return 1
+    for key in keys.list_keys(settings):
+        print(f"{key.key_id:<18} {key.tenant:<16} {','.join(key.roles):<12} {key.label or ''}")
     return 0
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from streams.deadletter import DeadLetter
 from streams.events import EVENT_TYPES, Event
 from streams.schemas import load_all
+from streams.topics import CATALOGUE
 
 ENVELOPE_COLUMNS: tuple[str, ...] = (
     "event_id",
@@ -58,8 +59,12 @@ def table_for(event_type: str) -> str:
 
 
 def event_tables() -> dict[str, str]:
-    """Every event type and its table."""
-    return {name: table_for(name) for name in EVENT_TYPES}
+    """Every projected event type and its table: those on a catalogue topic, which the sink reads.
+
+    An event type defined in `schemas/avro/` but on no topic yet (nothing records it) has no
+    table; the issue that gives it a topic adds its migration.
+    """
+    return {name: table_for(name) for spec in CATALOGUE for name in spec.events}
 
 
 @cache

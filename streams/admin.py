@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.topics import Topics
@@ -21,7 +22,7 @@ def ensure_topics(bootstrap: str, topics: Topics, timeout: float = 30.0) -> list
     for name in topics.all():
         spec = topics.spec_for(name)
         assert spec is not None
-        wanted.append((name, topics.partitions, spec.configs()))
+        wanted.append((name, topics.partitions_of(name), spec.configs()))
         wanted.append((topics.dlq(name), 1, {"retention.ms": "-1"}))
     wanted.append((topics.redrives(), 1, {"cleanup.policy": "compact"}))
     return create_missing(bootstrap, wanted, timeout)
@@ -129,3 +130,43 @@ def list_groups(bootstrap: str, timeout: float = 10.0) -> list[str]:
     client = admin(bootstrap)  # keep a reference: a destroyed client resolves the future empty
     result = client.list_consumer_groups(request_timeout=timeout).result()
     return sorted(g.group_id for g in result.valid)
+
+
+def read_to_end(bootstrap: str, topics: list[str], timeout: float) -> list[tuple[str, int, Message]]:
+    """Every committed record of `topics` from the start to the end offsets seen now (no group commits)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"ledgerflow-dlq-reader-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    try:
+        md = consumer.list_topics(timeout=timeout)
+        ends: dict[tuple[str, int], int] = {}
+        assign = []
+        for topic in topics:
+            if topic not in md.topics:
+                continue
+            for p in md.topics[topic].partitions:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+                if high > low:
+                    ends[(topic, p)] = high
+                    assign.append(TopicPartition(topic, p, low))
+        if not assign:
+            return []
+        consumer.assign(assign)
+        out: list[tuple[str, int, Message]] = []
+        deadline = time.monotonic() + timeout
+        pending = set(ends)
+        while pending and time.monotonic() < deadline:
+            for msg in consumer.consume(500, 0.2):
+                if msg.error() is None:
+                    out.append((msg.topic() or "", msg.offset() or 0, msg))
+            for tp in consumer.position([TopicPartition(t, p) for t, p in pending]):
+                if tp.offset >= ends[(tp.topic or "", tp.partition)]:
+                    pending.discard((tp.topic or "", tp.partition))
+        return out
+    finally:
+        consumer.close()

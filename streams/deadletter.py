@@ -6,13 +6,14 @@ the reason and the source coordinates, and the consumer moves on. Redrive reads 
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Message, Producer
+
+from streams.admin import read_to_end
 
 HEADER_REASON = "lf.dlq.reason"
 HEADER_DETAIL = "lf.dlq.detail"
@@ -96,7 +97,7 @@ class RedriveResult:
 def read_dlq(bootstrap: str, dlq_topics: list[str], timeout: float = 10.0) -> list[StoredLetter]:
     """Every dead letter in `dlq_topics`, oldest first (reads to the end, commits nothing)."""
     out: list[StoredLetter] = []
-    for _topic, _offset, msg in _read_to_end(bootstrap, dlq_topics, timeout):
+    for _topic, _offset, msg in read_to_end(bootstrap, dlq_topics, timeout):
         letter = DeadLetter.from_headers(_headers(msg), msg.key(), msg.value())
         out.append(StoredLetter(msg.topic() or "", msg.offset() or 0, letter))
     return out
@@ -106,7 +107,7 @@ def redriven(bootstrap: str, redrive_topic: str, timeout: float = 10.0) -> dict[
     """source_key → when it was re-driven, from the compacted redrive topic."""
     return {
         (msg.key() or b"").decode(): (msg.value() or b"").decode()
-        for _t, _o, msg in _read_to_end(bootstrap, [redrive_topic], timeout)
+        for _t, _o, msg in read_to_end(bootstrap, [redrive_topic], timeout)
         if msg.value() is not None
     }
 
@@ -170,42 +171,3 @@ def _headers(msg: Message) -> list[tuple[str, bytes]]:
         key, value = pair[0], pair[1]
         out.append((str(key), value.encode() if isinstance(value, str) else bytes(value or b"")))
     return out
-
-
-def _read_to_end(bootstrap: str, topics: list[str], timeout: float) -> list[tuple[str, int, Message]]:
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"ledgerflow-dlq-reader-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
-    )
-    try:
-        md = consumer.list_topics(timeout=timeout)
-        ends: dict[tuple[str, int], int] = {}
-        assign = []
-        for topic in topics:
-            if topic not in md.topics:
-                continue
-            for p in md.topics[topic].partitions:
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
-                if high > low:
-                    ends[(topic, p)] = high
-                    assign.append(TopicPartition(topic, p, low))
-        if not assign:
-            return []
-        consumer.assign(assign)
-        out: list[tuple[str, int, Message]] = []
-        deadline = time.monotonic() + timeout
-        pending = set(ends)
-        while pending and time.monotonic() < deadline:
-            for msg in consumer.consume(500, 0.2):
-                if msg.error() is None:
-                    out.append((msg.topic() or "", msg.offset() or 0, msg))
-            for tp in consumer.position([TopicPartition(t, p) for t, p in pending]):
-                if tp.offset >= ends[(tp.topic or "", tp.partition)]:
-                    pending.discard((tp.topic or "", tp.partition))
-        return out
-    finally:
-        consumer.close()

@@ -1,7 +1,12 @@
 """Python shapes of the events in `schemas/avro/`: one frozen dataclass per record.
 
-Field names and order mirror the .avsc files exactly (a test holds them together), so the
-codec can move between dicts and dataclasses without a mapping table.
+Field names mirror the .avsc files exactly (a test holds them together), so the codec can
+move between dicts and dataclasses without a mapping table; fields with a default come last
+because Python requires it, so the order may differ from the .avsc.
+
+Nested Avro records (RouteChosen.candidates, PriceListPublished.prices) are TypedDicts, not
+dataclasses: fastavro reads them as dicts and writes dicts, so the codec needs no per-type
+conversion and a decoded event compares equal to the one encoded.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +106,311 @@ class TenantTotalsUpdated(Event):
     source_offset: int
 
 
+class RouteCandidate(TypedDict):
+    """One model the router considered (Avro record `ledgerflow.events.RouteCandidate`)."""
+
+    model: str
+    score: float
+    allowed: bool
+    excluded_by: str | None
+
+
+class ModelPrice(TypedDict):
+    """Unit prices of one model (Avro record `ledgerflow.events.ModelPrice`)."""
+
+    model: str
+    input_per_mtok: Decimal
+    output_per_mtok: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRedacted(Event):
+    request_id: str
+    redacted_chars: int
+    action: str
+    ruleset_version: str
+    counts_by_kind: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyPublished(Event):
+    version: str
+    content_sha256: str
+    author: str
+    policy_count: int
+    policy_ids: list[str]
+    previous_version: str | None = None
+    change_note: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteChosen(Event):
+    request_id: str
+    attempt: int
+    strategy: str
+    context_key: str
+    priors_version: str
+    candidates: list[RouteCandidate]
+    chosen_model: str
+    propensity: float
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterCalled(Event):
+    request_id: str
+    model: str
+    adapter: str
+    status: int
+    retries: int
+    latency_ms: int
+    streamed: bool
+    prompt_tokens: int
+    completion_tokens: int
+    first_token_ms: int | None = None
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterFailed(Event):
+    request_id: str
+    model: str
+    adapter: str
+    error_kind: str
+    retries: int
+    latency_ms: int
+    will_fall_back: bool
+    status: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PriceListPublished(Event):
+    version: str
+    effective_from: datetime
+    currency: str
+    prices: list[ModelPrice]
+    author: str
+    previous_version: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSet(Event):
+    budget_id: str
+    scope: str
+    scope_id: str
+    period: str
+    limit_amount: Decimal
+    currency: str
+    enforced: bool
+    set_by: str
+    alert_thresholds_pct: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetReserved(Event):
+    budget_id: str
+    scope: str
+    scope_id: str
+    period: str
+    period_start: datetime
+    reservation_id: str
+    request_id: str
+    amount: Decimal
+    currency: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSettled(Event):
+    budget_id: str
+    scope: str
+    scope_id: str
+    period: str
+    period_start: datetime
+    reservation_id: str
+    request_id: str
+    reserved_amount: Decimal
+    actual_amount: Decimal
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetReleased(Event):
+    budget_id: str
+    scope: str
+    scope_id: str
+    period: str
+    period_start: datetime
+    reservation_id: str
+    request_id: str
+    amount: Decimal
+    currency: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetThresholdCrossed(Event):
+    budget_id: str
+    scope: str
+    scope_id: str
+    period: str
+    period_start: datetime
+    threshold_pct: int
+    limit_amount: Decimal
+    spent_amount: Decimal
+    reserved_amount: Decimal
+    currency: str
+    reservation_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntryChained(Event):
+    chain_tenant: str
+    seq: int
+    entry_hash: str
+    prev_hash: str
+    audit_event_id: str
+    audit_sha256: str
+    source_partition: int
+    source_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerCheckpointSigned(Event):
+    chain_tenant: str
+    origin: str
+    tree_size: int
+    root_hash: str
+    algorithm: str
+    key_id: str
+    signature: str
+    signed_note: str
+
+
+@dataclass(frozen=True, slots=True)
+class DpBudgetGranted(Event):
+    metric_set: str
+    epsilon: float
+    delta: float
+    composition: str
+    period: str
+    granted_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class DpQueryCharged(Event):
+    query_id: str
+    metric_set: str
+    epsilon: float
+    delta: float
+    query_sha256: str
+    requested_by: str
+    epsilon_remaining: float
+    delta_remaining: float
+
+
+@dataclass(frozen=True, slots=True)
+class DpReleasePublished(Event):
+    query_id: str
+    metric_set: str
+    window_start: datetime
+    window_end: datetime
+    mechanism: str
+    result: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingPriorsPublished(Event):
+    version: str
+    algorithm: str
+    context_count: int
+    feedback_count: int
+    trained_until: datetime
+    priors: str
+    priors_sha256: str
+    previous_version: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackReceived(Event):
+    request_id: str
+    api_key_id: str
+    score: float
+    label: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryWritten(Event):
+    session_id: str
+    turn_index: int
+    role: str
+    content_sha256: str
+    chars: int
+    request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryErased(Event):
+    session_id: str
+    reason: str
+    turns_erased: int
+    erased_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyIssued(Event):
+    key_id: str
+    key_sha256: str
+    roles: list[str]
+    issued_by: str
+    label: str | None = None
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRevoked(Event):
+    key_id: str
+    reason: str
+    revoked_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectErasureRequested(Event):
+    subject_sha256: str
+    scope: str
+    requested_by: str
+    due_by: datetime
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.__name__: cls for cls in (RequestReceived, PolicyDecided, TokensCharged, AuditRecorded, TenantTotalsUpdated)
+    cls.__name__: cls
+    for cls in (
+        RequestReceived,
+        PolicyDecided,
+        TokensCharged,
+        AuditRecorded,
+        TenantTotalsUpdated,
+        RequestRedacted,
+        PolicyPublished,
+        RouteChosen,
+        AdapterCalled,
+        AdapterFailed,
+        PriceListPublished,
+        BudgetSet,
+        BudgetReserved,
+        BudgetSettled,
+        BudgetReleased,
+        BudgetThresholdCrossed,
+        LedgerEntryChained,
+        LedgerCheckpointSigned,
+        DpBudgetGranted,
+        DpQueryCharged,
+        DpReleasePublished,
+        RoutingPriorsPublished,
+        FeedbackReceived,
+        MemoryWritten,
+        MemoryErased,
+        ApiKeyIssued,
+        ApiKeyRevoked,
+        SubjectErasureRequested,
+    )
 }

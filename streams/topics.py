@@ -1,8 +1,10 @@
 """The topic catalogue, declared once: which events live where, partitions, retention.
 
 Facts are kept forever (retention -1, delete policy, never compacted) because the log is the
-source of truth that projections and the ledger are rebuilt from. Every topic is keyed by
+source of truth that projections and the ledger are rebuilt from. Fact topics are keyed by
 tenant so one tenant's facts stay ordered in one partition and per-tenant folds are local.
+State topics (what every gateway replica folds into memory at start, e.g. API keys) are
+compacted, keyed by the entity's id, and have one partition so one reader sees them in order.
 Names carry a prefix so tests (and several deployments) can share one broker.
 """
 
@@ -21,6 +23,8 @@ class TopicSpec:
     derived: bool = False  # written by an agent rather than the gateway
     compacted: bool = False
     retention_ms: int = -1  # -1 = forever
+    partitions: int | None = None  # None = the deployment's default
+    keyed_by: str = "tenant"
 
     def configs(self) -> dict[str, str]:
         return {
@@ -36,6 +40,7 @@ CATALOGUE: tuple[TopicSpec, ...] = (
     TopicSpec("token-charges", ("TokensCharged",)),
     TopicSpec("audit", ("AuditRecorded",)),
     TopicSpec("tenant-totals", ("TenantTotalsUpdated",), derived=True),
+    TopicSpec("api-keys", ("ApiKeyIssued", "ApiKeyRevoked"), compacted=True, partitions=1, keyed_by="key_id"),
 )
 
 
@@ -59,6 +64,10 @@ class Topics:
 
     def all(self) -> list[str]:
         return [self.name(s.key) for s in CATALOGUE]
+
+    def partitions_of(self, full_name: str) -> int:
+        spec = self.spec_for(full_name)
+        return spec.partitions if spec is not None and spec.partitions else self.partitions
 
     def facts(self) -> list[str]:
         return [self.name(s.key) for s in CATALOGUE if not s.derived]

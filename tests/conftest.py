@@ -9,11 +9,16 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from clickhouse_connect.driver.client import Client
 
+from projections.migrations import migrate
+from projections.sink import Sink
+from projections.store import open_store
 from streams.admin import ensure_topics
 from streams.topics import Topics
 
@@ -73,3 +78,31 @@ def chdb_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 def ch_database() -> str:
     """A database name unique to this test (the projections live in it)."""
     return f"t_{uuid.uuid4().hex[:12]}"
+
+
+# --- projections: a migrated store and sink factory (shared by the sink, DLQ and fuzz tests) ---
+
+
+@pytest.fixture
+def store(chdb_url: str, ch_database: str) -> Iterator[Client]:
+    client = open_store(chdb_url, ch_database)
+    migrate(client, ch_database)
+    yield client
+    client.command(f"DROP DATABASE IF EXISTS {ch_database}")
+    client.close()
+
+
+@pytest.fixture
+def new_sink(kafka_bootstrap: str, topics: Topics, store: Client) -> Iterator[Callable[..., Sink]]:
+    made: list[Sink] = []
+
+    def make(group: str | None = None, store_: Any = None, **kw: Any) -> Sink:
+        kw.setdefault("batch_max", 50)
+        kw.setdefault("batch_ms", 50)
+        s = Sink(kafka_bootstrap, group or f"sink-{uuid.uuid4().hex[:8]}", topics, store_ or store, **kw)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()

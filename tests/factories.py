@@ -2,10 +2,46 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import hashlib
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from streams.events import AuditRecorded, Envelope, PolicyDecided, RequestReceived, TokensCharged
+from streams.events import (
+    AdapterCalled,
+    AdapterFailed,
+    ApiKeyIssued,
+    ApiKeyRevoked,
+    AuditRecorded,
+    BudgetReleased,
+    BudgetReserved,
+    BudgetSet,
+    BudgetSettled,
+    BudgetThresholdCrossed,
+    DpBudgetGranted,
+    DpQueryCharged,
+    DpReleasePublished,
+    Envelope,
+    Event,
+    FeedbackReceived,
+    LedgerCheckpointSigned,
+    LedgerEntryChained,
+    MemoryErased,
+    MemoryWritten,
+    ModelPrice,
+    PolicyDecided,
+    PolicyPublished,
+    PriceListPublished,
+    RequestReceived,
+    RequestRedacted,
+    RouteCandidate,
+    RouteChosen,
+    RoutingPriorsPublished,
+    SubjectErasureRequested,
+    TenantTotalsUpdated,
+    TokensCharged,
+)
 from streams.ids import derived_uuid7, uuid7
 
 
@@ -74,3 +110,381 @@ def audit(tenant: str = "acme") -> AuditRecorded:
         outcome="success",
         details={"model": "sim-small"},
     )
+
+
+# --- one builder per remaining event type (realistic values; optionals set where it matters) ---
+
+_AT = datetime(2025, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
+_MONTH = datetime(2025, 3, 1, tzinfo=UTC)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def totals(tenant: str = "acme") -> TenantTotalsUpdated:
+    return TenantTotalsUpdated(
+        envelope=envelope("TenantTotalsUpdated", tenant),
+        requests=3,
+        prompt_tokens=30,
+        completion_tokens=60,
+        cost=Decimal("0.000370350000"),
+        currency="USD",
+        source_partition=2,
+        source_offset=41,
+    )
+
+
+def redaction(tenant: str = "acme") -> RequestRedacted:
+    rid = str(uuid7())
+    return RequestRedacted(
+        envelope=envelope("RequestRedacted", tenant, rid),
+        request_id=rid,
+        counts_by_kind={"email": 2, "api_key": 1},
+        redacted_chars=61,
+        action="masked",
+        ruleset_version="r3",
+    )
+
+
+def policy_published(tenant: str = "acme") -> PolicyPublished:
+    return PolicyPublished(
+        envelope=envelope("PolicyPublished", tenant),
+        version="p2",
+        previous_version="p1",
+        content_sha256=_sha("bundle p2"),
+        author="alice",
+        policy_count=2,
+        policy_ids=["default-allow", "deny-large-prompts"],
+        change_note=None,
+    )
+
+
+def route(tenant: str = "acme") -> RouteChosen:
+    rid = str(uuid7())
+    candidates: list[RouteCandidate] = [
+        {"model": "sim-small", "score": 0.71, "allowed": True, "excluded_by": None},
+        {"model": "sim-large", "score": 0.64, "allowed": True, "excluded_by": None},
+        {"model": "sim-xl", "score": 0.9, "allowed": False, "excluded_by": "budget"},
+    ]
+    return RouteChosen(
+        envelope=envelope("RouteChosen", tenant, rid),
+        request_id=rid,
+        attempt=1,
+        strategy="bandit",
+        context_key="/v1/ask:short",
+        priors_version="pr7",
+        candidates=candidates,
+        chosen_model="sim-small",
+        propensity=0.625,
+    )
+
+
+def adapter_called(tenant: str = "acme") -> AdapterCalled:
+    rid = str(uuid7())
+    return AdapterCalled(
+        envelope=envelope("AdapterCalled", tenant, rid),
+        request_id=rid,
+        model="sim-small",
+        adapter="sim",
+        status=200,
+        retries=1,
+        latency_ms=412,
+        first_token_ms=95,
+        streamed=True,
+        finish_reason="stop",
+        prompt_tokens=10,
+        completion_tokens=20,
+    )
+
+
+def adapter_failed(tenant: str = "acme") -> AdapterFailed:
+    rid = str(uuid7())
+    return AdapterFailed(
+        envelope=envelope("AdapterFailed", tenant, rid),
+        request_id=rid,
+        model="sim-large",
+        adapter="sim",
+        error_kind="timeout",
+        status=None,
+        retries=2,
+        latency_ms=30_000,
+        will_fall_back=True,
+    )
+
+
+def price_list(tenant: str = "acme") -> PriceListPublished:
+    prices: list[ModelPrice] = [
+        {"model": "sim-small", "input_per_mtok": Decimal("0.15"), "output_per_mtok": Decimal("0.60")},
+        {"model": "sim-large", "input_per_mtok": Decimal("2.5"), "output_per_mtok": Decimal("10.000000000001")},
+    ]
+    return PriceListPublished(
+        envelope=envelope("PriceListPublished", tenant),
+        version="v2",
+        previous_version="v1",
+        effective_from=_MONTH,
+        currency="USD",
+        prices=prices,
+        author="price-sync",
+    )
+
+
+def budget_set(tenant: str = "acme") -> BudgetSet:
+    return BudgetSet(
+        envelope=envelope("BudgetSet", tenant),
+        budget_id="b-acme-month",
+        scope="tenant",
+        scope_id=tenant,
+        period="month",
+        limit_amount=Decimal("250.00"),
+        currency="USD",
+        enforced=True,
+        alert_thresholds_pct=[50, 80, 100],
+        set_by="alice",
+    )
+
+
+def budget_reserved(tenant: str = "acme") -> BudgetReserved:
+    rid = str(uuid7())
+    return BudgetReserved(
+        envelope=envelope("BudgetReserved", tenant, rid),
+        budget_id="b-k1-day",
+        scope="api_key",
+        scope_id="k1",
+        period="day",
+        period_start=_AT.replace(hour=0, minute=0, second=0, microsecond=0),
+        reservation_id=f"res-{rid}",
+        request_id=rid,
+        amount=Decimal("0.012"),
+        currency="USD",
+        expires_at=_AT + timedelta(minutes=5),
+    )
+
+
+def budget_settled(tenant: str = "acme") -> BudgetSettled:
+    rid = str(uuid7())
+    return BudgetSettled(
+        envelope=envelope("BudgetSettled", tenant, rid),
+        budget_id="b-acme-month",
+        scope="tenant",
+        scope_id=tenant,
+        period="month",
+        period_start=_MONTH,
+        reservation_id=f"res-{rid}",
+        request_id=rid,
+        reserved_amount=Decimal("0.012"),
+        actual_amount=Decimal("0.000123450000"),
+        currency="USD",
+    )
+
+
+def budget_released(tenant: str = "acme") -> BudgetReleased:
+    rid = str(uuid7())
+    return BudgetReleased(
+        envelope=envelope("BudgetReleased", tenant, rid),
+        budget_id="b-acme-month",
+        scope="tenant",
+        scope_id=tenant,
+        period="month",
+        period_start=_MONTH,
+        reservation_id=f"res-{rid}",
+        request_id=rid,
+        amount=Decimal("0.012"),
+        currency="USD",
+        reason="failed",
+    )
+
+
+def budget_threshold(tenant: str = "acme") -> BudgetThresholdCrossed:
+    return BudgetThresholdCrossed(
+        envelope=envelope("BudgetThresholdCrossed", tenant),
+        budget_id="b-acme-month",
+        scope="tenant",
+        scope_id=tenant,
+        period="month",
+        period_start=_MONTH,
+        threshold_pct=80,
+        limit_amount=Decimal("250"),
+        spent_amount=Decimal("199.990000000001"),
+        reserved_amount=Decimal("0.012"),
+        currency="USD",
+        reservation_id="res-1",
+    )
+
+
+def ledger_entry(tenant: str = "acme") -> LedgerEntryChained:
+    audit_id = str(uuid7())
+    return LedgerEntryChained(
+        envelope=envelope("LedgerEntryChained", tenant),
+        chain_tenant=tenant,
+        seq=0,
+        entry_hash=_sha("entry 0"),
+        prev_hash="0" * 64,
+        audit_event_id=audit_id,
+        audit_sha256=_sha(audit_id),
+        source_partition=5,
+        source_offset=0,
+    )
+
+
+def checkpoint(tenant: str = "acme") -> LedgerCheckpointSigned:
+    root = _sha("root")
+    note = f"ledgerflow.example/{tenant}\n1\n{root}\n\n— ledgerflow.example/{tenant} AAAA+sig==\n"
+    return LedgerCheckpointSigned(
+        envelope=envelope("LedgerCheckpointSigned", tenant),
+        chain_tenant=tenant,
+        origin=f"ledgerflow.example/{tenant}",
+        tree_size=1,
+        root_hash=root,
+        algorithm="ed25519",
+        key_id="a1b2c3d4",
+        signature="AAAA+sig==",
+        signed_note=note,
+    )
+
+
+def dp_grant(tenant: str = "acme") -> DpBudgetGranted:
+    return DpBudgetGranted(
+        envelope=envelope("DpBudgetGranted", tenant),
+        metric_set="usage_by_model",
+        epsilon=1.0,
+        delta=1e-6,
+        composition="basic",
+        period="month",
+        granted_by="alice",
+    )
+
+
+def dp_charge(tenant: str = "acme") -> DpQueryCharged:
+    query = "SELECT model, count() FROM usage GROUP BY model"
+    return DpQueryCharged(
+        envelope=envelope("DpQueryCharged", tenant),
+        query_id=str(uuid7()),
+        metric_set="usage_by_model",
+        epsilon=0.1,
+        delta=0.0,
+        query_sha256=_sha(query),
+        requested_by="analyst-1",
+        epsilon_remaining=0.9,
+        delta_remaining=1e-6,
+    )
+
+
+def dp_release(tenant: str = "acme") -> DpReleasePublished:
+    return DpReleasePublished(
+        envelope=envelope("DpReleasePublished", tenant),
+        query_id=str(uuid7()),
+        metric_set="usage_by_model",
+        window_start=_MONTH,
+        window_end=_MONTH + timedelta(days=31),
+        mechanism="laplace",
+        result=json.dumps({"columns": ["model", "count"], "rows": [["sim-small", 1041.7]]}),
+    )
+
+
+def priors(tenant: str = "acme") -> RoutingPriorsPublished:
+    body = json.dumps({"/v1/ask:short": {"sim-small": {"alpha": 12.0, "beta": 3.0}}}, sort_keys=True)
+    return RoutingPriorsPublished(
+        envelope=envelope("RoutingPriorsPublished", tenant),
+        version="pr8",
+        previous_version="pr7",
+        algorithm="beta-bernoulli",
+        context_count=1,
+        feedback_count=15,
+        trained_until=_AT,
+        priors=body,
+        priors_sha256=_sha(body),
+    )
+
+
+def feedback(tenant: str = "acme") -> FeedbackReceived:
+    rid = str(uuid7())
+    return FeedbackReceived(
+        envelope=envelope("FeedbackReceived", tenant, rid),
+        request_id=rid,
+        api_key_id="k1",
+        score=0.8,
+        label="good",
+    )
+
+
+def memory_written(tenant: str = "acme") -> MemoryWritten:
+    rid = str(uuid7())
+    return MemoryWritten(
+        envelope=envelope("MemoryWritten", tenant, rid),
+        session_id="s-42",
+        turn_index=3,
+        role="assistant",
+        content_sha256=_sha("hello"),
+        chars=5,
+        request_id=rid,
+    )
+
+
+def memory_erased(tenant: str = "acme") -> MemoryErased:
+    return MemoryErased(
+        envelope=envelope("MemoryErased", tenant),
+        session_id="s-42",
+        reason="subject_erasure",
+        turns_erased=4,
+        erased_by="agent:memory",
+    )
+
+
+def key_issued(tenant: str = "acme") -> ApiKeyIssued:
+    return ApiKeyIssued(
+        envelope=envelope("ApiKeyIssued", tenant),
+        key_id="k2",
+        key_sha256=_sha("lf_secret_not_recorded"),
+        roles=["ask", "feedback"],
+        label="ci bot",
+        expires_at=_AT + timedelta(days=90),
+        issued_by="cli",
+    )
+
+
+def key_revoked(tenant: str = "acme") -> ApiKeyRevoked:
+    return ApiKeyRevoked(envelope=envelope("ApiKeyRevoked", tenant), key_id="k2", reason="rotated", revoked_by="cli")
+
+
+def erasure_request(tenant: str = "acme") -> SubjectErasureRequested:
+    return SubjectErasureRequested(
+        envelope=envelope("SubjectErasureRequested", tenant),
+        subject_sha256=_sha("user@example.com"),
+        scope="all",
+        requested_by="dpo",
+        due_by=_AT + timedelta(days=30),
+    )
+
+
+BUILDERS: dict[str, Callable[[], Event]] = {
+    "RequestReceived": request,
+    "PolicyDecided": decision,
+    "TokensCharged": charge,
+    "AuditRecorded": audit,
+    "TenantTotalsUpdated": totals,
+    "RequestRedacted": redaction,
+    "PolicyPublished": policy_published,
+    "RouteChosen": route,
+    "AdapterCalled": adapter_called,
+    "AdapterFailed": adapter_failed,
+    "PriceListPublished": price_list,
+    "BudgetSet": budget_set,
+    "BudgetReserved": budget_reserved,
+    "BudgetSettled": budget_settled,
+    "BudgetReleased": budget_released,
+    "BudgetThresholdCrossed": budget_threshold,
+    "LedgerEntryChained": ledger_entry,
+    "LedgerCheckpointSigned": checkpoint,
+    "DpBudgetGranted": dp_grant,
+    "DpQueryCharged": dp_charge,
+    "DpReleasePublished": dp_release,
+    "RoutingPriorsPublished": priors,
+    "FeedbackReceived": feedback,
+    "MemoryWritten": memory_written,
+    "MemoryErased": memory_erased,
+    "ApiKeyIssued": key_issued,
+    "ApiKeyRevoked": key_revoked,
+    "SubjectErasureRequested": erasure_request,
+}
+"""Event type → a builder of a valid event of that type (every type has one; a test checks)."""

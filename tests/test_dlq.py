@@ -15,7 +15,7 @@ from streams.deadletter import read_dlq, redrive
 from streams.schemas import load_all
 from streams.topics import Topics
 from tests import factories
-from tests.test_projections_sink import new_sink, produce, produce_events, run_until, store  # noqa: F401
+from tests.test_projections_sink import produce, produce_events, run_until
 
 pytestmark = pytest.mark.kafka
 
@@ -33,7 +33,10 @@ def rows(client: Client, table: str) -> int:
 
 
 def test_dead_letters_are_listed_and_redriven_once_after_the_fix(
-    kafka_bootstrap: str, topics: Topics, store: Client, new_sink: Callable[..., Sink]  # noqa: F811
+    kafka_bootstrap: str,
+    topics: Topics,
+    store: Client,
+    new_sink: Callable[..., Sink],
 ) -> None:
     # A sink deployed before TokensCharged's schema existed: every charge is poison to it.
     old_codec = Codec({k: v for k, v in load_all().items() if k != "TokensCharged"})

@@ -113,8 +113,9 @@ def test_every_avro_field_has_a_column_of_the_mapped_type(client: Client, ch_dat
     """A schema change without a migration fails here, before it fails an insert."""
     migrate(client, ch_database)
     schemas = load_all()
-    assert set(schemas) == set(EVENT_TYPES)
-    for name, schema in schemas.items():
+    assert set(event_tables()) <= set(schemas) == set(EVENT_TYPES)
+    for name in event_tables():
+        schema = schemas[name]
         cols = dict(_columns(client, ch_database, table_for(name)))
         assert cols, f"no table for {name}"
         avro_fields = [f for f in schema.raw["fields"] if f["name"] != "envelope"]
@@ -130,7 +131,7 @@ def test_every_avro_field_has_a_column_of_the_mapped_type(client: Client, ch_dat
 
 def test_insert_columns_match_table_order(client: Client, ch_database: str) -> None:
     migrate(client, ch_database)
-    for name in EVENT_TYPES:
+    for name in event_tables():
         table_cols = [c for c, _ in _columns(client, ch_database, table_for(name))]
         assert table_cols == [*columns_for(name), "_ingested_at"]
     assert [c for c, _ in _columns(client, ch_database, DEAD_LETTERS)] == [*DEAD_LETTER_COLUMNS, "_ingested_at"]

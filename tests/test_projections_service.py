@@ -24,6 +24,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from clickhouse_connect.driver.exceptions import DatabaseError
 from confluent_kafka import Producer
 
+from projections.migrations import discover
 from projections.schema import columns_for, event_to_row, table_for
 from projections.service import ProjectionService
 from streams.events import TokensCharged
@@ -59,7 +60,11 @@ async def test_health_endpoints(http: TestClient[Any, Any], service: ProjectionS
     assert await (await http.get("/ping")).text() == "Ok.\n"
     assert (await http.get("/readyz")).status == 200
     status = orjson.loads(await (await http.get("/status")).read())
-    assert status["ready"] and status["migrations"] == [1] and status["database"] == service.database
+    assert (
+        status["ready"]
+        and status["migrations"] == [m.version for m in discover()]
+        and status["database"] == service.database
+    )
     assert await (await http.get("/")).text() == "Ok.\n"  # a bare GET, as ClickHouse answers
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -13,10 +13,9 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from projections.migrations import migrate
 from projections.schema import DEAD_LETTERS, columns_for, event_to_row, table_for
 from projections.sink import Sink
-from projections.store import LockedStore, open_store
+from projections.store import LockedStore
 from streams.admin import group_lag
 from streams.codec import Codec
 from streams.deadletter import HEADER_OFFSET, HEADER_REASON, DeadLetter
@@ -126,31 +125,6 @@ def settle(sink: Sink, seconds: float = 1.0) -> None:
 
 
 # --- fixtures ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def store(chdb_url: str, ch_database: str) -> Iterator[Client]:
-    client = open_store(chdb_url, ch_database)
-    migrate(client, ch_database)
-    yield client
-    client.command(f"DROP DATABASE IF EXISTS {ch_database}")
-    client.close()
-
-
-@pytest.fixture
-def new_sink(kafka_bootstrap: str, topics: Topics, store: Client) -> Iterator[Callable[..., Sink]]:
-    made: list[Sink] = []
-
-    def make(group: str | None = None, store_: Any = None, **kw: Any) -> Sink:
-        kw.setdefault("batch_max", 50)
-        kw.setdefault("batch_ms", 50)
-        s = Sink(kafka_bootstrap, group or f"sink-{uuid.uuid4().hex[:8]}", topics, store_ or store, **kw)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.close()
 
 
 def committed(bootstrap: str, group: str, topics: Topics) -> dict[tuple[str, int], int]:
