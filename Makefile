@@ -19,7 +19,7 @@ lint: install
 	$(BIN)/lint-imports
 
 unit: install
-	$(BIN)/pytest -q -m "not kafka"
+	$(BIN)/pytest -q -m "not kafka and not redis"
 
 install: prereqs $(VENV)/.installed kafka-jars
 

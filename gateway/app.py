@@ -9,6 +9,7 @@ answer is withheld, so no answered call goes unrecorded.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from gateway.adapters import Adapter, Completion, SimulatedAdapter
 from gateway.auth import KeyStore, Principal, presented_key
 from gateway.facts import CallContext, closing_facts, opening_facts
 from gateway.frames import AskFrames, ChatFrames, Frames
-from gateway.models import AskRequest, ChatCompletionRequest
+from gateway.limits import Decision, RateLimiter
+from gateway.models import AskRequest, ChatCompletionRequest, Message
 from gateway.oidc import OidcVerifier, TokenRejected
 from gateway.openapi import render as render_openapi
 from streams.events import Event
@@ -55,6 +57,7 @@ class GatewayState:
     publish_timeout: float
     ready_check: ReadyCheck
     oidc: OidcVerifier | None = None
+    limiter: RateLimiter | None = None
 
 
 STATE = web.AppKey("state", GatewayState)
@@ -156,17 +159,51 @@ async def begin_call(request: web.Request, model_cls: type[M], route: str) -> tu
     if model not in state.adapter.models or price is None:
         known = ", ".join(sorted(m for m in state.adapter.models if m in state.prices))
         raise Rejected(error(400, "unknown_model", f"model {model!r} is not available; use one of: {known}", ["model"]))
+    messages = req.as_messages()  # type: ignore[attr-defined]
+    if state.limiter is not None:
+        decision = await state.limiter.acquire(principal.tenant, tokens=estimate_tokens(messages))
+        if not decision.allowed:
+            raise Rejected(rate_limited(decision))
     ctx = CallContext(
         request_id=str(uuid7()),
         at=datetime.now(UTC),
         principal=principal,
         route=route,
-        messages=req.as_messages(),  # type: ignore[attr-defined]
+        messages=messages,
         model_hint=hint,
         model=model,
         trace_parent=request.headers.get("traceparent"),
     )
     return req, ctx, price
+
+
+def estimate_tokens(messages: Sequence[Message]) -> int:
+    """Prompt tokens charged against tokens/min up front; reconciled with the real usage after."""
+    return sum(len(m.content) for m in messages) // 4 + 3 * len(messages)
+
+
+def rate_limited(decision: Decision) -> web.Response:
+    if decision.limit_kind == "unavailable":
+        return error(503, "rate_limiter_unavailable", "rate limits cannot be checked right now; retry shortly",
+                     headers=decision.headers())  # fmt: skip
+    if math.isinf(decision.retry_after_s):
+        return error(
+            413,
+            "request_too_large_for_limit",
+            "this request alone needs more tokens than your per-minute limit; shorten it",
+        )
+    return error(
+        429,
+        "rate_limited",
+        f"{decision.limit_kind} per minute limit reached for your tenant; retry after {decision.retry_after_header} s",
+        headers=decision.headers(),
+    )
+
+
+async def settle_usage(state: GatewayState, ctx: CallContext, completion: Completion) -> None:
+    if state.limiter is not None:
+        actual = completion.prompt_tokens + completion.completion_tokens
+        await state.limiter.reconcile(ctx.principal.tenant, estimate_tokens(ctx.messages), actual)
 
 
 async def record(state: GatewayState, events: Sequence[Event], started: float, request_id: str) -> web.Response | None:
@@ -190,6 +227,7 @@ async def answer_whole(
 ) -> Completion | web.Response:
     """Call the model, then record all four facts in one transaction; the caller answers after."""
     completion = await state.adapter.complete(ctx.model, ctx.messages)
+    await settle_usage(state, ctx, completion)
     charged, audited = closing_facts(ctx, completion, price)
     failed = await record(state, [*opening_facts(ctx), charged, audited], started, ctx.request_id)
     return failed or completion
@@ -241,6 +279,7 @@ async def stream_answer(
         pieces.append(piece)
         await resp.write(frames.delta(piece))
     completion = state.adapter.usage(ctx.model, ctx.messages, "".join(pieces))
+    await settle_usage(state, ctx, completion)
     closing = closing_facts(ctx, completion, price)
     try:
         await state.publisher.publish(closing, timeout=state.publish_timeout)
@@ -277,6 +316,7 @@ def create_app(
     default_model: str = "sim-small",
     publish_timeout: float = 1.8,
     oidc: OidcVerifier | None = None,
+    limiter: RateLimiter | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY_BYTES)
     app[STATE] = GatewayState(
@@ -288,6 +328,7 @@ def create_app(
         publish_timeout=publish_timeout,
         ready_check=ready_check,
         oidc=oidc,
+        limiter=limiter,
     )
     app.router.add_post("/v1/ask", ask)
     app.router.add_post("/v1/chat/completions", chat_completions)

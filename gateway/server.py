@@ -12,6 +12,7 @@ from confluent_kafka import KafkaException
 from gateway.app import create_app
 from gateway.auth import KeyStore
 from gateway.keycatalog import KeyCatalog
+from gateway.limits import Limits, LocalRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.oidc import OidcVerifier
 from ledgerflow.settings import Settings
 from streams.admin import admin
@@ -64,12 +65,19 @@ def build(settings: Settings) -> tuple[web.Application, FactPublisher]:
         oidc = OidcVerifier(
             settings.oidc_issuer, settings.oidc_audience, settings.oidc_jwks_url, settings.oidc_tenant_claim
         )
+    limits = Limits(requests_per_min=settings.rate_requests_per_min, tokens_per_min=settings.rate_tokens_per_min)
+    limiter: RateLimiter = (
+        RedisRateLimiter.from_url(settings.redis_url, limits, fail_open=settings.rate_fail_open)
+        if settings.redis_url
+        else LocalRateLimiter(limits)
+    )
     app = create_app(
         keys,
         publisher,
         KafkaReadiness(settings.bootstrap, topics, publisher, catalog),
         publish_timeout=settings.publish_timeout_s,
         oidc=oidc,
+        limiter=limiter,
     )
 
     async def on_startup(_: web.Application) -> None:
@@ -77,6 +85,7 @@ def build(settings: Settings) -> tuple[web.Application, FactPublisher]:
         catalog.start()
 
     async def on_cleanup(_: web.Application) -> None:
+        await limiter.aclose()
         await asyncio.to_thread(catalog.close)
         await asyncio.to_thread(publisher.close)
 

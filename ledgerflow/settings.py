@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     publish_timeout_s: float = Field(1.8, gt=0, le=30, description="Longest a request waits for Kafka before 503.")
     api_keys: list[ApiKey] = Field(default_factory=_demo_api_keys, description="Accepted API keys (hashed).")
 
+    redis_url: str = Field("", description="redis://host:port shared by gateway replicas; empty = in-process limits.")
+    rate_requests_per_min: int = Field(6000, ge=0, description="Per-tenant request rate limit (0 = none).")
+    rate_tokens_per_min: int = Field(2_000_000, ge=0, description="Per-tenant token rate limit (0 = none).")
+    rate_fail_open: bool = Field(True, description="Admit requests (and log) when Redis is unreachable.")
+
     oidc_issuer: str = Field("", description="Accept OIDC bearer JWTs from this issuer (empty = API keys only).")
     oidc_audience: str = Field("ledgerflow", description="Audience the JWTs must carry.")
     oidc_jwks_url: str = Field("", description="The issuer's JWKS URL; the only place keys are fetched from.")

@@ -21,4 +21,5 @@ else
   fi
 fi
 command -v mvn >/dev/null 2>&1 || need "Maven (fetches the Kafka jars from Maven Central)" "apt-get install maven"
+command -v redis-server >/dev/null 2>&1 || need "redis-server (rate limits shared by gateway replicas)" "apt-get install redis-server"
 exit $fail

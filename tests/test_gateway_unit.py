@@ -127,3 +127,18 @@ async def test_chat_completions_matches_openai_shape(client: TestClient, publish
     assert len(publisher.batches) == 1 and len(publisher.batches[0]) == 4
     bad = await client.post("/v1/chat/completions", json={"model": "sim-small", "messages": []}, headers=AUTH)
     assert bad.status == 422 and "messages" in (await bad.json())["error"]["message"]
+
+
+async def test_rate_limit_is_429_with_retry_after_and_records_nothing(publisher: RecordingPublisher) -> None:
+    from gateway.limits import Limits, LocalRateLimiter
+
+    keys = KeyStore([("k-acme", "acme", hash_key(KEY), ["user"])])
+    limiter = LocalRateLimiter(Limits(requests_per_min=60, request_burst=2))
+    app = create_app(keys, publisher, always_ready, limiter=limiter)
+    async with TestClient(TestServer(app)) as c:
+        statuses = [(await c.post("/v1/ask", json={"prompt": "hi"}, headers=AUTH)).status for _ in range(2)]
+        denied = await c.post("/v1/ask", json={"prompt": "hi"}, headers=AUTH)
+        assert statuses == [200, 200] and denied.status == 429
+        assert int(denied.headers["Retry-After"]) >= 1
+        assert "requests per minute" in (await denied.json())["error"]["message"]
+    assert len(publisher.batches) == 2
