@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import os
 import shutil
 import signal
@@ -25,9 +24,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from infra.process import alive, children, cmdline, home_lock, port_open, read_pid
 
 __all__ = [
     "DEFAULT_HOME",
@@ -50,7 +50,6 @@ _TAIL_LINES = 20
 
 # Servers launched by this interpreter, kept so we can reap them (no zombies that still
 # look alive to kill(pid, 0)).
-_children: dict[int, subprocess.Popen[bytes]] = {}
 
 
 @dataclass(frozen=True)
@@ -97,40 +96,19 @@ def _require_binary() -> str:
 # ------------------------------------------------------------------- process state
 
 
-def _alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    child = _children.get(pid)
-    if child is not None:
-        return child.poll() is None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
 def _read_pid(cfg: RedisConfig) -> int | None:
-    try:
-        return int(_pid_path(cfg).read_text().strip())
-    except (OSError, ValueError):
-        return None
+    return read_pid(_pid_path(cfg))
 
 
 def _is_our_server(cfg: RedisConfig, pid: int) -> bool:
     """Guard against pid reuse: redis-server shows ``redis-server HOST:PORT`` as its title."""
-    if not _alive(pid):
+    if not alive(pid):
         return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-    except OSError:
+    argv = cmdline(pid)
+    if argv is None:
         return True  # no procfs: the pid file is all we have
-    return b"redis-server" in cmdline and f":{cfg.port}".encode() in cmdline
+    title = b" ".join(argv)
+    return b"redis-server" in title and f":{cfg.port}".encode() in title
 
 
 def _server_pid(cfg: RedisConfig) -> int | None:
@@ -156,29 +134,10 @@ def ping(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def is_running(cfg: RedisConfig) -> bool:
     """True if this home's server process is alive and answers PING."""
     cfg = _absolute(cfg)
     return _server_pid(cfg) is not None and ping(cfg.host, cfg.port)
-
-
-@contextlib.contextmanager
-def _home_lock(cfg: RedisConfig) -> Iterator[None]:
-    cfg.home.mkdir(parents=True, exist_ok=True)
-    with open(cfg.home / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _tail(path: Path, n: int = _TAIL_LINES) -> str:
@@ -222,13 +181,13 @@ def start(cfg: RedisConfig, timeout: float = 15.0) -> int:
     binary = _require_binary()
     deadline = time.monotonic() + timeout
     cfg = _absolute(cfg)
-    with _home_lock(cfg):
+    with home_lock(cfg.home):
         pid = _server_pid(cfg)
         if pid is not None:
             _wait_ready(cfg, pid, deadline)
             return pid
         _pid_path(cfg).unlink(missing_ok=True)
-        if _port_open(cfg.host, cfg.port):
+        if port_open(cfg.host, cfg.port):
             raise RedisServerError(
                 f"{cfg.host}:{cfg.port} is already in use by a process that is not the redis-server "
                 f"of {cfg.home}: stop it, or choose another port (--port)"
@@ -243,7 +202,7 @@ def start(cfg: RedisConfig, timeout: float = 15.0) -> int:
                 start_new_session=True,  # survive our exit and our terminal's Ctrl-C
                 close_fds=True,
             )
-        _children[proc.pid] = proc
+        children[proc.pid] = proc
         tmp = _pid_path(cfg).with_suffix(".pid.tmp")
         tmp.write_text(f"{proc.pid}\n")
         os.replace(tmp, _pid_path(cfg))
@@ -258,8 +217,8 @@ def start(cfg: RedisConfig, timeout: float = 15.0) -> int:
 
 def _wait_ready(cfg: RedisConfig, pid: int, deadline: float) -> None:
     while True:
-        if not _alive(pid):
-            child = _children.get(pid)
+        if not alive(pid):
+            child = children.get(pid)
             code = f" with code {child.returncode}" if child is not None else ""
             raise RedisServerError(
                 f"redis-server (pid {pid}) exited{code} during startup (port in use? bad --dir?); "
@@ -282,13 +241,13 @@ def _terminate(cfg: RedisConfig, pid: int, timeout: float) -> None:
         except ProcessLookupError:
             break
         end = time.monotonic() + wait
-        while _alive(pid) and time.monotonic() < end:
+        while alive(pid) and time.monotonic() < end:
             time.sleep(0.02)
-        if not _alive(pid):
+        if not alive(pid):
             break
-    if _alive(pid):
+    if alive(pid):
         raise RedisServerError(f"redis-server pid {pid} survived SIGKILL; check `ps -p {pid}`")
-    child = _children.pop(pid, None)
+    child = children.pop(pid, None)
     if child is not None:
         child.wait()  # reap
     _pid_path(cfg).unlink(missing_ok=True)
@@ -299,7 +258,7 @@ def stop(cfg: RedisConfig, timeout: float = 10.0) -> bool:
     cfg = _absolute(cfg)
     if not cfg.home.is_dir():
         return False
-    with _home_lock(cfg):
+    with home_lock(cfg.home):
         pid = _server_pid(cfg)
         if pid is None:
             _pid_path(cfg).unlink(missing_ok=True)

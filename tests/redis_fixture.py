@@ -11,28 +11,15 @@ Import the fixtures into a test module: ``from tests.redis_fixture import redis_
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from infra.redis import RedisConfig, RedisServerError, start, stop
+from tests.conftest import free_port
 
 __all__ = ["free_port", "redis_server", "redis_url", "start_private_redis"]
-
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A free loopback port not handed out before by this module."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
 
 
 def start_private_redis(home: Path, attempts: int = 3) -> RedisConfig:

@@ -18,25 +18,24 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import fcntl
 import logging
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import confluent_kafka as ck
 from confluent_kafka.admin import AdminClient, NewTopic
+
+from infra.process import alive, children, cmdline, home_lock, port_open, read_pid, write_pid
 
 __all__ = [
     "DEFAULT_CACHE",
@@ -69,7 +68,6 @@ _TAIL_LINES = 20
 
 # Brokers launched by this interpreter, kept so we can reap them (no zombies that
 # still look alive to kill(pid, 0)) and so Popen never warns about a live child.
-_children: dict[int, subprocess.Popen[bytes]] = {}
 
 # librdkafka logs every refused connection while the broker boots; that is expected
 # noise during the readiness probe, so its client logs go nowhere.
@@ -243,54 +241,21 @@ def ensure_jars(cache: Path, pom: Path = DEFAULT_POM) -> Path:
 
 
 def _read_pid(cfg: KafkaConfig) -> int | None:
-    try:
-        return int(_pid_path(cfg).read_text().strip())
-    except (OSError, ValueError):
-        return None
+    return read_pid(_pid_path(cfg))
 
 
 def _write_pid(cfg: KafkaConfig, pid: int) -> None:
-    path = _pid_path(cfg)
-    tmp = path.with_suffix(".pid.tmp")
-    tmp.write_text(f"{pid}\n")
-    os.replace(tmp, path)
-
-
-def _alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    child = _children.get(pid)
-    if child is not None:
-        return child.poll() is None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no procfs: trust kill(0)
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+    write_pid(_pid_path(cfg), pid)
 
 
 def _is_our_broker(cfg: KafkaConfig, pid: int) -> bool:
     """Guard against pid reuse: the process must be kafka.Kafka run on this home's config."""
-    if not _alive(pid):
+    if not alive(pid):
         return False
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
+    argv = cmdline(pid)
+    if argv is None:
         return True  # no procfs: the pid file is all we have
     return _MAIN_CLASS.encode() in argv and str(_props_path(cfg)).encode() in argv
-
-
-def _port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _broker_pid(cfg: KafkaConfig) -> int | None:
@@ -304,19 +269,7 @@ def _broker_pid(cfg: KafkaConfig) -> int | None:
 def is_running(cfg: KafkaConfig) -> bool:
     """True if this home's broker process is alive and its client port accepts connections."""
     cfg = _absolute(cfg)
-    return _broker_pid(cfg) is not None and _port_open(cfg.host, cfg.port)
-
-
-@contextlib.contextmanager
-def _home_lock(cfg: KafkaConfig) -> Iterator[None]:
-    """Serialise start/stop on one home so parallel test workers cannot launch twice."""
-    cfg.home.mkdir(parents=True, exist_ok=True)
-    with open(cfg.home / ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return _broker_pid(cfg) is not None and port_open(cfg.host, cfg.port)
 
 
 # ------------------------------------------------------------------ configuration
@@ -494,8 +447,8 @@ def _wait_ready(cfg: KafkaConfig, pid: int, deadline: float) -> None:
     """Block until the broker serves a produce, or raise with the log tail."""
     reason = "client port never opened"
     while True:
-        if not _alive(pid):
-            child = _children.get(pid)
+        if not alive(pid):
+            child = children.get(pid)
             code = f" with code {child.returncode}" if child is not None else ""
             raise KafkaError(
                 f"Kafka broker (pid {pid}) exited{code} during startup; read the log below, "
@@ -509,7 +462,7 @@ def _wait_ready(cfg: KafkaConfig, pid: int, deadline: float) -> None:
                 f"({reason}); read the log below, or retry with a longer timeout.\n"
                 f"{_diagnostics(cfg)}"
             )
-        if not _port_open(cfg.host, cfg.port):
+        if not port_open(cfg.host, cfg.port):
             time.sleep(0.2)
             continue
         failure = _probe(cfg, timeout=max(1.0, min(10.0, remaining)))
@@ -530,7 +483,7 @@ def start(cfg: KafkaConfig, timeout: float = 90.0) -> int:
     """
     deadline = time.monotonic() + timeout
     cfg = _absolute(cfg)
-    with _home_lock(cfg):
+    with home_lock(cfg.home):
         pid = _broker_pid(cfg)
         if pid is not None:
             # Ours, maybe still booting (another caller started it): wait, don't relaunch.
@@ -539,7 +492,7 @@ def start(cfg: KafkaConfig, timeout: float = 90.0) -> int:
         _pid_path(cfg).unlink(missing_ok=True)  # stale: process gone or pid reused
 
         for port in (cfg.port, cfg.controller_port):
-            if _port_open(cfg.host, port):
+            if port_open(cfg.host, port):
                 raise KafkaError(
                     f"{cfg.host}:{port} is already in use by a process that is not the broker "
                     f"of {cfg.home}: stop it, or choose other ports (--port/--controller-port)"
@@ -563,7 +516,7 @@ def start(cfg: KafkaConfig, timeout: float = 90.0) -> int:
                 start_new_session=True,  # survive our exit and our terminal's Ctrl-C
                 close_fds=True,
             )
-        _children[proc.pid] = proc
+        children[proc.pid] = proc
         _write_pid(cfg, proc.pid)
         try:
             _wait_ready(cfg, proc.pid, deadline)
@@ -582,13 +535,13 @@ def _terminate(cfg: KafkaConfig, pid: int, timeout: float) -> None:
         except ProcessLookupError:
             break
         end = time.monotonic() + wait
-        while _alive(pid) and time.monotonic() < end:
+        while alive(pid) and time.monotonic() < end:
             time.sleep(0.1)
-        if not _alive(pid):
+        if not alive(pid):
             break
-    if _alive(pid):
+    if alive(pid):
         raise KafkaError(f"Kafka broker pid {pid} survived SIGKILL; check `ps -p {pid}`")
-    _children.pop(pid, None)
+    children.pop(pid, None)
     _pid_path(cfg).unlink(missing_ok=True)
 
 
@@ -597,7 +550,7 @@ def stop(cfg: KafkaConfig, timeout: float = 30.0) -> bool:
     cfg = _absolute(cfg)
     if not cfg.home.is_dir():
         return False  # never started here; don't create the home just to look
-    with _home_lock(cfg):
+    with home_lock(cfg.home):
         pid = _broker_pid(cfg)
         if pid is None:
             _pid_path(cfg).unlink(missing_ok=True)
