@@ -29,6 +29,7 @@ from gateway.limits import Decision, RateLimiter
 from gateway.models import AskRequest, ChatCompletionRequest, Message
 from gateway.oidc import OidcVerifier, TokenRejected
 from gateway.openapi import render as render_openapi
+from gateway.upstream import UpstreamError
 from streams.events import Event
 from streams.ids import uuid7
 from streams.publisher import PublishFailed
@@ -206,6 +207,12 @@ async def settle_usage(state: GatewayState, ctx: CallContext, completion: Comple
         await state.limiter.reconcile(ctx.principal.tenant, estimate_tokens(ctx.messages), actual)
 
 
+def upstream_error(exc: UpstreamError) -> web.Response:
+    """The model's upstream failed: its status and code, and when to retry if known."""
+    headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))} if exc.retry_after_s is not None else None
+    return error(exc.status, exc.code, exc.message, headers=headers)
+
+
 async def record(state: GatewayState, events: Sequence[Event], started: float, request_id: str) -> web.Response | None:
     """Publish facts within what is left of the budget; a 503 response if Kafka did not take them."""
     budget = max(0.05, state.publish_timeout - (time.monotonic() - started))
@@ -226,7 +233,10 @@ async def answer_whole(
     state: GatewayState, ctx: CallContext, price: Price, started: float
 ) -> Completion | web.Response:
     """Call the model, then record all four facts in one transaction; the caller answers after."""
-    completion = await state.adapter.complete(ctx.model, ctx.messages)
+    try:
+        completion = await state.adapter.complete(ctx.model, ctx.messages)
+    except UpstreamError as exc:
+        return upstream_error(exc)
     await settle_usage(state, ctx, completion)
     charged, audited = closing_facts(ctx, completion, price)
     failed = await record(state, [*opening_facts(ctx), charged, audited], started, ctx.request_id)
@@ -272,12 +282,26 @@ async def stream_answer(
     failed = await record(state, opening_facts(ctx), started, ctx.request_id)
     if failed is not None:
         return failed
+    stream = state.adapter.stream(ctx.model, ctx.messages)
+    try:  # the first piece before the 200: an upstream that fails at once still gets a proper status
+        first = await anext(stream, None)
+    except UpstreamError as exc:
+        return upstream_error(exc)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     pieces: list[str] = []
-    async for piece in state.adapter.stream(ctx.model, ctx.messages):
-        pieces.append(piece)
-        await resp.write(frames.delta(piece))
+    try:
+        if first is not None:
+            pieces.append(first)
+            await resp.write(frames.delta(first))
+        async for piece in stream:
+            pieces.append(piece)
+            await resp.write(frames.delta(piece))
+    except UpstreamError as exc:
+        log.warning("request %s: upstream stream broke: %s", ctx.request_id, exc.code)
+        await resp.write(frames.failure(f"the model stopped answering ({exc.code}); the answer is incomplete"))
+        await resp.write_eof()
+        return resp
     completion = state.adapter.usage(ctx.model, ctx.messages, "".join(pieces))
     await settle_usage(state, ctx, completion)
     closing = closing_facts(ctx, completion, price)

@@ -9,11 +9,14 @@ import time
 from aiohttp import web
 from confluent_kafka import KafkaException
 
+from domain.pricing import Price
 from gateway.app import create_app
 from gateway.auth import KeyStore
 from gateway.keycatalog import KeyCatalog
 from gateway.limits import Limits, LocalRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.oidc import OidcVerifier
+from gateway.registry import ModelInfo, Registry, default_registry
+from gateway.upstream import CircuitBreaker, OpenAIUpstreamAdapter
 from ledgerflow.settings import Settings
 from streams.admin import admin
 from streams.publisher import FactPublisher
@@ -55,6 +58,36 @@ class KafkaReadiness:
         return True, f"kafka {self._bootstrap}"
 
 
+def build_registry(settings: Settings) -> Registry:
+    """The simulated models plus every configured upstream; refuses hosts not in the egress allowlist."""
+    registry = default_registry()
+    allowed = frozenset(settings.egress_allowed_hosts)
+    for u in settings.upstreams:
+        adapter = OpenAIUpstreamAdapter(
+            u.base_url,
+            models=tuple(m.name for m in u.models),
+            upstream_models={m.name: m.upstream_id for m in u.models if m.upstream_id},
+            allowed_hosts=allowed,
+            api_key_env=u.api_key_env or None,
+            allow_loopback=u.allow_loopback,
+            allowed_networks=tuple(u.allowed_networks),
+            timeout_s=u.timeout_s,
+            connect_timeout_s=u.connect_timeout_s,
+            max_retries=u.max_retries,
+            backoff_base_s=u.backoff_base_s,
+            max_connections=u.max_connections,
+            name=u.name,
+            breaker=CircuitBreaker(u.breaker_failures, u.breaker_cooldown_s, name=u.name),
+        )
+        infos = [
+            ModelInfo(m.name, u.name, m.region, m.context_window, frozenset(m.capabilities),
+                      Price(m.name, m.input_per_mtok, m.output_per_mtok, "USD", m.price_version))
+            for m in u.models
+        ]  # fmt: skip
+        registry = registry.extended(infos, {u.name: adapter})
+    return registry
+
+
 def build(settings: Settings) -> tuple[web.Application, FactPublisher]:
     topics = Topics(settings.topic_prefix, settings.partitions)
     keys = KeyStore((k.key_id, k.tenant, k.sha256, k.roles) for k in settings.api_keys)
@@ -71,6 +104,7 @@ def build(settings: Settings) -> tuple[web.Application, FactPublisher]:
         if settings.redis_url
         else LocalRateLimiter(limits)
     )
+    registry = build_registry(settings)
     app = create_app(
         keys,
         publisher,
@@ -78,6 +112,8 @@ def build(settings: Settings) -> tuple[web.Application, FactPublisher]:
         publish_timeout=settings.publish_timeout_s,
         oidc=oidc,
         limiter=limiter,
+        adapter=registry.as_adapter(),
+        prices=registry.prices(),
     )
 
     async def on_startup(_: web.Application) -> None:
@@ -85,6 +121,7 @@ def build(settings: Settings) -> tuple[web.Application, FactPublisher]:
         catalog.start()
 
     async def on_cleanup(_: web.Application) -> None:
+        await registry.close()
         await limiter.aclose()
         await asyncio.to_thread(catalog.close)
         await asyncio.to_thread(publisher.close)

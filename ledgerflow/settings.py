@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,37 @@ DEMO_KEYS = {"acme": "lf_demo_acme_3f9a1c", "globex": "lf_demo_globex_7b2e4d", "
 
 def _demo_api_keys() -> list[ApiKey]:
     return [ApiKey(key_id=f"demo-{t}", tenant=t, sha256=hash_key(s)) for t, s in DEMO_KEYS.items()]
+
+
+class UpstreamModel(BaseModel):
+    """A model served by an upstream, with its metadata and price per million tokens."""
+
+    name: str
+    upstream_id: str = ""  # the upstream's own model id, if it differs from `name`
+    region: str = ""
+    context_window: int = 8192
+    capabilities: list[str] = Field(default_factory=list)
+    input_per_mtok: Decimal
+    output_per_mtok: Decimal
+    price_version: str = "configured"
+
+
+class UpstreamConfig(BaseModel):
+    """An OpenAI-compatible upstream (vLLM, Ollama, OpenAI). The key is named, never written here."""
+
+    name: str
+    base_url: str
+    api_key_env: str = ""  # name of the environment variable holding the key
+    allow_loopback: bool = False
+    allowed_networks: list[str] = Field(default_factory=list)
+    timeout_s: float = 60.0
+    connect_timeout_s: float = 3.0
+    max_retries: int = 2
+    backoff_base_s: float = 0.1
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 10.0
+    max_connections: int = 100
+    models: list[UpstreamModel]
 
 
 class SettingsError(ValueError):
@@ -75,6 +107,9 @@ class Settings(BaseSettings):
     rate_requests_per_min: int = Field(6000, ge=0, description="Per-tenant request rate limit (0 = none).")
     rate_tokens_per_min: int = Field(2_000_000, ge=0, description="Per-tenant token rate limit (0 = none).")
     rate_fail_open: bool = Field(True, description="Admit requests (and log) when Redis is unreachable.")
+
+    egress_allowed_hosts: list[str] = Field(default_factory=list, description="Hosts adapters may call; no others.")
+    upstreams: list[UpstreamConfig] = Field(default_factory=list, description="OpenAI-compatible model upstreams.")
 
     oidc_issuer: str = Field("", description="Accept OIDC bearer JWTs from this issuer (empty = API keys only).")
     oidc_audience: str = Field("ledgerflow", description="Audience the JWTs must carry.")
