@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
@@ -23,10 +23,11 @@ from pydantic import BaseModel, ValidationError
 from domain.pricing import DEFAULT_PRICES, Price
 from gateway.adapters import Adapter, Completion, SimulatedAdapter
 from gateway.auth import KeyStore, Principal, presented_key
-from gateway.facts import CallContext, closing_facts, opening_facts
+from gateway.facts import CallContext, closing_facts, feedback_fact, opening_facts
 from gateway.frames import AskFrames, ChatFrames, Frames
 from gateway.limits import Decision, RateLimiter
-from gateway.models import AskRequest, ChatCompletionRequest, Message
+from gateway.metrics import GatewayMetrics
+from gateway.models import AskRequest, ChatCompletionRequest, FeedbackRequest, FeedbackResponse, Message
 from gateway.oidc import OidcVerifier, TokenRejected
 from gateway.openapi import render as render_openapi
 from gateway.upstream import UpstreamError
@@ -59,6 +60,7 @@ class GatewayState:
     ready_check: ReadyCheck
     oidc: OidcVerifier | None = None
     limiter: RateLimiter | None = None
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
 
 
 STATE = web.AppKey("state", GatewayState)
@@ -164,6 +166,7 @@ async def begin_call(request: web.Request, model_cls: type[M], route: str) -> tu
     if state.limiter is not None:
         decision = await state.limiter.acquire(principal.tenant, tokens=estimate_tokens(messages))
         if not decision.allowed:
+            state.metrics.rate_limited.labels(decision.limit_kind or "unknown").inc()
             raise Rejected(rate_limited(decision))
     ctx = CallContext(
         request_id=str(uuid7()),
@@ -219,6 +222,7 @@ async def record(state: GatewayState, events: Sequence[Event], started: float, r
     try:
         await state.publisher.publish(events, timeout=budget)
     except PublishFailed as exc:
+        state.metrics.publish_failures.inc()
         log.warning("request %s not recorded: %s", request_id, exc)
         return error(
             503,
@@ -317,6 +321,31 @@ async def stream_answer(
     return resp
 
 
+async def feedback(request: web.Request) -> web.Response:
+    """Record a quality signal. The tenant is always the caller's: feedback naming another
+    tenant's request id joins nothing, because every join is on (tenant, request_id)."""
+    state = request.app[STATE]
+    started = time.monotonic()
+    principal = await authenticate(request)
+    if isinstance(principal, web.Response):
+        return principal
+    body = await read_json(request)
+    if isinstance(body, web.Response):
+        return body
+    if not isinstance(body, dict):
+        return error(400, "invalid_request", "the body must be a JSON object with request_id and score")
+    try:
+        req = FeedbackRequest.model_validate(body)
+    except ValidationError as exc:
+        return validation_error(exc)
+    event = feedback_fact(principal, req.request_id, req.score, req.label, request.headers.get("traceparent"))
+    failed = await record(state, [event], started, req.request_id)
+    if failed is not None:
+        return failed
+    out = FeedbackResponse(feedback_id=event.envelope.event_id, request_id=req.request_id)
+    return web.Response(status=202, body=out.model_dump_json(), content_type="application/json")
+
+
 async def openapi(_: web.Request) -> web.Response:
     return web.Response(body=OPENAPI, content_type="application/json")
 
@@ -342,8 +371,10 @@ def create_app(
     oidc: OidcVerifier | None = None,
     limiter: RateLimiter | None = None,
 ) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json], client_max_size=MAX_BODY_BYTES)
+    metrics = GatewayMetrics()
+    app = web.Application(middlewares=[metrics.middleware(), errors_as_json], client_max_size=MAX_BODY_BYTES)
     app[STATE] = GatewayState(
+        metrics=metrics,
         keys=keys,
         publisher=publisher,
         adapter=adapter or SimulatedAdapter(),
@@ -356,6 +387,8 @@ def create_app(
     )
     app.router.add_post("/v1/ask", ask)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/feedback", feedback)
+    app.router.add_get("/metrics", metrics.handler)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

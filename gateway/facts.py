@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import orjson
 
@@ -19,8 +19,16 @@ from domain.pricing import Price, cost
 from gateway.adapters import Completion
 from gateway.auth import Principal
 from gateway.models import Message
-from streams.events import AuditRecorded, Envelope, Event, PolicyDecided, RequestReceived, TokensCharged
-from streams.ids import derived_uuid7
+from streams.events import (
+    AuditRecorded,
+    Envelope,
+    Event,
+    FeedbackReceived,
+    PolicyDecided,
+    RequestReceived,
+    TokensCharged,
+)
+from streams.ids import derived_uuid7, uuid7
 
 PRODUCER = "gateway"
 POLICY_VERSION = "builtin-allow-1"
@@ -108,3 +116,26 @@ def closing_facts(ctx: CallContext, completion: Completion, price: Price) -> tup
         details={"model": completion.model, "cost": str(charged.cost), "decision": "allow", "route": ctx.route},
     )
     return charged, audited
+
+
+def feedback_fact(
+    principal: Principal, request_id: str, score: float, label: str | None, trace_parent: str | None = None
+) -> FeedbackReceived:
+    """FeedbackReceived for the caller's tenant; each piece of feedback is its own fact."""
+    event_id = str(uuid7())
+    return FeedbackReceived(
+        envelope=Envelope(
+            event_id=event_id,
+            event_type="FeedbackReceived",
+            schema_version=1,
+            tenant=principal.tenant,
+            occurred_at=datetime.now(UTC),
+            correlation_id=request_id,
+            trace_parent=trace_parent,
+            producer=PRODUCER,
+        ),
+        request_id=request_id,
+        api_key_id=principal.key_id,
+        score=score,
+        label=label,
+    )

@@ -161,3 +161,18 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: ChatUsage | None = None
+
+
+class FeedbackRequest(BaseModel):
+    """`POST /v1/feedback`: a quality signal for one of the caller's own requests."""
+
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$",
+                            description="The request_id the gateway returned (a UUIDv7).")  # fmt: skip
+    score: float = Field(ge=0, le=1, description="1 is best.")
+    label: Literal["good", "wrong", "unsafe", "slow", "off_topic", "other"] | None = None
+
+
+class FeedbackResponse(BaseModel):
+    feedback_id: str
+    request_id: str

@@ -20,11 +20,14 @@ from gateway.models import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ErrorResponse,
+    FeedbackRequest,
+    FeedbackResponse,
 )
 
 API_VERSION = "1.0.0"
 MODELS: list[type[BaseModel]] = [
     AskRequest, AskResponse, AskDelta, ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, ErrorResponse,
+    FeedbackRequest, FeedbackResponse,
 ]  # fmt: skip
 
 
@@ -86,6 +89,19 @@ def document() -> dict[str, Any]:
                 "OpenAI-compatible chat completion", ChatCompletionRequest, ChatCompletion, ChatCompletionChunk,
                 "`data:` ChatCompletionChunk frames, then `data: [DONE]`.",
             ),
+            "/v1/feedback": {"post": {
+                "summary": "Record a quality signal for one of your requests",
+                "security": [{"bearer": []}, {"apiKey": []}],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(FeedbackRequest)}}},
+                "responses": {
+                    "202": {"description": "Recorded",
+                            "content": {"application/json": {"schema": _ref(FeedbackResponse)}}},
+                    **_errors(400, 401, 422, 503),
+                },
+            }},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
+                "description": "Prometheus text exposition",
+                "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
             "/healthz": {"get": {"summary": "Liveness", "responses": {"200": probe}}},
             "/readyz": {"get": {"summary": "Readiness: Kafka reachable, state loaded", "responses": {
                 "200": probe, "503": probe}}},

@@ -40,6 +40,7 @@ CATALOGUE: tuple[TopicSpec, ...] = (
     TopicSpec("token-charges", ("TokensCharged",)),
     TopicSpec("audit", ("AuditRecorded",)),
     TopicSpec("tenant-totals", ("TenantTotalsUpdated",), derived=True),
+    TopicSpec("feedback", ("FeedbackReceived",)),
     TopicSpec("api-keys", ("ApiKeyIssued", "ApiKeyRevoked"), compacted=True, partitions=1, keyed_by="key_id"),
 )
 

@@ -142,3 +142,36 @@ async def test_rate_limit_is_429_with_retry_after_and_records_nothing(publisher:
         assert int(denied.headers["Retry-After"]) >= 1
         assert "requests per minute" in (await denied.json())["error"]["message"]
     assert len(publisher.batches) == 2
+
+
+async def test_feedback_is_recorded_for_the_callers_tenant(client: TestClient, publisher: RecordingPublisher) -> None:
+    answer = await (await client.post("/v1/ask", json={"prompt": "rate me"}, headers=AUTH)).json()
+    resp = await client.post(
+        "/v1/feedback", json={"request_id": answer["request_id"], "score": 0.75, "label": "good"}, headers=AUTH
+    )
+    assert resp.status == 202
+    [fb] = publisher.batches[-1]
+    assert fb.event_type == "FeedbackReceived" and fb.tenant == "acme" and fb.score == 0.75  # type: ignore[attr-defined]
+    rid = answer["request_id"]
+    cases = [
+        ({"request_id": "nope", "score": 1}, "request_id"),
+        ({"request_id": rid, "score": 1.5}, "score"),
+        ({"request_id": rid, "score": 1, "label": "meh"}, "label"),
+    ]
+    for bad, field in cases:
+        r = await client.post("/v1/feedback", json=bad, headers=AUTH)
+        assert r.status == 422 and field in (await r.json())["error"]["fields"][0]
+    assert len(publisher.batches) == 2
+
+
+async def test_metrics_count_requests_with_bounded_labels(client: TestClient) -> None:
+    await client.post("/v1/ask", json={"prompt": "hi"}, headers=AUTH)
+    await client.post("/v1/ask", json={"prompt": "hi"})
+    for i in range(50):  # random paths must not create series
+        await client.get(f"/no/such/path/{i}")
+    text = await (await client.get("/metrics")).text()
+    assert 'ledgerflow_gateway_request_seconds_count{route="/v1/ask",status="200"} 1.0' in text
+    assert 'ledgerflow_gateway_request_seconds_count{route="/v1/ask",status="401"} 1.0' in text
+    assert text.count("/no/such/path") == 0
+    series = [ln for ln in text.splitlines() if ln.startswith("ledgerflow_gateway_request_seconds_count")]
+    assert len(series) <= 4
