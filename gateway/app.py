@@ -8,9 +8,11 @@ answer is withheld, so no answered call goes unrecorded.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,6 +23,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from domain.pricing import DEFAULT_PRICES, Price
+from domain.redaction import ALL_KINDS, StreamRedactor, redact
 from gateway.adapters import Adapter, Completion, SimulatedAdapter
 from gateway.auth import KeyStore, Principal, presented_key
 from gateway.facts import CallContext, closing_facts, feedback_fact, opening_facts
@@ -60,6 +63,7 @@ class GatewayState:
     ready_check: ReadyCheck
     oidc: OidcVerifier | None = None
     limiter: RateLimiter | None = None
+    redaction: Callable[[str], frozenset[str]] = lambda _tenant: ALL_KINDS
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
 
 
@@ -163,6 +167,17 @@ async def begin_call(request: web.Request, model_cls: type[M], route: str) -> tu
         known = ", ".join(sorted(m for m in state.adapter.models if m in state.prices))
         raise Rejected(error(400, "unknown_model", f"model {model!r} is not available; use one of: {known}", ["model"]))
     messages = req.as_messages()  # type: ignore[attr-defined]
+    kinds = state.redaction(principal.tenant)
+    counts: Counter[str] = Counter()
+    chars = 0
+    if kinds:  # masked before anything else sees the prompt: events, logs, the adapter
+        masked = []
+        for m in messages:
+            r = redact(m.content, kinds)
+            counts.update(r.counts)
+            chars += r.redacted_chars
+            masked.append(Message(role=m.role, content=r.text) if r.counts else m)
+        messages = masked
     if state.limiter is not None:
         decision = await state.limiter.acquire(principal.tenant, tokens=estimate_tokens(messages))
         if not decision.allowed:
@@ -177,6 +192,9 @@ async def begin_call(request: web.Request, model_cls: type[M], route: str) -> tu
         model_hint=hint,
         model=model,
         trace_parent=request.headers.get("traceparent"),
+        redact_kinds=kinds,
+        redactions=tuple(sorted(counts.items())),
+        redacted_chars=chars,
     )
     return req, ctx, price
 
@@ -241,6 +259,8 @@ async def answer_whole(
         completion = await state.adapter.complete(ctx.model, ctx.messages)
     except UpstreamError as exc:
         return upstream_error(exc)
+    if ctx.redact_kinds:
+        completion = dataclasses.replace(completion, text=redact(completion.text, ctx.redact_kinds).text)
     await settle_usage(state, ctx, completion)
     charged, audited = closing_facts(ctx, completion, price)
     failed = await record(state, [*opening_facts(ctx), charged, audited], started, ctx.request_id)
@@ -293,14 +313,22 @@ async def stream_answer(
         return upstream_error(exc)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    pieces: list[str] = []
+    pieces: list[str] = []  # what the model said (usage is counted on it)
+    masker = StreamRedactor(ctx.redact_kinds) if ctx.redact_kinds else None
+
+    async def emit(piece: str) -> None:
+        pieces.append(piece)
+        safe = masker.feed(piece) if masker else piece  # a secret split across pieces is still caught
+        if safe:
+            await resp.write(frames.delta(safe))
+
     try:
         if first is not None:
-            pieces.append(first)
-            await resp.write(frames.delta(first))
+            await emit(first)
         async for piece in stream:
-            pieces.append(piece)
-            await resp.write(frames.delta(piece))
+            await emit(piece)
+        if masker is not None and (rest := masker.flush()):
+            await resp.write(frames.delta(rest))
     except UpstreamError as exc:
         log.warning("request %s: upstream stream broke: %s", ctx.request_id, exc.code)
         await resp.write(frames.failure(f"the model stopped answering ({exc.code}); the answer is incomplete"))
@@ -316,7 +344,8 @@ async def stream_answer(
         await resp.write(frames.failure("the event log did not accept the charge; the answer is incomplete"))
         await resp.write_eof()
         return resp
-    await resp.write(frames.done(completion, price))
+    shown = "".join(pieces) if masker is None else redact(completion.text, ctx.redact_kinds).text
+    await resp.write(frames.done(dataclasses.replace(completion, text=shown), price))
     await resp.write_eof()
     return resp
 
@@ -370,6 +399,7 @@ def create_app(
     publish_timeout: float = 1.8,
     oidc: OidcVerifier | None = None,
     limiter: RateLimiter | None = None,
+    redaction: Callable[[str], frozenset[str]] | None = None,
 ) -> web.Application:
     metrics = GatewayMetrics()
     app = web.Application(middlewares=[metrics.middleware(), errors_as_json], client_max_size=MAX_BODY_BYTES)
@@ -384,6 +414,7 @@ def create_app(
         ready_check=ready_check,
         oidc=oidc,
         limiter=limiter,
+        redaction=redaction or (lambda _tenant: ALL_KINDS),
     )
     app.router.add_post("/v1/ask", ask)
     app.router.add_post("/v1/chat/completions", chat_completions)

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 import orjson
 
 from domain.pricing import Price, cost
+from domain.redaction import RULESET_VERSION
 from gateway.adapters import Completion
 from gateway.auth import Principal
 from gateway.models import Message
@@ -26,6 +27,7 @@ from streams.events import (
     FeedbackReceived,
     PolicyDecided,
     RequestReceived,
+    RequestRedacted,
     TokensCharged,
 )
 from streams.ids import derived_uuid7, uuid7
@@ -46,6 +48,9 @@ class CallContext:
     model_hint: str | None
     model: str
     trace_parent: str | None = None
+    redact_kinds: frozenset[str] = frozenset()  # what the tenant's policy masks, in prompts and answers
+    redactions: tuple[tuple[str, int], ...] = ()  # spans masked in the prompt, by kind
+    redacted_chars: int = 0
 
     def envelope(self, event_type: str, causation: str | None = None) -> Envelope:
         return Envelope(
@@ -90,7 +95,17 @@ def opening_facts(ctx: CallContext) -> list[Event]:
         determining_policies=["default-allow"],
         input_sha256=hashlib.sha256(decision_input).hexdigest(),
     )
-    return [received, decided]
+    if not ctx.redactions:
+        return [received, decided]
+    redacted = RequestRedacted(
+        envelope=ctx.envelope("RequestRedacted", received.envelope.event_id),
+        request_id=ctx.request_id,
+        counts_by_kind=dict(ctx.redactions),
+        redacted_chars=ctx.redacted_chars,
+        action="masked",
+        ruleset_version=RULESET_VERSION,
+    )
+    return [received, redacted, decided]
 
 
 def closing_facts(ctx: CallContext, completion: Completion, price: Price) -> tuple[TokensCharged, AuditRecorded]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 from confluent_kafka import KafkaException
 
 from domain.pricing import Price
+from domain.redaction import ALL_KINDS
 from gateway.app import create_app
 from gateway.auth import KeyStore
 from gateway.keycatalog import KeyCatalog
@@ -56,6 +58,17 @@ class KafkaReadiness:
         if not self._publisher.ready:
             return False, f"transactional producer not initialised yet: {self._publisher.last_error or 'starting'}"
         return True, f"kafka {self._bootstrap}"
+
+
+def redaction_policy(settings: Settings) -> Callable[[str], frozenset[str]]:
+    """Tenant → kinds to mask; unknown kinds are refused at start, not at the first request."""
+    default = ALL_KINDS if settings.redact_kinds is None else frozenset(settings.redact_kinds)
+    per_tenant = {t: frozenset(k) for t, k in settings.redact_by_tenant.items()}
+    for kinds in (default, *per_tenant.values()):
+        unknown = kinds - ALL_KINDS
+        if unknown:
+            raise ValueError(f"unknown redaction kinds {sorted(unknown)}; known: {sorted(ALL_KINDS)}")
+    return lambda tenant: per_tenant.get(tenant, default)
 
 
 def build_registry(settings: Settings) -> Registry:
@@ -113,6 +126,7 @@ def build(settings: Settings) -> tuple[web.Application, FactPublisher]:
         oidc=oidc,
         limiter=limiter,
         adapter=registry.as_adapter(),
+        redaction=redaction_policy(settings),
         prices=registry.prices(),
     )
 

@@ -108,6 +108,12 @@ class Settings(BaseSettings):
     rate_tokens_per_min: int = Field(2_000_000, ge=0, description="Per-tenant token rate limit (0 = none).")
     rate_fail_open: bool = Field(True, description="Admit requests (and log) when Redis is unreachable.")
 
+    redact_kinds: list[str] | None = Field(
+        None, description="What to mask in prompts and answers (None = every kind; [] = nothing)."
+    )
+    redact_by_tenant: dict[str, list[str]] = Field(
+        default_factory=dict, description="Per-tenant override of redact_kinds."
+    )
     egress_allowed_hosts: list[str] = Field(default_factory=list, description="Hosts adapters may call; no others.")
     upstreams: list[UpstreamConfig] = Field(default_factory=list, description="OpenAI-compatible model upstreams.")
 

@@ -35,7 +35,7 @@ class TopicSpec:
 
 
 CATALOGUE: tuple[TopicSpec, ...] = (
-    TopicSpec("requests", ("RequestReceived",)),
+    TopicSpec("requests", ("RequestReceived", "RequestRedacted")),
     TopicSpec("policy-decisions", ("PolicyDecided",)),
     TopicSpec("token-charges", ("TokensCharged",)),
     TopicSpec("audit", ("AuditRecorded",)),

@@ -204,3 +204,52 @@ def test_openai_client_gets_a_normal_and_a_streamed_answer(platform: Platform) -
     )
     whole_id = whole.id.removeprefix("chatcmpl-")
     assert platform.scalar(f"SELECT model FROM tokens_charged WHERE request_id = '{whole_id}'") == "sim-large"
+
+
+PLANTED = [
+    "jane.doe@example.com",
+    "4111 1111 1111 1111",
+    "AKIAIOSFODNN7EXAMPLE",
+    "GB82WEST12345698765432",
+    "+44 20 7946 0958",
+    "203.0.113.77",
+    "sk-proj-Zq8XkT3vLm9PwRb2NcYd4HsAe7Gu",
+]
+
+
+def test_planted_secrets_never_reach_an_event_or_a_log_line(platform: Platform) -> None:
+    """Prompts carrying PII and secrets: masked before any event, log line or adapter sees them."""
+    from tests.kafka_helpers import read_all
+
+    prompt = "Please help. " + " and ".join(PLANTED)
+    bodies: list[tuple[str, object]] = [
+        (DEMO_KEYS["acme"], {"prompt": prompt}),
+        (DEMO_KEYS["acme"], {"prompt": prompt, "stream": True}),
+        (DEMO_KEYS["initech"], {"messages": [{"role": "user", "content": prompt}], "model": "sim-large"}),
+    ]
+
+    async def send() -> list[int]:
+        async with aiohttp.ClientSession() as session:
+            out = []
+            for key, body in bodies:
+                async with session.post(
+                    f"{platform.settings.gateway_url}/v1/ask", json=body, headers={"X-API-Key": key}
+                ) as resp:
+                    text = await resp.text()
+                    assert not any(s in text for s in PLANTED), text
+                    out.append(resp.status)
+            return out
+
+    assert asyncio.run(send()) == [200, 200, 200]
+    wait_for(lambda: int(platform.scalar("SELECT count() FROM request_redacted")) >= 3, what="redaction facts")
+    kinds = platform.sql("SELECT arrayJoin(mapKeys(counts_by_kind)) AS k FROM request_redacted GROUP BY k ORDER BY k")
+    assert {k[0] for k in kinds} >= {"email", "card_number", "api_key", "iban", "phone", "ip_address"}
+    topics = platform.topics
+    names = topics.all() + [topics.dlq(t) for t in topics.all()]
+    records = read_all(platform.settings.bootstrap, names, expect=1, timeout=10)
+    assert records
+    blob = b"".join((m.value() or b"") + (m.key() or b"") for m in records)
+    logs = b"".join(p.read_bytes() for p in (platform.settings.resolved_data_dir / "logs").glob("*.log"))
+    for secret in PLANTED:
+        assert secret.encode() not in blob, f"{secret} reached Kafka"
+        assert secret.encode() not in logs, f"{secret} reached a log"

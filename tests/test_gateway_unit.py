@@ -175,3 +175,15 @@ async def test_metrics_count_requests_with_bounded_labels(client: TestClient) ->
     assert text.count("/no/such/path") == 0
     series = [ln for ln in text.splitlines() if ln.startswith("ledgerflow_gateway_request_seconds_count")]
     assert len(series) <= 4
+
+
+async def test_prompt_is_masked_before_events_and_redaction_is_recorded(
+    client: TestClient, publisher: RecordingPublisher
+) -> None:
+    secret = "AKIAIOSFODNN7EXAMPLE"
+    resp = await client.post("/v1/ask", json={"prompt": f"my key is {secret} mail me at a.b@example.org"}, headers=AUTH)
+    assert resp.status == 200
+    [batch] = publisher.batches
+    assert [e.event_type for e in batch][:3] == ["RequestReceived", "RequestRedacted", "PolicyDecided"]
+    assert batch[1].counts_by_kind == {"api_key": 1, "email": 1}  # type: ignore[attr-defined]
+    assert secret not in repr(batch)
