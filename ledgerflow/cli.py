@@ -1,4 +1,4 @@
-"""`ledgerflow` command line: up, down, status, query, demo.
+"""`ledgerflow` command line: up, down, status, query, demo, keys, dlq, replay.
 
 The only module that knows every side; it starts them as processes and talks to them over
 Kafka and HTTP, so each side stays a separate, separately scalable process.
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start Kafka (if none configured), the agents, the sink and the gateway")
     up.add_argument("--demo", type=int, default=0, metavar="N", help="after start, send N sample requests")
     up.add_argument("--exit-after-demo", action="store_true", help="stop everything once the demo has printed")
+    up.add_argument("--poison", action="store_true", help="with --demo: also produce one hand-made poison record")
     sub.add_parser("down", help="stop what `up` started")
     sub.add_parser("status", help="processes, topics and consumer lag")
     q = sub.add_parser("query", help="run read-only SQL against the projections")
@@ -57,6 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     rd.add_argument("ids", nargs="*")
     rd.add_argument("--all", action="store_true")
     rd.add_argument("--dry-run", action="store_true")
+    rp = sub.add_parser(
+        "replay",
+        help="rebuild projections into a fresh database from the log (progress bar, ETA), or --check it",
+        description="Rebuild projections from the Kafka log into another database, inside the projections "
+        "service; with --check, compare that database with the live one table by table.",
+    )
+    rp.add_argument("--into", required=True, metavar="DB", help="database to rebuild into (not the live one)")
+    rp.add_argument("--since", metavar="T", help="keep only events with occurred_at >= T (ISO-8601, UTC if no offset)")
+    rp.add_argument("--tables", metavar="t1,t2", help="only these tables (default: every projection table)")
+    rp.add_argument("--check", action="store_true", help="compare DB with the live database; exit 1 if they differ")
+    rp.add_argument("--replace", action="store_true", help="drop DB first (default: continue what DB holds)")
     args = parser.parse_args(argv)
     try:
         settings = load()
@@ -65,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "up":
-            return cmd_up(settings, args.demo, args.exit_after_demo)
+            return cmd_up(settings, args.demo, args.exit_after_demo, args.poison)
         if args.command == "down":
             return cmd_down(settings)
         if args.command == "status":
@@ -87,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 2
             return dlq.cmd_redrive(settings, args.ids, args.all, args.dry_run)
+        if args.command == "replay":
+            return cmd_replay(settings, args)
     except PlatformError as exc:
         print(f"ledgerflow: {exc}", file=sys.stderr)
         return 1
@@ -179,7 +193,7 @@ def children(settings: Settings) -> list[Child]:
     ]
 
 
-def cmd_up(settings: Settings, demo_n: int, exit_after_demo: bool) -> int:
+def cmd_up(settings: Settings, demo_n: int, exit_after_demo: bool, poison: bool = False) -> int:
     existing = read_state(state_file(settings))
     if existing and pid_alive(existing.get("supervisor_pid")):
         raise PlatformError(f"already running (pid {existing['supervisor_pid']}); `ledgerflow down` stops it")
@@ -213,7 +227,7 @@ def cmd_up(settings: Settings, demo_n: int, exit_after_demo: bool) -> int:
         print(f"clickhouse:  {settings.store_url} (SQL over {settings.projections_url})", flush=True)
         print("ready. `ledgerflow demo` sends traffic; `ledgerflow status` shows lag; Ctrl-C stops.", flush=True)
         if demo_n:
-            demo_mod.run(settings, demo_n)
+            demo_mod.run(settings, demo_n, poison=poison)
         if not exit_after_demo:
             sup.run()
     finally:
@@ -336,6 +350,22 @@ def cmd_status(settings: Settings) -> int:
             if p.lag:
                 print(f"    {p.topic}[{p.partition}] committed {p.committed} end {p.end} lag {p.lag}")
     return 0
+
+
+def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    """`replay --into DB [...]` rebuilds through the projections service; `--check` compares."""
+    from ledgerflow import replay
+
+    try:
+        if args.check:
+            if args.replace:
+                print("--replace rebuilds; it does not go with --check", file=sys.stderr)
+                return 2
+            return replay.run_check(settings, query_text, args.into, args.tables, args.since)
+        return replay.run(settings, args.into, args.tables, args.since, args.replace)
+    except replay.ReplayError as exc:
+        print(f"ledgerflow replay: {exc}", file=sys.stderr)
+        return exc.code
 
 
 def cmd_query(settings: Settings, sql: str, fmt: str) -> int:

@@ -98,7 +98,8 @@ def run(settings: Settings, n: int, timeout: float = 120.0, poison: bool = False
         if time.monotonic() > deadline:
             raise PlatformError(f"projections did not catch up within {timeout:.0f}s; see `ledgerflow status`")
         time.sleep(0.5)
-    counts = " UNION ALL ".join(f"SELECT '{t}' AS table, count() AS rows FROM {t}" for t in FACT_TABLES)
+    union = " UNION ALL ".join(f"SELECT '{t}' AS table, count() AS rows FROM {t}" for t in FACT_TABLES)
+    counts = f"SELECT * FROM ({union}) ORDER BY table"
     print("\nrows per table:")
     print(query_text(settings, counts, "PrettyCompactMonoBlock"), end="")
     print("\nper-tenant totals (agent) vs sum of raw charges:")
