@@ -6,10 +6,12 @@ half-recorded. Here every `publish(events)` call lands all its events or none: t
 produced inside one Kafka transaction, and every consumer reads with
 `isolation.level=read_committed`, so an aborted transaction is never seen.
 
-Why group commit: a transaction costs a few round trips to the coordinator. One thread owns
-the producer; callers enqueue their events and wait; the thread takes everything queued
-(up to `max_batch`) into one transaction, so throughput grows with concurrency instead of
-paying one commit per request.
+Why group commit: a transaction costs a few round trips to the coordinator. A few threads
+("lanes") each own a producer; callers enqueue their events and wait; a free lane takes
+everything queued (up to `max_batch`) into one transaction, so throughput grows with
+concurrency instead of paying one commit per request, and a batch need not wait for the
+previous batch's commit to finish. One lane is the default: on a 2-core machine sharing the
+broker, 3 lanes gave no better p99 (see BENCHMARKS.md) and cost the broker more CPU.
 
 Double counting: the producer is idempotent (acks=all), so the broker drops its own retries.
 A commit that times out has an unknown outcome; the caller is told it failed (the gateway
@@ -70,6 +72,7 @@ class FactPublisher:
         linger: float = 0.002,
         max_batch: int = 1000,
         transaction_timeout_ms: int = 10_000,
+        lanes: int = 1,
     ) -> None:
         self._conf = {
             "bootstrap.servers": bootstrap,
@@ -91,9 +94,7 @@ class FactPublisher:
         self._linger = linger
         self._max_batch = max_batch
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
-        self._producer: Producer | None = None  # initialised and owned by the thread
-        self._initing: Producer | None = None  # being initialised (init_transactions can be retried)
-        self._thread = threading.Thread(target=self._run, name="fact-publisher", daemon=True)
+        self._lanes = [_Lane(self, self._conf, n) for n in range(lanes)]
         self._started = False
         self.last_ok: float = 0.0  # monotonic time of the last successful commit
         self.last_error: str | None = None
@@ -101,14 +102,16 @@ class FactPublisher:
     def start(self) -> None:
         if not self._started:
             self._started = True
-            self._thread.start()
+            for lane in self._lanes:
+                lane.thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
         if self._started:
             self._queue.put(None)
-            self._thread.join(timeout)
-        if self._producer is not None:
-            self._producer.flush(timeout)
+            for lane in self._lanes:
+                lane.thread.join(timeout)
+        for lane in self._lanes:
+            lane.flush(timeout)
 
     def encode(self, events: Sequence[Event]) -> list[_Record]:
         """Encode outside the producer thread: (topic, key, value, headers) per event."""
@@ -129,12 +132,35 @@ class FactPublisher:
         self._queue.put(_Pending(self.encode(events), time.monotonic() + timeout, loop, fut))
         await fut
 
-    # --- producer thread -------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """True once a transactional producer is initialised (the first init can take seconds)."""
+        return any(lane.ready for lane in self._lanes)
+
+
+class _Lane:
+    """One transactional producer and the thread that owns it.
+
+    Several lanes take batches from the same queue, so one batch can be produced while the
+    previous one is still committing: a commit's round trips no longer queue every request
+    behind them. Each lane has its own transactional.id (`<id>-<n>`); a batch is still one
+    transaction, so a request's facts still land together.
+    """
+
+    def __init__(self, pub: FactPublisher, conf: dict[str, object], n: int) -> None:
+        self._pub = pub
+        self._conf = {**conf, "transactional.id": f"{conf['transactional.id']}-{n}"}
+        self._producer: Producer | None = None  # initialised and owned by the thread
+        self._initing: Producer | None = None  # being initialised (init_transactions can be retried)
+        self.thread = threading.Thread(target=self._run, name=f"fact-publisher-{n}", daemon=True)
 
     @property
     def ready(self) -> bool:
-        """True once the transactional producer is initialised (the first init can take seconds)."""
         return self._producer is not None
+
+    def flush(self, timeout: float) -> None:
+        if self._producer is not None:
+            self._producer.flush(timeout)
 
     def _run(self) -> None:
         while True:
@@ -142,23 +168,24 @@ class FactPublisher:
                 # Not initialised: warm up in short slices between polls, so a call queued
                 # meanwhile still gets its answer within its deadline.
                 try:
-                    first = self._queue.get(timeout=0.05)
+                    first = self._pub._queue.get(timeout=0.05)
                 except queue.Empty:
                     self._try_init(1.0)
                     continue
             else:
-                first = self._queue.get()
+                first = self._pub._queue.get()
             if first is None:
+                self._pub._queue.put(None)  # let the other lanes see it too
                 return
             batch = [first]
-            stop = time.monotonic() + self._linger
-            while len(batch) < self._max_batch:
+            stop = time.monotonic() + self._pub._linger
+            while len(batch) < self._pub._max_batch:
                 try:
-                    item = self._queue.get(timeout=max(0.0, stop - time.monotonic()))
+                    item = self._pub._queue.get(timeout=max(0.0, stop - time.monotonic()))
                 except queue.Empty:
                     break
                 if item is None:
-                    self._queue.put(None)
+                    self._pub._queue.put(None)
                     break
                 batch.append(item)
             self._commit(batch)
@@ -180,14 +207,14 @@ class FactPublisher:
                     producer.produce(topic, value=value, key=key, headers=headers)
             producer.commit_transaction(max(0.05, deadline - time.monotonic()))
         except (KafkaException, BufferError, PublishFailed) as exc:
-            self.last_error = _describe(exc)
-            log.warning("publish failed, %d calls get 503: %s", len(live), self.last_error)
+            self._pub.last_error = _describe(exc)
+            log.warning("publish failed, %d calls get 503: %s", len(live), self._pub.last_error)
             self._discard_producer()
             for p in live:
-                _resolve(p, PublishFailed(self.last_error))
+                _resolve(p, PublishFailed(self._pub.last_error))
             return
-        self.last_ok = time.monotonic()
-        self.last_error = None
+        self._pub.last_ok = time.monotonic()
+        self._pub.last_error = None
         for p in live:
             _resolve(p, None)
 
@@ -200,7 +227,7 @@ class FactPublisher:
             # the coordinator abort its open transaction: no half-commit survives a restart.
             self._initing.init_transactions(timeout)
         except KafkaException as exc:
-            self.last_error = f"event log unreachable: {_describe(exc)}"
+            self._pub.last_error = f"event log unreachable: {_describe(exc)}"
             if not exc.args[0].retriable():
                 self._initing = None  # start over with a fresh producer next time
             return
@@ -210,7 +237,7 @@ class FactPublisher:
         if self._producer is None:
             self._try_init(max(0.05, deadline - time.monotonic()))
         if self._producer is None:
-            raise PublishFailed(self.last_error or "event log unreachable")
+            raise PublishFailed(self._pub.last_error or "event log unreachable")
         return self._producer
 
     def _discard_producer(self) -> None:
