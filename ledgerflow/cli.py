@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--since", metavar="T", help="keep only events with occurred_at >= T (ISO-8601, UTC if no offset)")
     rp.add_argument("--tables", metavar="t1,t2", help="only these tables (default: every projection table)")
     rp.add_argument("--check", action="store_true", help="compare DB with the live database; exit 1 if they differ")
-    rp.add_argument("--replace", action="store_true", help="drop DB first (default: continue what DB holds)")
+    rp.add_argument("--replace", action="store_true", help="drop DB first (a DB holding rows is refused otherwise)")
     args = parser.parse_args(argv)
     try:
         settings = load()

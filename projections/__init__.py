@@ -6,7 +6,8 @@ by one process only, so the same process serves read-only SQL to everybody else.
 
 Modules: `store` (open a ClickHouse/chDB client), `migrations` (versioned DDL), `schema`
 (event → row, pure), `sqlguard` (read-only SQL checks, pure), `sink` (the consumer),
-`service` (the process: migrations, sink thread, HTTP SQL endpoint).
+`replay` (rebuild tables into another database from the log, and checksum-compare them),
+`service` (the process: migrations, sink thread, replay jobs, HTTP SQL endpoint).
 Dependencies point one way: this package imports `streams` (and may import `domain`), never
 `ledgerflow`, `gateway` or `agents`; settings arrive as plain parameters.
 """

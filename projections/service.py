@@ -13,7 +13,12 @@ settings change (so `SETTINGS readonly=0` in a query fails). `sqlguard` adds wha
 does not cover in clickhouse-local: one statement only, no INTO OUTFILE, no file() & co.
 Settings sent as URL parameters are ignored (a `readonly` other than 1 is refused).
 
-Endpoints: `/` (SQL, GET ?query= or POST body), `/ping`, `/readyz`, `/status`.
+Endpoints: `/` (SQL, GET ?query= or POST body), `/ping`, `/readyz`, `/status`, and replay
+(`projections/replay.py`; it runs here because in embedded mode only this process may write
+the store): `POST /replay` {"into", "tables", "since", "replace"} starts one background
+rebuild (202; 400 for a bad request, naming the fix; 409 while one runs or when `into` holds
+rows and `replace` is not set; 503 without Kafka),
+`GET /replay/status` reports it, `DELETE /replay` cancels it.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from aiohttp import web
 from clickhouse_connect.driver.client import Client
 
 from projections.migrations import applied, migrate
+from projections.replay import BadReplayRequest, ReplayJob, TargetNotEmpty, idle_status, parse_request, target_check
 from projections.sink import Sink
 from projections.sqlguard import UnsafeQuery, prepare_read_query
 from projections.store import check_identifier, open_store
@@ -216,8 +222,16 @@ def redact(url: str) -> str:
     return url
 
 
+class ReplayRefused(Exception):
+    """A replay that cannot start now: HTTP `status` and a message that says why."""
+
+    def __init__(self, status: int, message: str, job: ReplayJob | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.job = status, message, job
+
+
 class ProjectionService:
-    """Migrations, the sink thread and the read-only SQL endpoint over one store."""
+    """Migrations, the sink thread, replays and the read-only SQL endpoint over one store."""
 
     def __init__(
         self,
@@ -256,6 +270,8 @@ class ProjectionService:
         self.sink_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.replay_job: ReplayJob | None = None
+        self._replay_lock = threading.Lock()
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -299,6 +315,11 @@ class ProjectionService:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the sink (its final flush and commit happen in its thread), then close stores."""
         self._stop.set()
+        job = self.replay_job
+        if job is not None and job.active:
+            job.cancel()
+            if not job.join(timeout):
+                log.warning("replay into %s did not stop within %.0fs", job.request.into, timeout)
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
@@ -338,7 +359,41 @@ class ProjectionService:
             "migrations": self.migrations,
             "sql_endpoint": self.reader is not None,
             "sink": sink,
+            "replay": self.replay_job.status() if self.replay_job else None,
         }
+
+    # --- replay -----------------------------------------------------------------------
+
+    def start_replay(self, body: Any) -> ReplayJob:
+        """Validate and start a rebuild in the background; BadReplayRequest or ReplayRefused otherwise."""
+        if not self.bootstrap:
+            raise ReplayRefused(503, "this projections service has no Kafka bootstrap: start it with --bootstrap")
+        if not self.migrated.is_set():
+            raise ReplayRefused(503, "projections service is starting (migrations); retry shortly")
+        request = parse_request(body, self.database)
+        with self._replay_lock:
+            running = self.replay_job
+            if running is not None and running.active:
+                raise ReplayRefused(
+                    409,
+                    f"a replay into {running.request.into!r} is running: wait for it (GET /replay/status) "
+                    "or cancel it (DELETE /replay)",
+                    running,
+                )
+            try:
+                target_check(self.store_url, request)
+            except TargetNotEmpty as exc:
+                raise ReplayRefused(409, str(exc)) from None
+            job = ReplayJob(
+                request,
+                store_url=self.store_url,
+                bootstrap=self.bootstrap,
+                topics=self.topics,
+                batch_max=max(self.batch_max, 20000),
+            )
+            job.start()
+            self.replay_job = job
+        return job
 
     # --- HTTP -------------------------------------------------------------------------
 
@@ -347,6 +402,9 @@ class ProjectionService:
         app.router.add_get("/ping", self._ping)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._status)
+        app.router.add_post("/replay", self._replay_start)
+        app.router.add_get("/replay/status", self._replay_status)
+        app.router.add_delete("/replay", self._replay_cancel)
         app.router.add_get("/", self._sql)
         app.router.add_post("/", self._sql)
         return app
@@ -360,6 +418,35 @@ class ProjectionService:
 
     async def _status(self, _request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(self.status()), content_type="application/json")
+
+    @staticmethod
+    def _json(status: int, body: dict[str, Any]) -> web.Response:
+        return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+    async def _replay_start(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError as exc:
+            return self._json(400, {"error": f'the body is not JSON ({exc}): send {{"into": "db"}}'})
+        try:
+            job = self.start_replay(body)
+        except BadReplayRequest as exc:
+            return self._json(400, {"error": str(exc)})
+        except ReplayRefused as exc:
+            return self._json(exc.status, {"error": exc.message, "status": exc.job.status() if exc.job else None})
+        return self._json(202, job.status())
+
+    async def _replay_status(self, _request: web.Request) -> web.Response:
+        job = self.replay_job
+        return self._json(200, job.status() if job else idle_status())
+
+    async def _replay_cancel(self, _request: web.Request) -> web.Response:
+        job = self.replay_job
+        if job is None or not job.active:
+            return self._json(409, {"error": "no replay is running", "status": job.status() if job else idle_status()})
+        job.cancel()
+        return self._json(202, job.status())
 
     def _error(self, err: QueryError, query_id: str) -> web.Response:
         version = self.reader.version if self.reader else "unknown"

@@ -25,6 +25,15 @@ that read group lag. The numbered steps below each state the guarantee they prov
 (5) The Kafka offset (last+1) is committed synchronously only after the insert succeeded; a
     failed commit is logged and ignored, (1) makes it harmless.
 
+Partial sinks (replay, `projections/replay.py`): `subscribe` limits the topics read; `keep`
+refuses records by table, time or offset (consumed, never landed, never dead-lettered); with
+`produce_dead_letters=False` dead letters are landed in `dead_letters` but not produced again
+(the live sink already put them on the DLQ topic). (1)-(5) hold unchanged for what is kept:
+a refused record has no row, so it cannot move max(_offset); every kept record ≤ max is
+still landed, and a record refused once is refused again after a restart, provided the same
+`keep` is used against the same database (replay only ever fills an empty database, with a
+fresh group).
+
 Back-pressure: a failed insert pauses that partition (no more fetching, so memory stays at
 one run plus at most one poll's records), keeps the run, retries with capped exponential
 backoff and resumes when the insert succeeds. Other partitions keep flowing.
@@ -39,6 +48,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -56,6 +66,12 @@ log = logging.getLogger(__name__)
 
 _BACKOFF_BASE = 0.1
 _POLL_BATCH = 500
+
+RecordFilter = Callable[[str, Sequence[str], Sequence[Any]], bool]
+"""`keep(table, columns, row)`: False = the record is consumed but not landed (see module doc).
+
+`row` is laid out as `columns` (an event table's `columns_for` or `DEAD_LETTER_COLUMNS`); both
+end with `_topic, _partition, _offset`."""
 
 
 @dataclass
@@ -111,7 +127,7 @@ class SinkError(RuntimeError):
 
 
 class Sink:
-    """Consumes every catalogue topic and lands events in their tables (see module doc)."""
+    """Consumes the catalogue topics (or `subscribe`'s subset) and lands events in their tables (see module doc)."""
 
     def __init__(
         self,
@@ -125,8 +141,17 @@ class Sink:
         *,
         max_backoff: float = 5.0,
         consumer_config: dict[str, Any] | None = None,
+        subscribe: Sequence[str] | None = None,
+        keep: RecordFilter | None = None,
+        produce_dead_letters: bool = True,
     ) -> None:
         self.topics = topics
+        self.subscribed = list(subscribe) if subscribe is not None else topics.all()
+        unknown = [t for t in self.subscribed if topics.spec_for(t) is None]
+        if unknown:
+            raise ValueError(f"not catalogue topics of prefix {topics.prefix!r}: {unknown}")
+        self._keep = keep
+        self._produce_dlq = produce_dead_letters
         self.group = group
         self.batch_max = max(1, batch_max)
         self.batch_s = max(1, batch_ms) / 1000.0
@@ -158,6 +183,7 @@ class Sink:
         # counters (read by /status)
         self.rows_inserted = 0
         self.dead_lettered = 0
+        self.refused = 0  # consumed but refused by `keep`
         self.batches = 0
         self.insert_failures = 0
         self.commit_failures = 0
@@ -165,7 +191,7 @@ class Sink:
         self.last_error: str | None = None
         self.assigned = threading.Event()  # set once the group gave us an assignment
         self._consumer.subscribe(
-            topics.all(), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+            self.subscribed, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
 
     # --- step 1: resume from ClickHouse -------------------------------------------------
@@ -312,7 +338,7 @@ class Sink:
             return True
         token = f"{p.topic}-{p.partition}-{run.first}-{run.last}"
         try:
-            if run.dead and not run.dlq_sent:
+            if run.dead and not run.dlq_sent and self._produce_dlq:
                 self._produce_dead_letters(p.topic, run.dead)  # (3) DLQ topic first, acknowledged
                 run.dlq_sent = True
             # (4) one insert per run; a retry of the same run carries the same token → deduplicated
@@ -411,7 +437,10 @@ class Sink:
         for msg in msgs:
             err = msg.error()
             if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF and self.last_error != f"consumer: {err.str()}":
+                if err.code() == KafkaError._PARTITION_EOF:  # only with enable.partition.eof (replay)
+                    self._reached_end(msg)
+                    continue
+                if self.last_error != f"consumer: {err.str()}":
                     log.warning("consumer error: %s", err)  # once per distinct error, not per poll
                     self.last_error = f"consumer: {err.str()}"
                 continue
@@ -421,13 +450,24 @@ class Sink:
             if part is None or part.unresolved or offset < part.next_offset:
                 continue  # not ours any more, start not known yet (refetched after the seek), or a redelivery
             part.next_offset = offset + 1
-            part.backlog.append(self._decode(msg))
+            rec = self._decode(msg)
+            if self._keep is not None and not self._keep(rec.table, rec.columns, rec.row):
+                self.refused += 1  # no row: cannot move (1)'s max, and is refused again on a re-read
+                continue
+            part.backlog.append(rec)
             touched.add(key)
         for p in list(self._parts.values()):
             if not p.paused and ((p.topic, p.partition) in touched or p.run is not None):
                 self._drain(p)
             self._commit_idle(p, now)
         return len(msgs)
+
+    def _reached_end(self, msg: Message) -> None:
+        """The fetcher reached the partition's end: every record below it was delivered before this event."""
+        part = self._parts.get((msg.topic() or "", msg.partition() or 0))
+        end = msg.offset()
+        if part is not None and not part.unresolved and end is not None and end > part.next_offset:
+            part.next_offset = end  # skips trailing transaction markers and compacted-away offsets
 
     def run_once(self) -> int:
         """`poll_once` with the default timeout (for tests and simple loops)."""
@@ -448,6 +488,24 @@ class Sink:
 
     def pending_rows(self) -> int:
         return sum(p.pending_rows() for p in list(self._parts.values()))
+
+    def positions(self) -> dict[tuple[str, int], int]:
+        """(topic, partition) → how far the sink has read each assigned partition (next offset wanted).
+
+        The larger of the consumer's position (which moves past transaction markers) and the
+        sink's own next offset (set by step 1's resume point and, with `enable.partition.eof`,
+        by reaching the end), so it reaches a partition's end offset even when the last offsets
+        hold no record. Call it from the thread that drives the sink.
+        """
+        with self._lock:
+            parts = [p for p in self._parts.values() if not p.unresolved]
+        out = {(p.topic, p.partition): p.next_offset for p in parts if p.next_offset >= 0}
+        if parts:
+            for tp in self._consumer.position([p.tp for p in parts]):
+                if tp.offset >= 0 and tp.topic is not None:
+                    key = (tp.topic, tp.partition)
+                    out[key] = max(out.get(key, 0), tp.offset)
+        return out
 
     def close(self) -> None:
         """Final flush (one attempt per partition) and commit, then leave the group."""
@@ -475,6 +533,7 @@ class Sink:
             "pending_rows": sum(p.pending_rows() for p in parts),
             "rows_inserted": self.rows_inserted,
             "dead_lettered": self.dead_lettered,
+            "refused": self.refused,
             "batches": self.batches,
             "insert_failures": self.insert_failures,
             "commit_failures": self.commit_failures,
