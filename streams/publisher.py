@@ -88,6 +88,7 @@ class FactPublisher:
             # commit's markers are written; the default 100 ms retry backoff then dominates latency.
             "retry.backoff.ms": 5,
             "retry.backoff.max.ms": 50,
+            "logger": log,  # librdkafka's own lines go through logging, not raw to stderr
         }
         self._topics = topics
         self._codec = codec or Codec()
