@@ -91,6 +91,24 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class ToolFunction(BaseModel):
+    """A function the model may call, as OpenAI describes tools; `parameters` is a JSON Schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$", description="Also the name tool scopes are checked against.")
+    description: str | None = Field(None, max_length=1024)
+    parameters: dict[str, object] = Field(default_factory=dict, description="JSON Schema of the arguments.")
+    strict: bool | None = None
+
+
+class ToolDescriptor(BaseModel):
+    """One entry of `tools` in a chat completion request."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
 class ChatCompletionRequest(BaseModel):
     """`POST /v1/chat/completions`, as the OpenAI SDK and LiteLLM send it."""
 
@@ -103,6 +121,9 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
     user: str | None = Field(None, max_length=256)
+    tools: list[ToolDescriptor] | None = Field(
+        None, max_length=128, description="Declared tools; validated here, checked against scopes by the policy."
+    )
 
     @model_validator(mode="after")
     def _text_limit(self) -> ChatCompletionRequest:

@@ -22,12 +22,13 @@ from gateway.models import (
     ErrorResponse,
     FeedbackRequest,
     FeedbackResponse,
+    ToolDescriptor,
 )
 
 API_VERSION = "1.0.0"
 MODELS: list[type[BaseModel]] = [
     AskRequest, AskResponse, AskDelta, ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, ErrorResponse,
-    FeedbackRequest, FeedbackResponse,
+    FeedbackRequest, FeedbackResponse, ToolDescriptor,
 ]  # fmt: skip
 
 

@@ -187,3 +187,13 @@ async def test_prompt_is_masked_before_events_and_redaction_is_recorded(
     assert [e.event_type for e in batch][:3] == ["RequestReceived", "RequestRedacted", "PolicyDecided"]
     assert batch[1].counts_by_kind == {"api_key": 1, "email": 1}  # type: ignore[attr-defined]
     assert secret not in repr(batch)
+
+
+async def test_tool_descriptors_are_validated(client: TestClient) -> None:
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    base = {"model": "sim-small", "messages": [{"role": "user", "content": "hi"}]}
+    ok = await client.post("/v1/chat/completions", json={**base, "tools": [tool]}, headers=AUTH)
+    assert ok.status == 200
+    bad_tool = {"type": "function", "function": {"name": "no spaces allowed"}}
+    bad = await client.post("/v1/chat/completions", json={**base, "tools": [bad_tool]}, headers=AUTH)
+    assert bad.status == 422 and "tools.0.function.name" in (await bad.json())["error"]["fields"]

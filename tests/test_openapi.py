@@ -24,7 +24,7 @@ def test_document_covers_both_apis_and_streamed_frames() -> None:
     for path in ("/v1/ask", "/v1/chat/completions"):
         content = doc["paths"][path]["post"]["responses"]["200"]["content"]
         assert {"application/json", "text/event-stream"} <= set(content)
-    for name in ("AskRequest", "AskDelta", "ChatCompletionChunk", "ErrorResponse"):
+    for name in ("AskRequest", "AskDelta", "ChatCompletionChunk", "ErrorResponse", "ToolDescriptor"):
         assert name in doc["components"]["schemas"]
 
 
