@@ -54,7 +54,7 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
     return bytes(b)
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.one_of(
         st.binary(max_size=400),
