@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 
@@ -27,9 +28,11 @@ async def test_each_call_lands_all_its_facts_once(kafka_bootstrap: str, topics: 
         for _ in range(60):
             req = factories.request()
             rid = req.envelope.correlation_id
-            calls.append([req, factories.charge(), factories.audit()])
-            for e in calls[-1][1:]:
-                object.__setattr__(e.envelope, "correlation_id", rid)
+            same_request = [
+                dataclasses.replace(e, envelope=dataclasses.replace(e.envelope, correlation_id=rid))
+                for e in (factories.charge(), factories.audit())
+            ]
+            calls.append([req, *same_request])
         await asyncio.gather(*(pub.publish(c, timeout=30) for c in calls))
     finally:
         pub.close()
