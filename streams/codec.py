@@ -1,7 +1,8 @@
 """Avro single-object encoding for events: `C3 01`, 8-byte fingerprint, Avro binary body.
 
 The fingerprint names the writer schema, so no registry server is needed: a reader keeps a
-fingerprint → schema map built from `schemas/avro/` (and, later, older released versions).
+fingerprint → schema map built from `schemas/avro/` and from every released version in
+`schemas/fixtures/`, whose bytes are resolved (Avro schema resolution) to today's schema.
 Anything that does not decode into a valid event raises `PoisonEvent` with a reason fit
 for a dead-letter record.
 
@@ -27,6 +28,7 @@ from fastavro import schemaless_reader, schemaless_writer
 
 from streams.avro_fast import Build, compile_reader
 from streams.events import EVENT_TYPES, Envelope, Event
+from streams.evolution import released_writers
 from streams.schemas import EventSchema, load_all
 
 MAGIC = b"\xc3\x01"
@@ -51,7 +53,13 @@ class PoisonEvent(ValueError):
 class Codec:
     """Encodes and decodes events; one instance per process is enough (it caches schemas and readers)."""
 
-    def __init__(self, schemas: dict[str, EventSchema] | None = None, *, fast: bool = True) -> None:
+    def __init__(
+        self,
+        schemas: dict[str, EventSchema] | None = None,
+        *,
+        fast: bool = True,
+        released: dict[bytes, EventSchema] | None = None,
+    ) -> None:
         self._by_name = schemas if schemas is not None else load_all()
         self._latest = [datetime.now(UTC) + _MAX_FUTURE]  # a past bound is lower, so only ever re-checked
         # MAGIC + fingerprint → read(data, HEADER_LEN) → validated event
@@ -64,6 +72,13 @@ class Codec:
             else:
                 self.fast_schemas.add(schema.name)
             self._readers[MAGIC + schema.fingerprint] = reader
+        # Bytes written by an earlier release of a schema (facts are kept forever): read with
+        # the writer's schema, resolved to today's, so old records never become poison.
+        writers = released if released is not None else (released_writers() if schemas is None else {})
+        for fingerprint, writer in writers.items():
+            today = self._by_name.get(writer.name)
+            if today is not None and MAGIC + fingerprint not in self._readers:
+                self._readers[MAGIC + fingerprint] = self._reference_reader(today, writer)
 
     def encode(self, event: Event) -> bytes:
         schema = self._by_name[event.event_type]
@@ -133,12 +148,17 @@ class Codec:
 
     # -- the reference path: fastavro, then the dataclasses --
 
-    def _reference_reader(self, schema: EventSchema) -> Callable[[bytes, int], Event]:
+    def _reference_reader(
+        self, schema: EventSchema, writer: EventSchema | None = None
+    ) -> Callable[[bytes, int], Event]:
+        writer_schema = (writer or schema).parsed
+        reader_schema = schema.parsed if writer is not None else None
+
         def read(data: bytes, pos: int) -> Event:
             buf = io.BytesIO(data)
             buf.seek(pos)
             try:
-                record: dict[str, Any] = schemaless_reader(buf, schema.parsed, None)  # type: ignore[assignment]
+                record: dict[str, Any] = schemaless_reader(buf, writer_schema, reader_schema)  # type: ignore[assignment]
             except Exception as exc:  # fastavro raises EOFError, ValueError, UnicodeDecodeError...
                 raise PoisonEvent("undecodable-body", f"{type(exc).__name__}: {exc}") from None
             if buf.tell() != len(data):

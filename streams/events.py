@@ -71,6 +71,8 @@ class PolicyDecided(Event):
     policy_version: str
     determining_policies: list[str]
     input_sha256: str
+    obligations: list[str] = field(default_factory=list)
+    denied_tool: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +143,35 @@ class PolicyPublished(Event):
     policy_ids: list[str]
     previous_version: str | None = None
     change_note: str | None = None
+    bundle: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyAttributesSet(Event):
+    entity_type: str
+    entity_id: str
+    attributes_json: str
+    set_by: str
+    deleted: bool = False
+
+    @property
+    def entity_key(self) -> str:
+        """Compaction key: one live record per entity."""
+        return f"{self.entity_type}::{self.entity_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyShadowDiverged(Event):
+    request_id: str
+    active_version: str
+    candidate_version: str
+    active_decision: str
+    candidate_decision: str
+    active_policies: list[str]
+    candidate_policies: list[str]
+    active_obligations: list[str]
+    candidate_obligations: list[str]
+    input_sha256: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,5 +443,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         ApiKeyIssued,
         ApiKeyRevoked,
         SubjectErasureRequested,
+        PolicyAttributesSet,
+        PolicyShadowDiverged,
     )
 }

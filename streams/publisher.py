@@ -121,7 +121,7 @@ class FactPublisher:
             headers: list[tuple[str, str | bytes | None]] = [("lf.event_type", e.event_type.encode())]
             if e.envelope.trace_parent:
                 headers.append(("traceparent", e.envelope.trace_parent.encode()))
-            out.append((self._topics.for_event(e.event_type), e.tenant.encode(), self._codec.encode(e), headers))
+            out.append((self._topics.for_event(e.event_type), self._topics.key_for(e), self._codec.encode(e), headers))
         return out
 
     async def publish(self, events: Sequence[Event], timeout: float = 1.8) -> None:

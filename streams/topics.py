@@ -11,6 +11,10 @@ Names carry a prefix so tests (and several deployments) can share one broker.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from streams.events import Event
 
 DEFAULT_PARTITIONS = 12
 DLQ_SUFFIX = ".dlq"
@@ -42,6 +46,12 @@ CATALOGUE: tuple[TopicSpec, ...] = (
     TopicSpec("tenant-totals", ("TenantTotalsUpdated",), derived=True),
     TopicSpec("feedback", ("FeedbackReceived",)),
     TopicSpec("api-keys", ("ApiKeyIssued", "ApiKeyRevoked"), compacted=True, partitions=1, keyed_by="key_id"),
+    # Every bundle version is kept (the key is the version); the active one is the last record.
+    TopicSpec("policy-bundles", ("PolicyPublished",), compacted=True, partitions=1, keyed_by="version"),
+    TopicSpec("policy-attributes", ("PolicyAttributesSet",), compacted=True, partitions=1, keyed_by="entity_key"),
+    TopicSpec("policy-shadow", ("PolicyShadowDiverged",)),
+    TopicSpec("ledger", ("LedgerEntryChained",), derived=True),
+    TopicSpec("ledger-checkpoints", ("LedgerCheckpointSigned",), derived=True),
 )
 
 
@@ -58,6 +68,15 @@ class Topics:
 
     def for_event(self, event_type: str) -> str:
         return self.name(self._by_event[event_type].key)
+
+    def key_for(self, event: Event) -> bytes:
+        """The record key: the tenant for facts, the entity's id on a compacted state topic.
+
+        A compacted topic keeps one record per key, so keying api keys by tenant would keep
+        only a tenant's newest key; each state topic names its key attribute in the catalogue.
+        """
+        spec = self._by_event[event.event_type]
+        return str(getattr(event, spec.keyed_by)).encode()
 
     def spec_for(self, full_name: str) -> TopicSpec | None:
         key = full_name.removeprefix(self.prefix)

@@ -30,8 +30,10 @@ from streams.events import (
     MemoryErased,
     MemoryWritten,
     ModelPrice,
+    PolicyAttributesSet,
     PolicyDecided,
     PolicyPublished,
+    PolicyShadowDiverged,
     PriceListPublished,
     RequestReceived,
     RequestRedacted,
@@ -97,6 +99,8 @@ def decision(tenant: str = "acme") -> PolicyDecided:
         policy_version="p1",
         determining_policies=["default-allow"],
         input_sha256="f" * 64,
+        obligations=["redact:email", "region:eu"],
+        denied_tool=None,
     )
 
 
@@ -157,6 +161,35 @@ def policy_published(tenant: str = "acme") -> PolicyPublished:
         policy_count=2,
         policy_ids=["default-allow", "deny-large-prompts"],
         change_note=None,
+        bundle='@id("default-allow")\npermit(principal, action, resource);',
+    )
+
+
+def policy_attributes(tenant: str = "acme") -> PolicyAttributesSet:
+    return PolicyAttributesSet(
+        envelope=envelope("PolicyAttributesSet", tenant),
+        entity_type="Tenant",
+        entity_id=tenant,
+        attributes_json=json.dumps({"residency": "eu", "tier": "gold"}),
+        set_by="alice",
+        deleted=False,
+    )
+
+
+def shadow_diverged(tenant: str = "acme") -> PolicyShadowDiverged:
+    rid = str(uuid7())
+    return PolicyShadowDiverged(
+        envelope=envelope("PolicyShadowDiverged", tenant, rid),
+        request_id=rid,
+        active_version="p1",
+        candidate_version="p2",
+        active_decision="allow",
+        candidate_decision="deny",
+        active_policies=["default-allow"],
+        candidate_policies=["deny-large-prompts"],
+        active_obligations=["redact:email"],
+        candidate_obligations=[],
+        input_sha256="e" * 64,
     )
 
 
@@ -486,5 +519,7 @@ BUILDERS: dict[str, Callable[[], Event]] = {
     "ApiKeyIssued": key_issued,
     "ApiKeyRevoked": key_revoked,
     "SubjectErasureRequested": erasure_request,
+    "PolicyAttributesSet": policy_attributes,
+    "PolicyShadowDiverged": shadow_diverged,
 }
 """Event type → a builder of a valid event of that type (every type has one; a test checks)."""

@@ -6,7 +6,7 @@ from decimal import Decimal
 import pytest
 
 from streams.codec import MAGIC, Codec, PoisonEvent
-from streams.events import EVENT_TYPES
+from streams.events import EVENT_TYPES, PolicyDecided
 from streams.schemas import load_all
 from tests import factories
 
@@ -74,3 +74,17 @@ def test_malformed_id_is_poison() -> None:
     with pytest.raises(PoisonEvent) as exc:
         CODEC.decode(CODEC.encode(bad))
     assert exc.value.reason == "malformed-id"
+
+
+def test_bytes_of_an_earlier_release_decode_into_todays_event() -> None:
+    """Facts are kept forever: PolicyDecided v1 bytes (before obligations) still read, with defaults."""
+    from streams.evolution import load_fixtures
+
+    v1 = load_fixtures()["PolicyDecided"][0]
+    assert v1.version == 1 and v1.schema.fingerprint != load_all()["PolicyDecided"].fingerprint
+    event = Codec().decode(v1.sample)
+    assert isinstance(event, PolicyDecided)
+    assert event.obligations == [] and event.denied_tool is None
+    assert event.decision  # the v1 payload itself came through
+    with pytest.raises(PoisonEvent, match="unknown-fingerprint"):
+        Codec(released={}).decode(v1.sample)

@@ -46,7 +46,7 @@ SCHEMAS = load_all()
 FIXTURES = load_fixtures()
 RELEASES = [(name, f.version) for name, versions in sorted(FIXTURES.items()) for f in versions]
 ENVELOPE_FIELD = {"name": "envelope", "type": "ledgerflow.events.Envelope", "doc": "Common header."}
-IRREGULAR_PAST = {"RouteChosen", "BudgetSet", "MemoryWritten"}
+IRREGULAR_PAST = {"RouteChosen", "BudgetSet", "MemoryWritten", "PolicyAttributesSet"}
 SECRET_NAMES = {"secret", "password", "api_key", "key", "token", "prompt", "content", "text", "email", "message"}
 
 
@@ -73,6 +73,7 @@ def test_issue_3_catalogue_is_complete() -> None:
         *("LedgerEntryChained", "LedgerCheckpointSigned", "DpBudgetGranted", "DpQueryCharged"),
         *("DpReleasePublished", "RoutingPriorsPublished", "FeedbackReceived", "MemoryWritten"),
         *("MemoryErased", "ApiKeyIssued", "ApiKeyRevoked", "SubjectErasureRequested", "TenantTotalsUpdated"),
+        *("PolicyAttributesSet", "PolicyShadowDiverged"),  # issue 5
     }
     assert set(SCHEMAS) == wanted == set(EVENT_TYPES) == set(factories.BUILDERS)
 
