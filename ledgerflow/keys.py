@@ -7,38 +7,16 @@ within about a second.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import secrets
-from datetime import UTC, datetime
 
+from ledgerflow import admin
 from ledgerflow.settings import Settings
 from streams.admin import read_to_end
 from streams.codec import Codec
-from streams.events import ApiKeyIssued, ApiKeyRevoked, Envelope, Event
+from streams.events import ApiKeyIssued, ApiKeyRevoked
 from streams.ids import uuid7
-from streams.publisher import FactPublisher
 from streams.topics import Topics
-
-PRODUCER = "cli"
-
-
-def _envelope(event_type: str, tenant: str) -> Envelope:
-    eid = str(uuid7())
-    return Envelope(
-        event_id=eid, event_type=event_type, schema_version=1, tenant=tenant,
-        occurred_at=datetime.now(UTC), correlation_id=eid, producer=PRODUCER,
-    )  # fmt: skip
-
-
-def _publish(settings: Settings, event: Event) -> None:
-    topics = Topics(settings.topic_prefix, settings.partitions)
-    publisher = FactPublisher(settings.bootstrap, f"ledgerflow-cli-{uuid7()}", topics)
-    publisher.start()
-    try:
-        asyncio.run(publisher.publish([event], timeout=30))
-    finally:
-        publisher.close()
 
 
 def issue(settings: Settings, tenant: str, roles: list[str], label: str | None, by: str = "cli") -> tuple[str, str]:
@@ -46,14 +24,14 @@ def issue(settings: Settings, tenant: str, roles: list[str], label: str | None, 
     secret = f"lf_{tenant}_{secrets.token_urlsafe(24)}"
     key_id = f"key-{uuid7().hex[-12:]}"
     event = ApiKeyIssued(
-        envelope=_envelope("ApiKeyIssued", tenant),
+        envelope=admin.envelope("ApiKeyIssued", tenant),
         key_id=key_id,
         key_sha256=hashlib.sha256(secret.encode()).hexdigest(),
         roles=roles,
         issued_by=by,
         label=label,
     )
-    _publish(settings, event)
+    admin.publish(settings, [event, admin.audit_of(event, "key.issued", by, key_id, {"roles": ",".join(roles)})])
     return key_id, secret
 
 
@@ -63,9 +41,9 @@ def revoke(settings: Settings, key_id: str, reason: str, by: str = "cli") -> boo
     if key_id not in issued:
         return False
     event = ApiKeyRevoked(
-        envelope=_envelope("ApiKeyRevoked", issued[key_id].tenant), key_id=key_id, reason=reason, revoked_by=by
+        envelope=admin.envelope("ApiKeyRevoked", issued[key_id].tenant), key_id=key_id, reason=reason, revoked_by=by
     )
-    _publish(settings, event)
+    admin.publish(settings, [event, admin.audit_of(event, "key.revoked", by, key_id, {"reason": reason})])
     return True
 
 

@@ -12,7 +12,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.server import build
 from ledgerflow import keys
 from ledgerflow.settings import Settings, load
+from streams.codec import Codec
+from streams.events import AuditRecorded
 from streams.topics import Topics
+from tests.kafka_helpers import read_all
 
 pytestmark = pytest.mark.kafka
 
@@ -23,6 +26,9 @@ def settings_for(bootstrap: str, topics: Topics, replica: int, monkeypatch: pyte
     monkeypatch.setenv("LEDGERFLOW_PARTITIONS", str(topics.partitions))
     monkeypatch.setenv("LEDGERFLOW_GATEWAY_INSTANCE_ID", f"{topics.prefix}gw{replica}")
     return load()
+
+
+CODEC = Codec()
 
 
 async def status_of(client: TestClient, key: str) -> int:
@@ -62,6 +68,14 @@ async def test_issue_and_revoke_reach_every_replica(
             await eventually(lambda c=c: _is(c, secret, 401))
         assert await asyncio.to_thread(keys.list_keys, replicas[0]) == []
         assert not await asyncio.to_thread(keys.revoke, replicas[0], "key-nope", "x")
+
+    # both changes were recorded for the audit ledger, in the same transactions as the changes
+    audits = [CODEC.decode(m.value()) for m in read_all(kafka_bootstrap, [topics.name("audit")], 2)]
+    assert sorted((a.action, a.subject, a.tenant) for a in audits if isinstance(a, AuditRecorded)) == [
+        ("key.issued", key_id, "umbrella"),
+        ("key.revoked", key_id, "umbrella"),
+    ]
+    assert all(secret not in repr(a) for a in audits)
 
 
 async def _ready(client: TestClient) -> bool:
