@@ -71,7 +71,8 @@ async def test_issue_and_revoke_reach_every_replica(
 
     # both changes were recorded for the audit ledger, in the same transactions as the changes
     audits = [CODEC.decode(m.value()) for m in read_all(kafka_bootstrap, [topics.name("audit")], 2)]
-    assert sorted((a.action, a.subject, a.tenant) for a in audits if isinstance(a, AuditRecorded)) == [
+    key_audits = [a for a in audits if isinstance(a, AuditRecorded) and a.action.startswith("key.")]
+    assert sorted((a.action, a.subject, a.tenant) for a in key_audits) == [
         ("key.issued", key_id, "umbrella"),
         ("key.revoked", key_id, "umbrella"),
     ]
