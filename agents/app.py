@@ -14,8 +14,12 @@ Settings that matter and why:
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import faust
+
+if TYPE_CHECKING:
+    from agents.ledger import LedgerConfig
 
 from agents.transport import broker_url
 from streams.admin import create_missing
@@ -31,6 +35,7 @@ def create_app(
     data_dir: str = ".ledgerflow/agents",
     web_port: int = 6066,
     store: str | None = None,
+    ledger: LedgerConfig | None = None,
 ) -> faust.App:
     app = faust.App(
         app_id,
@@ -44,15 +49,27 @@ def create_app(
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        # event.send from an agent is held until the source offset commits, and the commit
+        # waits for it: without this Faust sends at once and may commit an offset whose
+        # output never reached the log (a SIGKILL then loses that output for good)
+        stream_publish_on_commit=True,
         broker_commit_every=100,
         broker_commit_interval=1.0,
+        # a worker that died is noticed in ~10 s (Faust's 60 s default would stall its
+        # partitions for a minute after a crash before a surviving worker takes them)
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=3.0,
         stream_wait_empty=True,
         table_cleanup_interval=60.0,
         web_enabled=True,
     )
-    from agents import totals  # agents register themselves on the app
+    from agents import ledger as audit_ledger  # agents register themselves on the app
+    from agents import totals
 
-    totals.register(app, topics, Codec())
+    codec = Codec()
+    totals.register(app, topics, codec)
+    if ledger is not None:
+        audit_ledger.register(app, topics, codec, ledger)
     return app
 
 

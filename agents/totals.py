@@ -7,15 +7,14 @@ dead-letter topic and the agent moves on.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import faust
 from mode import CrashingSupervisor
 
+from agents.deadletters import dead_letter
 from domain.totals import TenantTotals, fold
 from streams.codec import Codec, PoisonEvent
-from streams.deadletter import DeadLetter
 from streams.events import TokensCharged
 from streams.topics import Topics
 
@@ -42,14 +41,14 @@ def register(app: faust.App, topics: Topics, codec: Codec) -> Any:
                 if not isinstance(charge, TokensCharged):
                     raise PoisonEvent("wrong-topic", f"{charge.event_type} on {source_name}")
             except PoisonEvent as exc:
-                await _dead_letter(event, dead, exc.reason, exc.detail)
+                await dead_letter(event, dead, AGENT_NAME, exc.reason, exc.detail)
                 continue
             stored = table.get(charge.tenant)
             state = TenantTotals.from_json(stored) if stored else None
             try:
                 new, out = fold(state, charge, msg.partition, msg.offset)
             except ValueError as exc:  # a valid event the fold refuses (e.g. a currency change)
-                await _dead_letter(event, dead, "fold-refused", str(exc))
+                await dead_letter(event, dead, AGENT_NAME, "fold-refused", str(exc))
                 continue
             if out is None:
                 continue
@@ -59,12 +58,3 @@ def register(app: faust.App, topics: Topics, codec: Codec) -> Any:
             await event.send(derived, key=charge.tenant.encode(), value=codec.encode(out), headers=[])
 
     return tenant_totals
-
-
-async def _dead_letter(event: faust.EventT[bytes], dead: faust.TopicT, reason: str, detail: str) -> None:
-    """Copy the record to the dead-letter topic with why and where it came from; the agent goes on."""
-    msg = event.message
-    letter = DeadLetter(
-        reason, detail, msg.topic, msg.partition, msg.offset, AGENT_NAME, datetime.now(UTC), msg.key, msg.value
-    )
-    await event.send(dead, key=msg.key, value=msg.value or b"", headers=letter.headers())

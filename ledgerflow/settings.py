@@ -122,6 +122,21 @@ class Settings(BaseSettings):
     oidc_jwks_url: str = Field("", description="The issuer's JWKS URL; the only place keys are fetched from.")
     oidc_tenant_claim: str = Field("tenant", description="JWT claim that names the tenant.")
 
+    ledger_origin: str = Field(
+        "ledgerflow.local/audit", description="Checkpoint origin prefix; each tenant's chain is <origin>/<tenant>."
+    )
+    ledger_key_file: Path | None = Field(
+        None, description="Ed25519 checkpoint signing key (made on first start; None = data_dir/ledger/signing.key)."
+    )
+    ledger_checkpoint_every: int = Field(1000, ge=1, description="Sign a checkpoint every N entries of a chain.")
+    ledger_checkpoint_interval_s: float = Field(
+        10.0, gt=0, description="...and at most this long after a chain's newest unsigned entry."
+    )
+
+    policy_shadow_version: str = Field(
+        "", description="A published policy version to evaluate in shadow beside the active one (empty = none)."
+    )
+
     worker_id: str = Field("ledgerflow-agents", description="Faust app id = the agents' consumer group.")
     worker_web_port: int = Field(6066, ge=1, le=65535, description="Faust worker web port.")
     log_level: str = Field("INFO", description="Python log level.")
@@ -180,6 +195,10 @@ class Settings(BaseSettings):
     @property
     def projections_url(self) -> str:
         return f"http://{self.projections_host}:{self.projections_port}"
+
+    @property
+    def ledger_key_path(self) -> Path:
+        return self.ledger_key_file or self.resolved_data_dir / "ledger" / "signing.key"
 
     @property
     def gateway_url(self) -> str:

@@ -132,8 +132,15 @@ def list_groups(bootstrap: str, timeout: float = 10.0) -> list[str]:
     return sorted(g.group_id for g in result.valid)
 
 
-def read_to_end(bootstrap: str, topics: list[str], timeout: float) -> list[tuple[str, int, Message]]:
-    """Every committed record of `topics` from the start to the end offsets seen now (no group commits)."""
+def read_to_end(
+    bootstrap: str, topics: list[str], timeout: float, *, partitions: set[int] | None = None, strict: bool = False
+) -> list[tuple[str, int, Message]]:
+    """Every committed record of `topics` from the start to the end offsets seen now (no group commits).
+
+    `partitions` limits the read to those partition numbers; `strict` raises TimeoutError
+    instead of returning what arrived when the end is not reached in time (for callers that
+    rebuild state from the result and must not take a prefix for the whole).
+    """
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -150,6 +157,8 @@ def read_to_end(bootstrap: str, topics: list[str], timeout: float) -> list[tuple
             if topic not in md.topics:
                 continue
             for p in md.topics[topic].partitions:
+                if partitions is not None and p not in partitions:
+                    continue
                 low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
                 if high > low:
                     ends[(topic, p)] = high
@@ -167,6 +176,8 @@ def read_to_end(bootstrap: str, topics: list[str], timeout: float) -> list[tuple
             for tp in consumer.position([TopicPartition(t, p) for t, p in pending]):
                 if tp.offset >= ends[(tp.topic or "", tp.partition)]:
                     pending.discard((tp.topic or "", tp.partition))
+        if pending and strict:
+            raise TimeoutError(f"could not read {sorted(pending)} to their end within {timeout} s")
         return out
     finally:
         consumer.close()

@@ -1,0 +1,65 @@
+"""Reading a chain back from the log: collapse redelivered entries, rebuild the chain head.
+
+The chaining agent is at-least-once: after a crash it can produce an entry a second time,
+with the same event id, seq and hash. Such twins are one entry; two *different* entries with
+one seq are not twins and stay, so `verify_chain` reports them. The log of entries is also
+enough to rebuild a chain head (`resume`), which is how the agent repairs a head its table
+restored ahead of, or behind, what actually reached the ledger topic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import TypeVar
+
+from domain.ledger import ChainState, EntryLike, entry_bytes_of
+from domain.merkle import frontier_append, leaf_hash
+from streams.events import LedgerEntryChained
+
+E = TypeVar("E", bound=EntryLike)
+
+
+def collapse_redeliveries(entries: Iterable[E]) -> list[E]:
+    """Entries in the order given, each (seq, entry_hash) pair once."""
+    seen: set[tuple[int, str]] = set()
+    out = []
+    for e in entries:
+        key = (e.seq, e.entry_hash)
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out
+
+
+def resume(tenant: str, entries: Iterable[LedgerEntryChained], head: ChainState | None = None) -> ChainState:
+    """The chain head after `entries` (log order), continuing the contiguous run from seq 0.
+
+    Stops at the first entry that does not extend the chain (a gap or a foreign entry): the
+    head then points there, so the agent chains the missing audit records again. Checkpoint
+    progress is kept from `head` where it is not beyond the rebuilt size.
+    """
+    state = ChainState(tenant=tenant)
+    offsets: dict[int, int] = {}
+    for e in collapse_redeliveries(entries):
+        if e.chain_tenant != tenant or e.seq != state.size or e.prev_hash != state.last_hash:
+            if e.seq < state.size:
+                continue
+            break
+        offsets[e.source_partition] = max(offsets.get(e.source_partition, -1), e.source_offset)
+        state = replace(
+            state,
+            size=state.size + 1,
+            last_hash=e.entry_hash,
+            frontier=frontier_append(state.frontier, state.size, leaf_hash(entry_bytes_of(e))),
+            offsets=dict(offsets),
+            last_event_id=e.envelope.event_id,
+            last_occurred_at=e.envelope.occurred_at,
+        )
+    if head is not None and 0 < head.checkpoint_size <= state.size:
+        state = replace(state, checkpoint_size=head.checkpoint_size)
+    else:
+        state = replace(state, checkpoint_size=0)
+    if state.size > state.checkpoint_size:
+        state = replace(state, pending_since=head.pending_since if head is not None else state.last_occurred_at)
+    return state
