@@ -1,4 +1,4 @@
-"""`ledgerflow` command line: up, down, status, query, demo, keys, dlq, replay, audit.
+"""`ledgerflow` command line: up, down, status, query, demo, keys, dlq, replay, audit, policy.
 
 The only module that knows every side; it starts them as processes and talks to them over
 Kafka and HTTP, so each side stays a separate, separately scalable process.
@@ -16,7 +16,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from ledgerflow import audit, dlq
+from ledgerflow import audit, dlq, policy
 from ledgerflow import demo as demo_mod
 from ledgerflow.settings import Settings, SettingsError, load
 from ledgerflow.supervisor import Child, Supervisor, pid_alive, read_state
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--check", action="store_true", help="compare DB with the live database; exit 1 if they differ")
     rp.add_argument("--replace", action="store_true", help="drop DB first (a DB holding rows is refused otherwise)")
     audit.add_parser(sub)
+    policy.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         settings = load()
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_replay(settings, args)
         if args.command == "audit":
             return audit.cmd(settings, args)
+        if args.command == "policy":
+            return policy.cmd(settings, args)
     except (LookupError, FileNotFoundError, ValueError) as exc:
         print(f"ledgerflow: {exc}", file=sys.stderr)
         return 1
