@@ -14,12 +14,8 @@ Settings that matter and why:
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import faust
-
-if TYPE_CHECKING:
-    from agents.ledger import LedgerConfig
 
 from agents.transport import broker_url
 from streams.admin import create_missing
@@ -35,7 +31,6 @@ def create_app(
     data_dir: str = ".ledgerflow/agents",
     web_port: int = 6066,
     store: str | None = None,
-    ledger: LedgerConfig | None = None,
 ) -> faust.App:
     app = faust.App(
         app_id,
@@ -63,13 +58,9 @@ def create_app(
         table_cleanup_interval=60.0,
         web_enabled=True,
     )
-    from agents import ledger as audit_ledger  # agents register themselves on the app
-    from agents import totals
+    from agents import totals  # agents register themselves on the app
 
-    codec = Codec()
-    totals.register(app, topics, codec)
-    if ledger is not None:
-        audit_ledger.register(app, topics, codec, ledger)
+    totals.register(app, topics, Codec())
     return app
 
 

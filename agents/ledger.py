@@ -1,45 +1,48 @@
 """Agent: the audit ledger. Chains every AuditRecorded into its tenant's hash chain.
 
-I/O only around the pure `domain.ledger.chain` and `make_checkpoint`: decode, look up the
-tenant's chain head in a changelog-backed table, fold, send the entry (and a signed
-checkpoint when one is due), store the new head. Poison goes to the dead-letter topic.
+A Kafka transactional consume-transform-produce loop around the pure `domain.ledger.chain`
+and `make_checkpoint` (run: `python -m agents.ledger`, started by `ledgerflow up`).
 
-Single writer per chain: the audit topic is keyed by tenant, so one tenant's records live in
-one partition, which one worker owns at a time. The entry goes to the same partition number
-of the ledger topic, so that partition holds exactly the chains of that audit partition.
+Why not a Faust agent with a changelog table like the totals agent: a chain tolerates
+neither a gap nor two entries for one seq, and at-least-once Faust gives neither guarantee
+under SIGKILL (the kill test found both: the table's changelog and the agent's outputs
+reach Kafka independently of the offset commit). Here every batch is ONE transaction:
+1. read a batch of audit records (read_committed: an aborted request is never chained);
+2. fold each into its chain head (held in memory), producing its `LedgerEntryChained`, and
+   a signed `LedgerCheckpointSigned` when one is due, to the same partition number of the
+   ledger topics; poison goes to the dead-letter topic;
+3. add the consumed offsets to the transaction (`send_offsets_to_transaction`, fenced by the
+   consumer group generation, KIP-447) and commit. Entries, checkpoints, dead letters and
+   offsets become visible together or not at all: exactly once.
+4. On any failure the transaction is aborted, the heads of the assigned partitions are
+   rebuilt and the consumer rewinds to the committed offsets.
 
-Why entries are attached sends and heads are reconciled with the log:
-1. The entry (and a due checkpoint) is sent attached to the audit record's offset: Faust
-   publishes it, and waits for it, before it commits that offset. So every audit record
-   below the committed offset has its entry in the ledger topic.
-2. The head goes to a changelog-backed table, which Faust flushes on its own schedule: after
-   a crash the restored head can be ahead of the entries that reached the ledger topic (a
-   gap if chaining went on from it), or behind them (a second entry for one seq).
-3. So whenever a worker is given an audit partition, before it chains anything from it, it
-   rebuilds every chain head of that partition from the ledger topic (the log is the truth,
-   the table its cache) and replaces any head that disagrees. Records redelivered from the
-   committed offset are then skipped if the log has their entry and chained if not: no gap,
-   no duplicate seq. An entry sent twice (crash after the send, before the commit) is an
-   identical twin (same seq, hash and event id), which readers collapse.
+The chain heads are state derived from the log, and the log is where they come back from:
+when a partition is assigned, its heads are rebuilt from the ledger topic (read_committed),
+so a restarted or rebalanced worker continues exactly where the committed log ends. Single
+writer per chain: the audit topic is keyed by tenant, one partition has one owner.
 """
 
 from __future__ import annotations
 
-import asyncio
+import argparse
 import logging
-from dataclasses import dataclass
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-import faust
-from mode import CrashingSupervisor
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from agents.deadletters import dead_letter
 from domain.checkpoint import SigningKey, generate_key, load_signing_key_file, save_key_pair
 from domain.ledger import ChainState, chain, checkpoint_due, make_checkpoint
 from domain.ledger_replay import resume
 from streams.admin import read_to_end
 from streams.codec import Codec, PoisonEvent
+from streams.deadletter import DeadLetter
 from streams.events import AuditRecorded, LedgerEntryChained
 from streams.topics import Topics
 
@@ -53,7 +56,8 @@ class LedgerConfig:
     origin: str  # each chain signs as <origin>/<tenant>
     every_n: int = 1000
     every_s: float = 10.0
-    bootstrap: str = ""  # where to read the ledger topic back from when reconciling
+    batch_max: int = 2000
+    poll_s: float = 0.2
 
 
 def load_or_create_key(path: Path, name: str) -> SigningKey:
@@ -72,75 +76,219 @@ def load_or_create_key(path: Path, name: str) -> SigningKey:
     return load_signing_key_file(path)
 
 
-def register(app: faust.App, topics: Topics, codec: Codec, config: LedgerConfig) -> Any:
-    source_name = topics.name("audit")
-    ledger_name = topics.name("ledger")
-    source = app.topic(source_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    entries = app.topic(ledger_name, key_serializer="raw", value_serializer="raw")
-    checkpoints = app.topic(topics.name("ledger-checkpoints"), key_serializer="raw", value_serializer="raw")
-    dead = app.topic(topics.dlq(source_name), key_serializer="raw", value_serializer="raw")
-    table = app.Table(f"{AGENT_NAME}-chains", partitions=topics.partitions)
-    reconciled: set[int] = set()  # audit partitions whose heads were checked against the ledger since start
+@dataclass
+class _Partition:
+    heads: dict[str, ChainState] = field(default_factory=dict)
 
-    async def reconcile(partition: int) -> None:
-        """Replace every head of `partition` that disagrees with the entries in the ledger topic."""
-        records = await asyncio.to_thread(
-            read_to_end, config.bootstrap, [ledger_name], 60.0, partitions={partition}, strict=True
+
+class LedgerWorker:
+    """One member of the ledger's consumer group."""
+
+    def __init__(self, bootstrap: str, group: str, topics: Topics, config: LedgerConfig, codec: Codec | None = None):
+        self._bootstrap = bootstrap
+        self._topics = topics
+        self._config = config
+        self._codec = codec or Codec()
+        self.source = topics.name("audit")
+        self.ledger = topics.name("ledger")
+        self.checkpoints = topics.name("ledger-checkpoints")
+        self.dead = topics.dlq(self.source)
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": group,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                "session.timeout.ms": 10000,
+                "heartbeat.interval.ms": 3000,
+                "partition.assignment.strategy": "cooperative-sticky",
+            }
         )
+        self._producer = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "transactional.id": f"{group}-ledger-{uuid.uuid4().hex[:12]}",
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 5,
+                # a worker killed mid-transaction blocks read_committed readers of the ledger
+                # (the next owner's rebuild among them) until its transaction times out
+                "transaction.timeout.ms": 10000,
+            }
+        )
+        self._producer.init_transactions(60)
+        self._parts: dict[int, _Partition] = {}
+        self.chained = 0
+
+    # -- assignment -------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._parts[tp.partition] = _Partition(self._rebuild(tp.partition))
+        consumer.incremental_assign(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._parts.pop(tp.partition, None)
+        consumer.incremental_unassign(partitions)
+
+    def _rebuild(self, partition: int) -> dict[str, ChainState]:
+        """Every chain head of one audit partition, from the committed entries in the ledger topic."""
         by_tenant: dict[str, list[LedgerEntryChained]] = {}
-        for _topic, _offset, msg in records:
+        records = read_to_end(self._bootstrap, [self.ledger], 120.0, partitions={partition}, strict=True)
+        for _t, _o, msg in records:
             try:
-                entry = codec.decode(msg.value())
+                entry = self._codec.decode(msg.value())
             except PoisonEvent:
-                continue  # not ours to judge here; `audit verify` reports it
-            if isinstance(entry, LedgerEntryChained):
+                continue  # never ours: `audit verify` reports it
+            if isinstance(entry, LedgerEntryChained) and entry.source_partition == partition:
                 by_tenant.setdefault(entry.chain_tenant, []).append(entry)
-        for tenant, logged in by_tenant.items():
-            stored = table.get(tenant)
-            head = ChainState.from_json(stored) if stored else None
-            rebuilt = resume(tenant, logged, head)
-            if head is None or head.size != rebuilt.size or head.last_hash != rebuilt.last_hash:
-                log.warning(
-                    "ledger head of %s rebuilt from the log: table had %s entries, the log has %s",
-                    tenant, head.size if head else 0, rebuilt.size,
-                )  # fmt: skip
-                table[tenant] = rebuilt.to_json()
-        reconciled.add(partition)
+        heads = {tenant: resume(tenant, entries) for tenant, entries in by_tenant.items()}
+        log.info(
+            "ledger partition %d: %d chains, %d entries", partition, len(heads), sum(h.size for h in heads.values())
+        )
+        return heads
 
-    def forget(_sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-        revoked = args[0] if args else kwargs.get("revoked", ())
-        for tp in revoked:
-            if tp.topic == source_name:
-                reconciled.discard(tp.partition)  # whoever had it meanwhile may have crashed
+    # -- the loop ---------------------------------------------------------------------------
 
-    app.on_partitions_revoked.connect(forget)
+    def run(self, stop: threading.Event) -> None:
+        self._consumer.subscribe([self.source], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        try:
+            while not stop.is_set():
+                self.step()
+        finally:
+            self._consumer.close()
+            self._producer.flush(10)
 
-    @app.agent(source, name=AGENT_NAME, concurrency=1, supervisor_strategy=CrashingSupervisor)
-    async def audit_ledger(stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
-            msg = event.message
-            try:
-                audit = codec.decode(msg.value)
-                if not isinstance(audit, AuditRecorded):
-                    raise PoisonEvent("wrong-topic", f"{audit.event_type} on {source_name}")
-            except PoisonEvent as exc:
-                await dead_letter(event, dead, AGENT_NAME, exc.reason, exc.detail)
-                continue
-            if msg.partition not in reconciled:
-                await reconcile(msg.partition)
-            stored = table.get(audit.tenant)
-            try:
-                head, entry = chain(ChainState.from_json(stored) if stored else None, audit, msg.partition, msg.offset)
-            except ValueError as exc:
-                await dead_letter(event, dead, AGENT_NAME, "fold-refused", str(exc))
-                continue
-            if entry is None:
-                continue  # redelivered: already chained
-            key = audit.tenant.encode()
-            await event.send(entries, key=key, value=codec.encode(entry), partition=msg.partition)
-            if checkpoint_due(head, audit.envelope.occurred_at, config.every_n, config.every_s):
-                head, signed = make_checkpoint(head, config.key, f"{config.origin}/{audit.tenant}")
-                await event.send(checkpoints, key=key, value=codec.encode(signed), partition=msg.partition)
-            table[audit.tenant] = head.to_json()
+    def step(self) -> int:
+        """One batch in one transaction; the number of records consumed."""
+        msgs = [m for m in self._consumer.consume(self._config.batch_max, self._config.poll_s) if self._usable(m)]
+        if not msgs:
+            self._checkpoint_quiet_chains()
+            return 0
+        snapshot = {p: dict(part.heads) for p, part in self._parts.items()}
+        try:
+            self._producer.begin_transaction()
+            for msg in msgs:
+                self._fold(msg)
+            self._producer.send_offsets_to_transaction(
+                self._consumer.position(self._consumer.assignment()), self._consumer.consumer_group_metadata(), 30
+            )
+            self._producer.commit_transaction(60)
+        except KafkaException as exc:
+            log.warning("ledger transaction failed, rewinding: %s", exc)
+            self._abort(snapshot)
+            return 0
+        self.chained += len(msgs)
+        return len(msgs)
 
-    return audit_ledger
+    def _usable(self, msg: Message) -> bool:
+        err = msg.error()
+        if err is None:
+            return True
+        if err.code() != KafkaError._PARTITION_EOF:
+            log.warning("ledger consumer: %s", err)
+        return False
+
+    def _abort(self, snapshot: dict[int, dict[str, ChainState]]) -> None:
+        try:
+            self._producer.abort_transaction(30)
+        except KafkaException as exc:
+            log.error("ledger could not abort (%s); exiting so the supervisor restarts a clean worker", exc)
+            raise
+        for p, heads in snapshot.items():
+            if p in self._parts:
+                self._parts[p].heads = heads
+        committed = self._consumer.committed(self._consumer.assignment(), 30)
+        for tp in committed:
+            self._consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else 0))
+
+    def _fold(self, msg: Message) -> None:
+        partition, offset = msg.partition() or 0, msg.offset() or 0
+        part = self._parts.setdefault(partition, _Partition())
+        try:
+            audit = self._codec.decode(msg.value())
+            if not isinstance(audit, AuditRecorded):
+                raise PoisonEvent("wrong-topic", f"{audit.event_type} on {self.source}")
+            head, entry = chain(part.heads.get(audit.tenant), audit, partition, offset)
+        except PoisonEvent as exc:
+            self._dead_letter(msg, exc.reason, exc.detail)
+            return
+        except ValueError as exc:  # a valid record the fold refuses
+            self._dead_letter(msg, "fold-refused", str(exc))
+            return
+        if entry is None:
+            return  # already chained (cannot happen under transactions; kept for replays)
+        key = audit.tenant.encode()
+        self._producer.produce(self.ledger, key=key, value=self._codec.encode(entry), partition=partition)
+        if checkpoint_due(head, audit.envelope.occurred_at, self._config.every_n, self._config.every_s):
+            head = self._sign(head, partition)
+        part.heads[audit.tenant] = head
+
+    def _sign(self, head: ChainState, partition: int) -> ChainState:
+        head, signed = make_checkpoint(head, self._config.key, f"{self._config.origin}/{head.tenant}")
+        self._producer.produce(
+            self.checkpoints, key=head.tenant.encode(), value=self._codec.encode(signed), partition=partition
+        )
+        return head
+
+    def _checkpoint_quiet_chains(self) -> None:
+        """Sign the tail of chains that have waited `every_s` of wall-clock time (no traffic came)."""
+        now = datetime.now(UTC)
+        due = [
+            (p, tenant)
+            for p, part in self._parts.items()
+            for tenant, head in part.heads.items()
+            if checkpoint_due(head, now, self._config.every_n, self._config.every_s)
+        ]
+        if not due:
+            return
+        snapshot = {p: dict(part.heads) for p, part in self._parts.items()}
+        try:
+            self._producer.begin_transaction()
+            for p, tenant in due:
+                self._parts[p].heads[tenant] = self._sign(self._parts[p].heads[tenant], p)
+            self._producer.commit_transaction(60)
+        except KafkaException as exc:
+            log.warning("ledger checkpoint transaction failed: %s", exc)
+            self._abort(snapshot)
+
+    def _dead_letter(self, msg: Message, reason: str, detail: str) -> None:
+        letter = DeadLetter(
+            reason, detail, msg.topic() or self.source, msg.partition() or 0, msg.offset() or 0,
+            AGENT_NAME, datetime.now(UTC), msg.key(), msg.value(),
+        )  # fmt: skip
+        headers: list[tuple[str, str | bytes | None]] = list(letter.headers())
+        self._producer.produce(self.dead, key=msg.key(), value=msg.value() or b"", headers=headers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m agents.ledger`: one ledger worker, configured from ledgerflow settings."""
+    from ledgerflow.settings import load
+
+    parser = argparse.ArgumentParser(prog="python -m agents.ledger")
+    parser.add_argument("--loglevel", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.loglevel.upper(), format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
+    settings = load()
+    config = LedgerConfig(
+        key=load_or_create_key(settings.ledger_key_path, settings.ledger_origin),
+        origin=settings.ledger_origin,
+        every_n=settings.ledger_checkpoint_every,
+        every_s=settings.ledger_checkpoint_interval_s,
+        batch_max=settings.ledger_batch_max,
+    )
+    topics = Topics(settings.topic_prefix, settings.partitions)
+    worker = LedgerWorker(settings.bootstrap, f"{settings.worker_id}-ledger", topics, config)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    started = time.monotonic()
+    worker.run(stop)
+    log.info("ledger worker stopped after %.0f s, %d records chained", time.monotonic() - started, worker.chained)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

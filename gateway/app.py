@@ -1,9 +1,18 @@
 """HTTP routes of the gateway and the request path of `POST /v1/ask`.
 
-Order on the request path: authenticate → validate → complete → build facts → publish them
-in one transaction → answer. The answer is sent only after Kafka committed the facts; if
-Kafka cannot take them within the budget the client gets 503 with Retry-After and the
-answer is withheld, so no answered call goes unrecorded.
+Order on the request path: authenticate → validate → redact → rate-limit → ask the policy
+decision point → enforce its obligations → complete → build facts → publish them in one
+transaction → answer. The answer is sent only after Kafka committed the facts; if Kafka
+cannot take them within the budget the client gets 503 with Retry-After and the answer is
+withheld, so no answered call goes unrecorded.
+
+The policy point (`gateway.policy.PolicyPoint`) is asked in process for every request that
+gets that far, and every such request records its PolicyDecided: allowed ones with their
+answer, refused ones (403) with RequestReceived and an AuditRecorded "request.denied" in one
+transaction before the 403 is sent. Obligations of an allowed call are enforced here:
+redaction kinds are added to the tenant's, a region obligation restricts the models (a
+pinned model outside it is refused naming the allowed ones; a defaulted one is rerouted to
+the first allowed), and a cost cap refuses a call whose estimate exceeds it.
 """
 
 from __future__ import annotations
@@ -16,23 +25,36 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, Protocol, TypeVar
 
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from domain.pricing import DEFAULT_PRICES, Price
+from domain.policy import DATA_CLASSIFICATIONS, DecisionInput, Obligations
+from domain.policy import Decision as PolicyDecision
+from domain.pricing import DEFAULT_PRICES, Price, cost
 from domain.redaction import ALL_KINDS, StreamRedactor, redact
 from gateway.adapters import Adapter, Completion, SimulatedAdapter
 from gateway.auth import KeyStore, Principal, presented_key
-from gateway.facts import CallContext, closing_facts, feedback_fact, opening_facts
+from gateway.facts import CallContext, closing_facts, feedback_fact, opening_facts, refusal_facts
 from gateway.frames import AskFrames, ChatFrames, Frames
 from gateway.limits import Decision, RateLimiter
 from gateway.metrics import GatewayMetrics
-from gateway.models import AskRequest, ChatCompletionRequest, FeedbackRequest, FeedbackResponse, Message
+from gateway.models import (
+    AskRequest,
+    ChatCompletionRequest,
+    FeedbackRequest,
+    FeedbackResponse,
+    Message,
+    PolicyCheckRequest,
+    PolicyCheckResponse,
+)
 from gateway.oidc import OidcVerifier, TokenRejected
 from gateway.openapi import render as render_openapi
+from gateway.policy import PolicyPoint, seeds_from_regions
+from gateway.registry import default_registry
 from gateway.upstream import UpstreamError
 from streams.events import Event
 from streams.ids import uuid7
@@ -43,6 +65,9 @@ MAX_BODY_BYTES = 1 << 20
 M = TypeVar("M", bound=BaseModel)
 OPENAPI = render_openapi()
 RETRY_AFTER_S = "1"
+DEFAULT_CLASSIFICATION_HEADER = "X-Data-Classification"
+DEFAULT_MAX_TOKENS = 1024
+_STRICTNESS = {c: i for i, c in enumerate(DATA_CLASSIFICATIONS)}  # public < internal < confidential < restricted
 
 
 class Publisher(Protocol):
@@ -65,6 +90,13 @@ class GatewayState:
     limiter: RateLimiter | None = None
     redaction: Callable[[str], frozenset[str]] = lambda _tenant: ALL_KINDS
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    policy: PolicyPoint = field(default_factory=PolicyPoint)
+    classification_header: str = DEFAULT_CLASSIFICATION_HEADER
+    default_max_tokens: int = DEFAULT_MAX_TOKENS  # completion tokens assumed for the cost estimate
+
+    def candidate_models(self) -> list[str]:
+        """Models the router may choose from, in registry order: served and priced."""
+        return [m for m in self.adapter.models if m in self.prices]
 
 
 STATE = web.AppKey("state", GatewayState)
@@ -116,10 +148,13 @@ async def authenticate(request: web.Request) -> Principal | web.Response:
     return principal
 
 
-async def read_json(request: web.Request) -> Any | web.Response:
+async def read_json(request: web.Request, empty: Any = None) -> Any | web.Response:
+    """The JSON body; `empty` (when given) stands for an empty body instead of a 400."""
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         return error(413, "body_too_large", f"the body is over {MAX_BODY_BYTES} bytes; send a shorter prompt")
     raw = await request.read()
+    if not raw and empty is not None:
+        return empty
     if not raw:
         return error(400, "empty_body", "send a JSON object with 'prompt' or 'messages'")
     try:
@@ -145,9 +180,57 @@ class Rejected(Exception):
         self.response = response
 
 
-async def begin_call(request: web.Request, model_cls: type[M], route: str) -> tuple[M, CallContext, Price]:
-    """Authenticate, parse and validate; raise Rejected with a clear 4xx otherwise."""
+def data_classification(request: web.Request, state: GatewayState, declared: str | None) -> str:
+    """The request's classification: the stricter of the body field and the header; "internal" if neither.
+
+    Why the stricter: a classifying proxy may set the header, and a client must not be able
+    to lower it in the body.
+    """
+    given = [declared] if declared else []
+    header = request.headers.get(state.classification_header, "").strip().lower()
+    if header:
+        if header not in _STRICTNESS:
+            raise Rejected(
+                error(
+                    422,
+                    "invalid_request",
+                    f"header {state.classification_header}: {header!r} is not one of {', '.join(DATA_CLASSIFICATIONS)}",
+                    [state.classification_header],
+                )
+            )
+        given.append(header)
+    return max(given, key=_STRICTNESS.__getitem__) if given else "internal"
+
+
+def mask(messages: list[Message], kinds: frozenset[str]) -> tuple[list[Message], Counter[str], int]:
+    """Messages with `kinds` masked, the spans masked by kind, and the characters masked."""
+    counts: Counter[str] = Counter()
+    chars = 0
+    if not kinds:
+        return messages, counts, chars
+    masked = []
+    for m in messages:
+        r = redact(m.content, kinds)
+        counts.update(r.counts)
+        chars += r.redacted_chars
+        masked.append(Message(role=m.role, content=r.text) if r.counts else m)
+    return masked, counts, chars
+
+
+def estimate_cost(prompt_tokens: int, max_tokens: int, price: Price) -> Decimal:
+    """The most the call can cost: the prompt estimate plus the answer bound, at the model's price."""
+    return cost(prompt_tokens, max_tokens, price)
+
+
+async def begin_call(
+    request: web.Request, model_cls: type[M], route: str, started: float | None = None
+) -> tuple[M, CallContext, Price]:
+    """Authenticate, parse, validate, rate-limit and ask the policy; raise Rejected with a clear 4xx otherwise.
+
+    A refusal at or after the policy point is recorded (see `refuse`) before Rejected is raised.
+    """
     state = request.app[STATE]
+    started = time.monotonic() if started is None else started
     principal = await authenticate(request)
     if isinstance(principal, web.Response):
         raise Rejected(principal)
@@ -164,25 +247,36 @@ async def begin_call(request: web.Request, model_cls: type[M], route: str) -> tu
     model = hint or state.default_model
     price = state.prices.get(model)
     if model not in state.adapter.models or price is None:
-        known = ", ".join(sorted(m for m in state.adapter.models if m in state.prices))
+        known = ", ".join(state.candidate_models())
         raise Rejected(error(400, "unknown_model", f"model {model!r} is not available; use one of: {known}", ["model"]))
-    messages = req.as_messages()  # type: ignore[attr-defined]
+    classification = data_classification(request, state, getattr(req, "data_classification", None))
+    tools: frozenset[str] = req.tool_names() if isinstance(req, ChatCompletionRequest) else frozenset()
+    max_tokens: int = getattr(req, "max_tokens", None) or state.default_max_tokens
     kinds = state.redaction(principal.tenant)
-    counts: Counter[str] = Counter()
-    chars = 0
-    if kinds:  # masked before anything else sees the prompt: events, logs, the adapter
-        masked = []
-        for m in messages:
-            r = redact(m.content, kinds)
-            counts.update(r.counts)
-            chars += r.redacted_chars
-            masked.append(Message(role=m.role, content=r.text) if r.counts else m)
-        messages = masked
+    # masked before anything else sees the prompt: events, logs, the adapter
+    messages, counts, chars = mask(req.as_messages(), kinds)  # type: ignore[attr-defined]
+    prompt_tokens = estimate_tokens(messages)
     if state.limiter is not None:
-        decision = await state.limiter.acquire(principal.tenant, tokens=estimate_tokens(messages))
+        decision = await state.limiter.acquire(principal.tenant, tokens=prompt_tokens)
         if not decision.allowed:
             state.metrics.rate_limited.labels(decision.limit_kind or "unknown").inc()
             raise Rejected(rate_limited(decision))
+    inp = DecisionInput(
+        tenant=principal.tenant,
+        principal=principal.key_id,
+        roles=frozenset(principal.roles),
+        region=state.policy.principal_region(principal.key_id),
+        data_classification=classification,
+        tools=tools,
+        model=hint or "",
+        estimated_cost=estimate_cost(prompt_tokens, max_tokens, price),
+        route=route,
+    )
+    clock = time.perf_counter()
+    verdict, divergence = state.policy.decide(inp)
+    state.metrics.observe_policy(verdict, principal.tenant, state.policy.engine.bundle, time.perf_counter() - clock)
+    if divergence is not None:
+        state.metrics.shadow_divergences.labels(divergence.kind).inc()
     ctx = CallContext(
         request_id=str(uuid7()),
         at=datetime.now(UTC),
@@ -191,12 +285,141 @@ async def begin_call(request: web.Request, model_cls: type[M], route: str) -> tu
         messages=messages,
         model_hint=hint,
         model=model,
+        decision=verdict,
+        policy_input=inp,
+        divergence=divergence,
         trace_parent=request.headers.get("traceparent"),
         redact_kinds=kinds,
         redactions=tuple(sorted(counts.items())),
         redacted_chars=chars,
+        reserved_tokens=prompt_tokens,
     )
-    return req, ctx, price
+    if not verdict.allow:
+        code, message, fields = refusal_of(state, verdict, inp)
+        raise Rejected(await refuse(state, ctx, started, prompt_tokens, code, message, fields))
+    return req, await enforce_obligations(state, ctx, started, prompt_tokens, max_tokens), state.prices[ctx.model]
+
+
+def refusal_of(state: GatewayState, verdict: PolicyDecision, inp: DecisionInput) -> tuple[str, str, list[str]]:
+    """Code, message and fields of a policy denial.
+
+    When the client pinned a model and the same call without the pin would be allowed but
+    not on that model (a residency rule), the code is model_not_permitted and the message
+    names the models that could serve it: one extra decision, on the refusal path only.
+    """
+    message = denial_message(verdict)
+    if verdict.denied_tool:
+        return "tool_not_permitted", message, ["tools"]
+    if inp.model:
+        unpinned = state.policy.engine.decide(dataclasses.replace(inp, model=""))
+        allowed = state.policy.allowed_models(unpinned, state.candidate_models()) if unpinned.allow else []
+        if unpinned.allow and inp.model not in allowed:
+            others = ", ".join(allowed) or "none is configured"
+            return (
+                "model_not_permitted",
+                f"{message}; model {inp.model!r} may not serve this request: use one of {others}, or send no model",
+                ["model"],
+            )
+    return "policy_denied", message, []
+
+
+def denial_message(verdict: PolicyDecision) -> str:
+    """Why the policy refused, naming the determining policies (and the tool for a tool refusal)."""
+    why = "; ".join(verdict.reasons) or "no permit policy applies"
+    policies = ", ".join(verdict.determining_policies) or "no permit policy"
+    head = f"policy bundle {verdict.policy_version} denied this request"
+    if verdict.denied_tool:
+        head += f": tool {verdict.denied_tool!r} is not permitted"
+    return f"{head} (determining policies: {policies}): {why}"
+
+
+async def enforce_obligations(
+    state: GatewayState, ctx: CallContext, started: float, prompt_tokens: int, max_tokens: int
+) -> CallContext:
+    """Apply an allowed decision's obligations to the call; refuse (recorded, 403) what cannot meet them."""
+    verdict = ctx.decision
+    ob = verdict.obligations
+    extra = ob.redact - ctx.redact_kinds
+    if extra:
+        messages, more, chars = mask(ctx.messages, extra)
+        counts = Counter(dict(ctx.redactions))
+        counts.update(more)
+        ctx = dataclasses.replace(
+            ctx,
+            messages=messages,
+            redact_kinds=ctx.redact_kinds | extra,
+            redactions=tuple(sorted(counts.items())),
+            redacted_chars=ctx.redacted_chars + chars,
+        )
+    if ob.regions is not None:
+        allowed = state.policy.allowed_models(verdict, state.candidate_models())
+        imposing = _imposing(state, verdict, "region")
+        if ctx.model_hint and ctx.model not in allowed:
+            region = state.policy.model_region(ctx.model)
+            regions = ", ".join(sorted(ob.regions))
+            message = (
+                f"model {ctx.model!r} (region {region}) may not serve this request: {imposing} restricts it to "
+                f"region {regions}; use one of: {', '.join(allowed) or 'none is configured'}"
+            )
+            raise Rejected(await refuse(state, ctx, started, prompt_tokens, "model_not_permitted", message, ["model"]))
+        if ctx.model not in allowed:
+            if not allowed:
+                message = (
+                    f"no configured model is in region {', '.join(sorted(ob.regions))}, "
+                    f"which {imposing} requires for this request"
+                )
+                raise Rejected(await refuse(state, ctx, started, prompt_tokens, "model_not_permitted", message))
+            ctx = dataclasses.replace(ctx, model=allowed[0])  # rerouted: the first allowed in registry order
+    if ob.max_cost is not None:
+        estimate = estimate_cost(prompt_tokens, max_tokens, state.prices[ctx.model])
+        if estimate > ob.max_cost:
+            message = (
+                f"the call may cost up to {estimate} ({prompt_tokens} prompt + {max_tokens} answer tokens on "
+                f"{ctx.model}), over the cap of {ob.max_cost} set by {_imposing(state, verdict, 'max_cost')}; "
+                "send a shorter prompt or a lower max_tokens"
+            )
+            raise Rejected(
+                await refuse(state, ctx, started, prompt_tokens, "cost_cap_exceeded", message, ["max_tokens"])
+            )
+    return ctx
+
+
+def _imposing(state: GatewayState, verdict: PolicyDecision, kind: str) -> str:
+    """The determining policies that carry an obligation of `kind`, for messages and metrics."""
+    bundle = state.policy.engine.bundle
+    ids = [p for p in verdict.determining_policies if _carries(bundle.obligations_of(p), kind)]
+    return "policy " + ", ".join(ids) if ids else "the policy"
+
+
+def _carries(ob: Obligations, kind: str) -> bool:
+    if kind == "redact":
+        return bool(ob.redact)
+    if kind == "region":
+        return ob.regions is not None
+    return ob.max_cost is not None
+
+
+async def refuse(
+    state: GatewayState,
+    ctx: CallContext,
+    started: float,
+    prompt_tokens: int,
+    code: str,
+    message: str,
+    fields: Sequence[str] = (),
+) -> web.Response:
+    """Record a refusal (its PolicyDecided among its facts) in one transaction, then the 403 to send.
+
+    A refused call uses no tokens, so the tokens taken from the rate limit are given back.
+    """
+    if state.limiter is not None:
+        await state.limiter.reconcile(ctx.principal.tenant, prompt_tokens, 0)
+    if ctx.decision.allow:  # refused by the gateway for an obligation it could not meet
+        state.metrics.observe_refusal(code, ctx.principal.tenant)
+    failed = await record(state, refusal_facts(ctx, code, message), started, ctx.request_id)
+    if failed is not None:
+        return failed
+    return error(403, code, message, fields, headers={"X-Request-Id": ctx.request_id})
 
 
 def estimate_tokens(messages: Sequence[Message]) -> int:
@@ -223,9 +446,10 @@ def rate_limited(decision: Decision) -> web.Response:
 
 
 async def settle_usage(state: GatewayState, ctx: CallContext, completion: Completion) -> None:
+    """Reconcile the rate limit with the real usage: what was reserved up front against what was used."""
     if state.limiter is not None:
         actual = completion.prompt_tokens + completion.completion_tokens
-        await state.limiter.reconcile(ctx.principal.tenant, estimate_tokens(ctx.messages), actual)
+        await state.limiter.reconcile(ctx.principal.tenant, ctx.reserved_tokens, actual)
 
 
 def upstream_error(exc: UpstreamError) -> web.Response:
@@ -271,7 +495,7 @@ async def ask(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     started = time.monotonic()
     try:
-        req, ctx, price = await begin_call(request, AskRequest, "/v1/ask")
+        req, ctx, price = await begin_call(request, AskRequest, "/v1/ask", started)
     except Rejected as r:
         return r.response
     if req.stream:
@@ -286,7 +510,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     started = time.monotonic()
     try:
-        req, ctx, price = await begin_call(request, ChatCompletionRequest, "/v1/chat/completions")
+        req, ctx, price = await begin_call(request, ChatCompletionRequest, "/v1/chat/completions", started)
     except Rejected as r:
         return r.response
     frames = ChatFrames(ctx, include_usage=bool(req.stream_options and req.stream_options.include_usage))
@@ -375,6 +599,58 @@ async def feedback(request: web.Request) -> web.Response:
     return web.Response(status=202, body=out.model_dump_json(), content_type="application/json")
 
 
+async def policy_check(request: web.Request) -> web.Response:
+    """What-if: the decision the gateway would enforce now for a call of the caller's own.
+
+    Nothing is recorded: no call is made and nothing is allowed or refused, so there is no
+    fact to keep (and a what-if probe must not count as a request in the coverage figures).
+    Tenant, principal, roles and region come from the credential and the attributes only,
+    so a caller can never evaluate another tenant's input.
+    """
+    state = request.app[STATE]
+    principal = await authenticate(request)
+    if isinstance(principal, web.Response):
+        return principal
+    body = await read_json(request, empty={})
+    if isinstance(body, web.Response):
+        return body
+    if not isinstance(body, dict):
+        return error(400, "invalid_request", 'the body must be a JSON object, e.g. {"tools": ["web_search"]}')
+    try:
+        req = PolicyCheckRequest.model_validate(body)
+    except ValidationError as exc:
+        return validation_error(exc)
+    inp = DecisionInput(
+        tenant=principal.tenant,
+        principal=principal.key_id,
+        roles=frozenset(principal.roles),
+        region=state.policy.principal_region(principal.key_id),
+        data_classification=req.data_classification,
+        tools=frozenset(req.tools),
+        model=req.model or "",
+        estimated_cost=req.estimated_cost,
+        route=req.route,
+    )
+    verdict = state.policy.engine.decide(inp)
+    ob = verdict.obligations
+    out = PolicyCheckResponse(
+        tenant=principal.tenant,
+        principal=principal.key_id,
+        decision="allow" if verdict.allow else "deny",
+        policy_version=verdict.policy_version,
+        determining_policies=list(verdict.determining_policies),
+        obligations=verdict.obligation_list,
+        redact=sorted(ob.redact),
+        regions=sorted(ob.regions) if ob.regions is not None else None,
+        max_cost=ob.max_cost,
+        allowed_models=state.policy.allowed_models(verdict, state.candidate_models()),
+        denied_tool=verdict.denied_tool,
+        reasons=list(verdict.reasons),
+        input_sha256=verdict.input_sha256,
+    )
+    return web.Response(body=out.model_dump_json(), content_type="application/json")
+
+
 async def openapi(_: web.Request) -> web.Response:
     return web.Response(body=OPENAPI, content_type="application/json")
 
@@ -400,14 +676,23 @@ def create_app(
     oidc: OidcVerifier | None = None,
     limiter: RateLimiter | None = None,
     redaction: Callable[[str], frozenset[str]] | None = None,
+    policy: PolicyPoint | None = None,
+    classification_header: str = DEFAULT_CLASSIFICATION_HEADER,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> web.Application:
+    """The gateway app. Without `policy`, the shipped default bundle decides, with the default
+    registry's models seeded as Model entities (what tests and single-process use need)."""
     metrics = GatewayMetrics()
+    adapter = adapter or SimulatedAdapter()
+    if policy is None:
+        served = [m for m in default_registry().models() if m.name in adapter.models]
+        policy = PolicyPoint(seeds=seeds_from_regions({m.name: (m.region, m.adapter_name) for m in served}))
     app = web.Application(middlewares=[metrics.middleware(), errors_as_json], client_max_size=MAX_BODY_BYTES)
     app[STATE] = GatewayState(
         metrics=metrics,
         keys=keys,
         publisher=publisher,
-        adapter=adapter or SimulatedAdapter(),
+        adapter=adapter,
         prices=prices or dict(DEFAULT_PRICES),
         default_model=default_model,
         publish_timeout=publish_timeout,
@@ -415,10 +700,14 @@ def create_app(
         oidc=oidc,
         limiter=limiter,
         redaction=redaction or (lambda _tenant: ALL_KINDS),
+        policy=policy,
+        classification_header=classification_header,
+        default_max_tokens=default_max_tokens,
     )
     app.router.add_post("/v1/ask", ask)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/feedback", feedback)
+    app.router.add_post("/v1/policy/check", policy_check)
     app.router.add_get("/metrics", metrics.handler)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/healthz", healthz)

@@ -1,4 +1,14 @@
-"""The facts one answered request records, built purely from what happened.
+"""The facts one request records, built purely from what happened.
+
+Every request that reaches the policy decision point records its `PolicyDecided` (the
+engine's decision as `Decision.decided_fields()` gives it, so policy version, determining
+policies, input hash and obligations are the engine's own). An answered request records
+RequestReceived, (RequestRedacted,) PolicyDecided, TokensCharged and AuditRecorded
+"request.completed"; a refused one records RequestReceived, (RequestRedacted,) PolicyDecided
+and AuditRecorded "request.denied" (outcome "denied"). Either audit record carries the
+decision input (`DecisionInput.canonical_json()`) in `details["policy_input"]`, so a dry-run
+can rebuild the inputs of recorded decisions without a schema change. A shadow divergence
+adds PolicyShadowDiverged to the same transaction.
 
 All of a request's facts share the request id as correlation id and derive their event ids
 from it (`derived_uuid7(request_id, type)`), so re-sending a request's facts produces
@@ -15,6 +25,7 @@ from datetime import UTC, datetime
 
 import orjson
 
+from domain.policy import Decision, DecisionInput, Divergence
 from domain.pricing import Price, cost
 from domain.redaction import RULESET_VERSION
 from gateway.adapters import Completion
@@ -26,6 +37,7 @@ from streams.events import (
     Event,
     FeedbackReceived,
     PolicyDecided,
+    PolicyShadowDiverged,
     RequestReceived,
     RequestRedacted,
     TokensCharged,
@@ -33,7 +45,7 @@ from streams.events import (
 from streams.ids import derived_uuid7, uuid7
 
 PRODUCER = "gateway"
-POLICY_VERSION = "builtin-allow-1"
+POLICY_INPUT = "policy_input"  # AuditRecorded.details key holding the decision input (canonical JSON)
 
 
 @dataclass(frozen=True)
@@ -47,10 +59,14 @@ class CallContext:
     messages: list[Message]
     model_hint: str | None
     model: str
+    decision: Decision  # the engine's decision for `policy_input`
+    policy_input: DecisionInput
+    divergence: Divergence | None = None  # how the shadow bundle would have decided, when it differs
     trace_parent: str | None = None
     redact_kinds: frozenset[str] = frozenset()  # what the tenant's policy masks, in prompts and answers
     redactions: tuple[tuple[str, int], ...] = ()  # spans masked in the prompt, by kind
     redacted_chars: int = 0
+    reserved_tokens: int = 0  # tokens taken from the rate limit up front (reconciled with the real usage)
 
     def envelope(self, event_type: str, causation: str | None = None) -> Envelope:
         return Envelope(
@@ -83,20 +99,15 @@ def opening_facts(ctx: CallContext) -> list[Event]:
         prompt_chars=sum(len(m.content) for m in ctx.messages),
         prompt_sha256=prompt_hash(ctx.messages),
     )
-    decision_input = orjson.dumps(
-        {"tenant": ctx.principal.tenant, "roles": list(ctx.principal.roles), "route": ctx.route, "model": ctx.model},
-        option=orjson.OPT_SORT_KEYS,
-    )
     decided = PolicyDecided(
         envelope=ctx.envelope("PolicyDecided", received.envelope.event_id),
         request_id=ctx.request_id,
-        decision="allow",
-        policy_version=POLICY_VERSION,
-        determining_policies=["default-allow"],
-        input_sha256=hashlib.sha256(decision_input).hexdigest(),
+        **ctx.decision.decided_fields(),
     )
+    shadow = shadow_fact(ctx, decided.envelope.event_id)
+    tail: list[Event] = [decided] if shadow is None else [decided, shadow]
     if not ctx.redactions:
-        return [received, decided]
+        return [received, *tail]
     redacted = RequestRedacted(
         envelope=ctx.envelope("RequestRedacted", received.envelope.event_id),
         request_id=ctx.request_id,
@@ -105,7 +116,54 @@ def opening_facts(ctx: CallContext) -> list[Event]:
         action="masked",
         ruleset_version=RULESET_VERSION,
     )
-    return [received, redacted, decided]
+    return [received, redacted, *tail]
+
+
+def shadow_fact(ctx: CallContext, decided_id: str) -> PolicyShadowDiverged | None:
+    """PolicyShadowDiverged when the shadow bundle would have enforced something else."""
+    if ctx.divergence is None:
+        return None
+    return PolicyShadowDiverged(
+        envelope=ctx.envelope("PolicyShadowDiverged", decided_id),
+        request_id=ctx.request_id,
+        **ctx.divergence.shadow_fields(),
+    )
+
+
+def policy_details(ctx: CallContext) -> dict[str, str]:
+    """What an audit record says about the decision: version, policies, and the input to replay it."""
+    d = ctx.decision
+    out = {
+        "decision": d.decision,
+        "policy_version": d.policy_version,
+        "determining_policies": ",".join(d.determining_policies),
+        POLICY_INPUT: ctx.policy_input.canonical_json().decode(),
+    }
+    if d.obligation_list:
+        out["obligations"] = ";".join(d.obligation_list)
+    return out
+
+
+def refusal_facts(ctx: CallContext, code: str, reason: str) -> list[Event]:
+    """The facts of a request refused at the policy point: its opening facts and a "denied" audit record.
+
+    `code` says why (policy_denied, tool_not_permitted, model_not_permitted, cost_cap_exceeded);
+    the PolicyDecided among them is the engine's decision, which is "allow" when the gateway
+    refused because an obligation (region, cost cap) could not be met.
+    """
+    opening = opening_facts(ctx)
+    details = {**policy_details(ctx), "route": ctx.route, "model": ctx.model, "refusal": code, "reason": reason}
+    if ctx.decision.denied_tool:
+        details["denied_tool"] = ctx.decision.denied_tool
+    audited = AuditRecorded(
+        envelope=ctx.envelope("AuditRecorded", str(derived_uuid7(ctx.request_id, "PolicyDecided"))),
+        action="request.denied",
+        actor=ctx.principal.key_id,
+        subject=ctx.request_id,
+        outcome="denied",
+        details=details,
+    )
+    return [*opening, audited]
 
 
 def closing_facts(ctx: CallContext, completion: Completion, price: Price) -> tuple[TokensCharged, AuditRecorded]:
@@ -128,7 +186,7 @@ def closing_facts(ctx: CallContext, completion: Completion, price: Price) -> tup
         actor=ctx.principal.key_id,
         subject=ctx.request_id,
         outcome="success",
-        details={"model": completion.model, "cost": str(charged.cost), "decision": "allow", "route": ctx.route},
+        details={**policy_details(ctx), "model": completion.model, "cost": str(charged.cost), "route": ctx.route},
     )
     return charged, audited
 

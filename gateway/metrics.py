@@ -1,12 +1,16 @@
 """Prometheus metrics of one gateway process, served at `/metrics`.
 
 Labels are bounded by construction: the route is the matched route template (never the raw
-path) and the status is the HTTP code, so no client input can create new series. Tenants
-are deliberately not a label here; per-tenant figures come from the ClickHouse projections.
+path) and the status is the HTTP code, so no client input can create new series. The policy
+metrics carry the policy id (a bundle's @ids: published by operators, not sent by clients)
+and the tenant, which is bounded here by `BoundedLabel`: the first `TENANT_SERIES` tenants a
+process sees get their own series, every later one is counted as "_other". Exact per-tenant
+figures come from the ClickHouse projections (policy_decided), not from here.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Awaitable, Callable
 
@@ -14,7 +18,40 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from domain.policy import Decision, PolicyBundle
+
 BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.2, 2.5, 5.0, 10.0)
+DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
+TENANT_SERIES = 100
+OTHER = "_other"
+
+
+class BoundedLabel:
+    """Maps label values to at most `limit` distinct ones; later newcomers share `OTHER`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        with self._lock:
+            if len(self._seen) < self.limit:
+                self._seen.add(value)
+                return value
+        return OTHER
+
+
+def _kinds(bundle: PolicyBundle, policy: str) -> list[str]:
+    ob = bundle.obligations_of(policy)
+    return [
+        kind
+        for kind, present in (("redact", bool(ob.redact)), ("region", ob.regions is not None),
+                              ("max_cost", ob.max_cost is not None))
+        if present
+    ]  # fmt: skip
 
 
 class GatewayMetrics:
@@ -33,6 +70,53 @@ class GatewayMetrics:
             "ledgerflow_gateway_publish_failures_total", "Requests answered 503 because Kafka did not take the facts.",
             registry=self.registry,
         )  # fmt: skip
+        self.tenant = BoundedLabel(TENANT_SERIES)
+        self.policy_decisions = Counter(
+            "ledgerflow_gateway_policy_decisions_total", "Policy decisions enforced, by decision and tenant.",
+            ["decision", "tenant"], registry=self.registry,
+        )  # fmt: skip
+        self.policy_denials = Counter(
+            "ledgerflow_gateway_policy_denials_total",
+            "Denied requests by determining policy and tenant (one count per determining policy).",
+            ["policy", "tenant"], registry=self.registry,
+        )  # fmt: skip
+        self.policy_obligations = Counter(
+            "ledgerflow_gateway_policy_obligations_total",
+            "Obligations imposed on allowed requests, by policy, obligation kind and tenant.",
+            ["policy", "kind", "tenant"], registry=self.registry,
+        )  # fmt: skip
+        self.policy_refusals = Counter(
+            "ledgerflow_gateway_policy_refusals_total",
+            "Allowed requests the gateway refused because an obligation could not be met, by reason and tenant.",
+            ["reason", "tenant"], registry=self.registry,
+        )  # fmt: skip
+        self.policy_seconds = Histogram(
+            "ledgerflow_gateway_policy_decision_seconds", "Time to decide one request in process (shadow included).",
+            buckets=DECISION_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.shadow_divergences = Counter(
+            "ledgerflow_gateway_policy_shadow_divergences_total",
+            "Requests the shadow bundle would have decided differently, by kind.",
+            ["kind"], registry=self.registry,
+        )  # fmt: skip
+
+    def observe_policy(self, decision: Decision, tenant: str, bundle: PolicyBundle, seconds: float) -> None:
+        """Count one enforced decision: its outcome, the denying policies or the obligations imposed."""
+        t = self.tenant(tenant)
+        self.policy_seconds.observe(seconds)
+        self.policy_decisions.labels(decision.decision, t).inc()
+        if not decision.allow:
+            for policy in decision.determining_policies or ("(no policy)",):
+                self.policy_denials.labels(policy, t).inc()
+            return
+        if decision.obligations.empty:
+            return
+        for policy in decision.determining_policies:
+            for kind in _kinds(bundle, policy):
+                self.policy_obligations.labels(policy, kind, t).inc()
+
+    def observe_refusal(self, reason: str, tenant: str) -> None:
+        self.policy_refusals.labels(reason, self.tenant(tenant)).inc()
 
     def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]]:
         @web.middleware

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_PROMPT_CHARS = 200_000
+MAX_TOKENS_LIMIT = 2_147_483_647  # OpenAI's own bound; keeps the cost estimate inside Cedar's decimal range
+
+DataClassification = Literal["public", "internal", "confidential", "restricted"]
+_CLASSIFICATION_DOC = (
+    "How sensitive the prompt is (policy input); default `internal`. A classification header set by a "
+    "proxy and this field may both be given: the stricter one applies."
+)
 
 
 class Message(BaseModel):
@@ -26,6 +34,7 @@ class AskRequest(BaseModel):
         None, min_length=1, max_length=100, description="Model hint; default: the router's choice."
     )
     stream: bool = Field(False, description="Answer as server-sent events: `delta` frames, then one `done` frame.")
+    data_classification: DataClassification | None = Field(None, description=_CLASSIFICATION_DOC)
 
     @model_validator(mode="after")
     def _one_input(self) -> AskRequest:
@@ -118,18 +127,24 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(
+        None, ge=1, le=MAX_TOKENS_LIMIT, description="Upper bound of the answer; the policy's cost estimate uses it."
+    )
     n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
     user: str | None = Field(None, max_length=256)
     tools: list[ToolDescriptor] | None = Field(
         None, max_length=128, description="Declared tools; validated here, checked against scopes by the policy."
     )
+    data_classification: DataClassification | None = Field(None, description=_CLASSIFICATION_DOC)
 
     @model_validator(mode="after")
     def _text_limit(self) -> ChatCompletionRequest:
         if sum(len(m.text()) for m in self.messages) > MAX_PROMPT_CHARS:
             raise ValueError(f"messages hold more than {MAX_PROMPT_CHARS} characters; shorten the conversation")
         return self
+
+    def tool_names(self) -> frozenset[str]:
+        return frozenset(t.function.name for t in self.tools or ())
 
     def as_messages(self) -> list[Message]:
         role_map = {"developer": "system"}
@@ -197,3 +212,67 @@ class FeedbackRequest(BaseModel):
 class FeedbackResponse(BaseModel):
     feedback_id: str
     request_id: str
+
+
+# --- policy what-if ---------------------------------------------------------------------------
+
+_NOT_YOURS = ("tenant", "principal", "roles", "region")
+
+
+class PolicyCheckRequest(BaseModel):
+    """`POST /v1/policy/check`: would a call like this be allowed for me, and with what obligations?
+
+    Tenant, principal, roles and region are never part of the body: they come from the
+    credential and the attributes, so a caller can only ask about its own calls.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    data_classification: DataClassification = Field("internal", description="How sensitive the prompt is.")
+    tools: list[str] = Field(
+        default_factory=list, max_length=128, description="Tool names the call would declare (checked one by one)."
+    )
+    model: str | None = Field(None, min_length=1, max_length=100, description="Model to pin; default: the router's.")
+    estimated_cost: Decimal = Field(
+        Decimal(0), ge=0, le=Decimal(1_000_000_000), description="Estimated cost of the call (a decimal string)."
+    )
+    route: Literal["/v1/ask", "/v1/chat/completions"] = "/v1/ask"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_identity_only(cls, data: object) -> object:
+        if isinstance(data, dict):
+            given = [k for k in _NOT_YOURS if k in data]
+            if given:
+                raise ValueError(
+                    f"remove {', '.join(map(repr, given))}: tenant, principal, roles and region come from your "
+                    "credential and the policy attributes, so a check is always about your own calls"
+                )
+        return data
+
+    @model_validator(mode="after")
+    def _tool_names(self) -> PolicyCheckRequest:
+        bad = [t for t in self.tools if not _TOOL_NAME.match(t)]
+        if bad:
+            raise ValueError(f"tool names {bad} are not valid: 1-64 of letters, digits, '_' and '-'")
+        return self
+
+
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+class PolicyCheckResponse(BaseModel):
+    """The decision the gateway would enforce now, and why. Nothing is recorded."""
+
+    tenant: str
+    principal: str
+    decision: Literal["allow", "deny"]
+    policy_version: str
+    determining_policies: list[str] = Field(description="Stable @id of each policy that determined the decision.")
+    obligations: list[str] = Field(description="`kind:value` strings, as PolicyDecided records them.")
+    redact: list[str] = Field(description="Redaction kinds the call would be masked with (beyond the tenant's).")
+    regions: list[str] | None = Field(description="Regions the call may be served from; null = any.")
+    max_cost: Decimal | None = Field(description="Cap on the call's cost; null = none.")
+    allowed_models: list[str] = Field(description="Models the router could use for this call.")
+    denied_tool: str | None = None
+    reasons: list[str] = Field(default_factory=list, description="Why a denial happened, one line per check.")
+    input_sha256: str

@@ -22,13 +22,15 @@ from gateway.models import (
     ErrorResponse,
     FeedbackRequest,
     FeedbackResponse,
+    PolicyCheckRequest,
+    PolicyCheckResponse,
     ToolDescriptor,
 )
 
 API_VERSION = "1.0.0"
 MODELS: list[type[BaseModel]] = [
     AskRequest, AskResponse, AskDelta, ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, ErrorResponse,
-    FeedbackRequest, FeedbackResponse, ToolDescriptor,
+    FeedbackRequest, FeedbackResponse, ToolDescriptor, PolicyCheckRequest, PolicyCheckResponse,
 ]  # fmt: skip
 
 
@@ -40,6 +42,9 @@ def _errors(*codes: int) -> dict[str, Any]:
     text = {
         400: "Malformed JSON or an unknown model; the message says what to fix.",
         401: "Missing or unknown API key.",
+        403: "Refused by policy (recorded): `code` is policy_denied, tool_not_permitted, model_not_permitted or "
+        "cost_cap_exceeded; the message names the determining policies and the tool, the allowed models or the "
+        "cap. `X-Request-Id` names the recorded request.",
         413: "Body over 1 MiB.",
         422: "A field is invalid; `fields` names each one.",
         503: "The event log did not accept the request in time (Retry-After is set); nothing was charged.",
@@ -64,10 +69,16 @@ def _call(summary: str, req: type[BaseModel], whole: type[BaseModel], frame: typ
                         "text/event-stream": {"schema": _ref(frame)},
                     },
                 },
-                **_errors(400, 401, 413, 422, 503),
+                **_errors(400, 401, 403, 413, 422, 503),
             },
+            "parameters": [{
+                "name": "X-Data-Classification", "in": "header", "required": False,
+                "description": "public, internal, confidential or restricted (the header name is a setting); "
+                "the stricter of it and the body's data_classification applies.",
+                "schema": {"type": "string", "enum": ["public", "internal", "confidential", "restricted"]},
+            }],
         }
-    }
+    }  # fmt: skip
 
 
 def document() -> dict[str, Any]:
@@ -98,6 +109,19 @@ def document() -> dict[str, Any]:
                     "202": {"description": "Recorded",
                             "content": {"application/json": {"schema": _ref(FeedbackResponse)}}},
                     **_errors(400, 401, 422, 503),
+                },
+            }},
+            "/v1/policy/check": {"post": {
+                "summary": "What-if: the policy decision for a call of your own (nothing is recorded)",
+                "description": "Tenant, principal, roles and region come from the credential and the policy "
+                               "attributes, never from the body.",
+                "security": [{"bearer": []}, {"apiKey": []}],
+                "requestBody": {"required": True,
+                                "content": {"application/json": {"schema": _ref(PolicyCheckRequest)}}},
+                "responses": {
+                    "200": {"description": "The decision, its determining policies and obligations",
+                            "content": {"application/json": {"schema": _ref(PolicyCheckResponse)}}},
+                    **_errors(400, 401, 422),
                 },
             }},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {

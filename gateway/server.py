@@ -17,6 +17,7 @@ from gateway.auth import KeyStore
 from gateway.keycatalog import KeyCatalog
 from gateway.limits import Limits, LocalRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.oidc import OidcVerifier
+from gateway.policy import PolicyPoint, seeds_from_regions
 from gateway.registry import ModelInfo, Registry, default_registry
 from gateway.upstream import CircuitBreaker, OpenAIUpstreamAdapter
 from ledgerflow.settings import Settings
@@ -28,13 +29,16 @@ log = logging.getLogger(__name__)
 
 
 class KafkaReadiness:
-    """Ready when the broker answers, every fact topic exists and the publisher is initialised."""
+    """Ready when the broker answers, every fact topic exists, keys and policy are loaded and the publisher is up."""
 
-    def __init__(self, bootstrap: str, topics: Topics, publisher: FactPublisher, catalog: KeyCatalog) -> None:
+    def __init__(
+        self, bootstrap: str, topics: Topics, publisher: FactPublisher, catalog: KeyCatalog, policy: PolicyPoint
+    ) -> None:
         self._bootstrap = bootstrap
         self._topics = topics
         self._publisher = publisher
         self._catalog = catalog
+        self._policy = policy
         self._cached: tuple[float, bool, str] = (0.0, False, "not checked")
 
     async def __call__(self) -> tuple[bool, str]:
@@ -55,6 +59,8 @@ class KafkaReadiness:
             return False, f"topics missing: {', '.join(missing)} (run `ledgerflow up` or create them)"
         if not self._catalog.loaded.is_set():
             return False, "api keys not loaded yet from the api-keys topic"
+        if not self._policy.loaded.is_set():
+            return False, "policy bundles and attributes not loaded yet from the policy topics"
         if not self._publisher.ready:
             return False, f"transactional producer not initialised yet: {self._publisher.last_error or 'starting'}"
         return True, f"kafka {self._bootstrap}"
@@ -101,6 +107,20 @@ def build_registry(settings: Settings) -> Registry:
     return registry
 
 
+def model_regions(registry: Registry) -> dict[str, tuple[str, str]]:
+    """{model: (registry region, adapter name)}: what Model entities are seeded from."""
+    return {m.name: (m.region, m.adapter_name) for m in registry.models()}
+
+
+def build_policy(settings: Settings, registry: Registry, topics: Topics) -> PolicyPoint:
+    """The replica's decision point, following the policy topics (started with the app)."""
+    policy = PolicyPoint(
+        seeds=seeds_from_regions(model_regions(registry)), shadow_version=settings.policy_shadow_version
+    )
+    policy.follow(settings.bootstrap, topics.name("policy-bundles"), topics.name("policy-attributes"))
+    return policy
+
+
 def build(settings: Settings) -> tuple[web.Application, FactPublisher]:
     topics = Topics(settings.topic_prefix, settings.partitions)
     keys = KeyStore((k.key_id, k.tenant, k.sha256, k.roles) for k in settings.api_keys)
@@ -118,26 +138,32 @@ def build(settings: Settings) -> tuple[web.Application, FactPublisher]:
         else LocalRateLimiter(limits)
     )
     registry = build_registry(settings)
+    policy = build_policy(settings, registry, topics)
     app = create_app(
         keys,
         publisher,
-        KafkaReadiness(settings.bootstrap, topics, publisher, catalog),
+        KafkaReadiness(settings.bootstrap, topics, publisher, catalog, policy),
         publish_timeout=settings.publish_timeout_s,
         oidc=oidc,
         limiter=limiter,
         adapter=registry.as_adapter(),
         redaction=redaction_policy(settings),
         prices=registry.prices(),
+        policy=policy,
+        classification_header=settings.policy_data_classification_header,
+        default_max_tokens=settings.policy_default_max_tokens,
     )
 
     async def on_startup(_: web.Application) -> None:
         publisher.start()
         catalog.start()
+        policy.start()
 
     async def on_cleanup(_: web.Application) -> None:
         await registry.close()
         await limiter.aclose()
         await asyncio.to_thread(catalog.close)
+        await asyncio.to_thread(policy.close)
         await asyncio.to_thread(publisher.close)
 
     app.on_startup.append(on_startup)

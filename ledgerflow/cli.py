@@ -198,6 +198,7 @@ def children(settings: Settings) -> list[Child]:
             env,
             f"http://127.0.0.1:{settings.worker_web_port}",
         ),
+        Child("ledger", [py, "-m", "agents.ledger", "--loglevel", "warning"], logs / "ledger.log", env),
         Child("gateway", [py, "-m", "gateway"], logs / "gateway.log", env, settings.gateway_url),
     ]
 

@@ -129,12 +129,24 @@ class Settings(BaseSettings):
         None, description="Ed25519 checkpoint signing key (made on first start; None = data_dir/ledger/signing.key)."
     )
     ledger_checkpoint_every: int = Field(1000, ge=1, description="Sign a checkpoint every N entries of a chain.")
+    ledger_batch_max: int = Field(2000, ge=1, description="Most audit records chained in one ledger transaction.")
     ledger_checkpoint_interval_s: float = Field(
         10.0, gt=0, description="...and at most this long after a chain's newest unsigned entry."
     )
 
     policy_shadow_version: str = Field(
         "", description="A published policy version to evaluate in shadow beside the active one (empty = none)."
+    )
+    policy_data_classification_header: str = Field(
+        "X-Data-Classification",
+        description="Request header declaring the data classification (policy input); the stricter of it "
+        "and the body's data_classification applies.",
+    )
+    policy_default_max_tokens: int = Field(
+        1024,
+        ge=1,
+        le=2_147_483_647,
+        description="Answer tokens assumed by the policy's cost estimate when a request sets no max_tokens.",
     )
 
     worker_id: str = Field("ledgerflow-agents", description="Faust app id = the agents' consumer group.")

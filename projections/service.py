@@ -19,6 +19,11 @@ the store): `POST /replay` {"into", "tables", "since", "replace"} starts one bac
 rebuild (202; 400 for a bad request, naming the fix; 409 while one runs or when `into` holds
 rows and `replace` is not set; 503 without Kafka),
 `GET /replay/status` reports it, `DELETE /replay` cancels it.
+
+`POST /v1/policy/dry-run` evaluates a candidate policy bundle beside the active one over the
+inputs of the last N recorded decisions and returns the `DiffReport` as JSON (see
+`ProjectionService.dry_run`). It reads only projections (audit_recorded, policy_published,
+policy_attributes_set) and spends nothing, so it records no fact.
 """
 
 from __future__ import annotations
@@ -40,6 +45,17 @@ import orjson
 from aiohttp import web
 from clickhouse_connect.driver.client import Client
 
+from domain.policy import (
+    AttributeChange,
+    AttributesInvalid,
+    BundleInvalid,
+    DecisionInput,
+    EntityStore,
+    PolicyBundle,
+    default_bundle,
+    diff,
+    fold_attributes,
+)
 from projections.migrations import applied, migrate
 from projections.replay import BadReplayRequest, ReplayJob, TargetNotEmpty, idle_status, parse_request, target_check
 from projections.sink import Sink
@@ -222,6 +238,105 @@ def redact(url: str) -> str:
     return url
 
 
+DRY_RUN_DEFAULT_LAST = 1000
+DRY_RUN_MAX_LAST = 100_000
+DRY_RUN_MAX_EXAMPLES = 20
+# The inputs of recorded decisions: the gateway puts DecisionInput.canonical_json() into the
+# request's audit record (details['policy_input']). A redelivered record counts once.
+_DRY_RUN_INPUTS_SQL = """
+SELECT event_id, details['policy_input'] AS policy_input
+FROM audit_recorded
+WHERE action IN ('request.completed', 'request.denied') AND mapContains(details, 'policy_input')
+  AND ({tenant:String} = '' OR tenant = {tenant:String})
+ORDER BY occurred_at DESC, event_id DESC
+LIMIT 1 BY event_id
+LIMIT {last:UInt32}
+"""
+# The active bundle is the last record of the policy-bundles topic (one partition).
+_ACTIVE_BUNDLE_SQL = """
+SELECT version, bundle, content_sha256 FROM policy_published
+ORDER BY _offset DESC, occurred_at DESC LIMIT 1
+"""
+# Each entity's newest attributes record (the compacted topic's state).
+_ATTRIBUTES_SQL = """
+SELECT entity_type, entity_id, argMax(attributes_json, _offset) AS attributes_json,
+       argMax(deleted, _offset) AS deleted
+FROM policy_attributes_set GROUP BY entity_type, entity_id
+"""
+
+
+class BadDryRun(ValueError):
+    """A dry-run request that cannot run: HTTP `status`, a message naming the fix, and any bundle errors."""
+
+    def __init__(self, status: int, message: str, errors: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.status, self.message, self.errors = status, message, errors
+
+
+@dataclass(frozen=True)
+class DryRunRequest:
+    """What `POST /v1/policy/dry-run` takes: the candidate text and how many recent decisions to replay."""
+
+    bundle: str
+    version: str = "candidate"
+    last: int = DRY_RUN_DEFAULT_LAST
+    examples: int = 3
+    tenant: str = ""
+    models: dict[str, str] | None = None  # model → region, seeded where the attributes name none
+
+    @classmethod
+    def parse(cls, body: bytes, content: str, query: Any) -> DryRunRequest:
+        """From a JSON object ({"bundle", "version", "last", "examples", "tenant", "models"}) or a
+        plain-text bundle with `?last=&version=&examples=&tenant=`; BadDryRun names what to fix."""
+        if content == "application/json":
+            try:
+                doc = orjson.loads(body) if body else None
+            except orjson.JSONDecodeError as exc:
+                raise BadDryRun(
+                    400, f'the body is not JSON ({exc}): send {{"bundle": "<cedar text>", "last": N}}'
+                ) from None
+            if not isinstance(doc, dict):
+                raise BadDryRun(400, 'send a JSON object: {"bundle": "<cedar text>", "last": N}')
+            unknown = sorted(set(doc) - {"bundle", "version", "last", "examples", "tenant", "models"})
+            if unknown:
+                raise BadDryRun(
+                    400, f"unknown fields {unknown}; known: bundle, version, last, examples, tenant, models"
+                )
+        else:
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadDryRun(400, "the bundle text is not UTF-8") from None
+            doc = {"bundle": text, **{k: query[k] for k in ("version", "last", "examples", "tenant") if k in query}}
+        bundle = doc.get("bundle")
+        if not isinstance(bundle, str) or not bundle.strip():
+            raise BadDryRun(400, "send the candidate bundle's Cedar text (the body, or 'bundle' in a JSON object)")
+        version = doc.get("version", "candidate")
+        tenant = doc.get("tenant", "")
+        if not isinstance(version, str) or not isinstance(tenant, str):
+            raise BadDryRun(400, "'version' and 'tenant' must be strings")
+        last = _int_field(doc, "last", DRY_RUN_DEFAULT_LAST, 1, DRY_RUN_MAX_LAST)
+        examples = _int_field(doc, "examples", 3, 0, DRY_RUN_MAX_EXAMPLES)
+        models = doc.get("models")
+        if models is not None and (
+            not isinstance(models, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in models.items())
+        ):
+            raise BadDryRun(400, '\'models\' must map model names to regions, e.g. {"sim-small": "eu"}')
+        return cls(bundle, version or "candidate", last, examples, tenant, models)
+
+
+def _int_field(doc: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    raw = doc.get(name, default)
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise BadDryRun(400, f"{name!r} must be an integer from {low} to {high}, got {raw!r}") from None
+    if isinstance(raw, bool) or not low <= value <= high:
+        raise BadDryRun(400, f"{name!r} must be an integer from {low} to {high}, got {raw!r}")
+    return value
+
+
 class ReplayRefused(Exception):
     """A replay that cannot start now: HTTP `status` and a message that says why."""
 
@@ -272,6 +387,8 @@ class ProjectionService:
         self._thread: threading.Thread | None = None
         self.replay_job: ReplayJob | None = None
         self._replay_lock = threading.Lock()
+        self._server_reader: Client | None = None  # read-only client for a server store (dry-runs)
+        self._server_lock = threading.Lock()
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -326,6 +443,8 @@ class ProjectionService:
                 log.warning("sink thread did not stop within %.0fs", timeout)
         if self.reader is not None:
             self.reader.close()
+        if self._server_reader is not None:
+            self._server_reader.close()
         if self.writer is not None:
             self.writer.close()
 
@@ -395,6 +514,88 @@ class ProjectionService:
             self.replay_job = job
         return job
 
+    # --- policy dry-run ---------------------------------------------------------------
+
+    def read_rows(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Rows of one parameterised read query, on a read-only handle (never the sink's client)."""
+        if self.reader is not None:  # the engine binds text, as the ClickHouse HTTP interface does
+            text = {k: str(v) for k, v in params.items()}
+            found = self.reader.execute(sql, "JSONEachRow", self.database, text)
+            return [orjson.loads(line) for line in found.body.splitlines() if line]
+        if not self.migrated.is_set():
+            raise BadDryRun(503, "projections service is starting (migrations); retry shortly")
+        with self._server_lock:
+            if self._server_reader is None:
+                self._server_reader = open_store(self.store_url, self.database, readonly=True)
+            result = self._server_reader.query(sql, parameters=params)
+            return list(result.named_results())
+
+    def dry_run(self, req: DryRunRequest) -> dict[str, Any]:
+        """Diff `req.bundle` against the active bundle over the inputs of the last `req.last` decisions.
+
+        The active bundle is the newest `policy_published` row (the shipped default when none
+        is); attributes are each entity's newest `policy_attributes_set` row, with `req.models`
+        seeded for models they do not name (the gateway seeds its registry's models the same
+        way). Inputs that do not parse are counted in `skipped`, never fatal.
+        """
+        started = time.perf_counter()
+        try:
+            candidate = PolicyBundle.parse(req.bundle, req.version)
+        except BundleInvalid as exc:
+            raise BadDryRun(422, f"the candidate bundle is invalid ({len(exc.errors)} errors)", exc.errors) from None
+        rows = self.read_rows(_ACTIVE_BUNDLE_SQL, {})
+        if rows:
+            try:
+                active = PolicyBundle.from_published(rows[0]["version"], rows[0]["bundle"], rows[0]["content_sha256"])
+            except BundleInvalid as exc:
+                raise BadDryRun(
+                    409, f"the active bundle recorded in policy_published does not validate: {exc}"
+                ) from None
+        else:
+            active = default_bundle()
+        changes: list[AttributeChange] = []
+        for row in self.read_rows(_ATTRIBUTES_SQL, {}):
+            try:
+                changes.append(
+                    AttributeChange.from_json(
+                        row["entity_type"], row["entity_id"], row["attributes_json"], bool(row["deleted"])
+                    )
+                )
+            except AttributesInvalid as exc:
+                log.warning("dry-run: attributes skipped: %s", exc)
+        store, _rejected = fold_attributes(EntityStore(), changes)
+        seeds = [
+            AttributeChange("Model", name, {"region": region, "provider": "registry"})
+            for name, region in (req.models or {}).items()
+            if store.get("Model", name) is None
+        ]
+        store, _ = fold_attributes(store, seeds)
+        read_at = time.perf_counter()
+        inputs: list[DecisionInput] = []
+        skipped = 0
+        for row in self.read_rows(_DRY_RUN_INPUTS_SQL, {"last": req.last, "tenant": req.tenant}):
+            try:
+                inputs.append(DecisionInput.from_json(row["policy_input"]))
+            except (ValueError, TypeError, KeyError):
+                skipped += 1
+        parsed_at = time.perf_counter()
+        report = diff(active, candidate, inputs, store, examples=req.examples)
+        done = time.perf_counter()
+        return {
+            **report.to_dict(with_examples=req.examples > 0),
+            "active_sha256": active.content_sha256,
+            "candidate_sha256": candidate.content_sha256,
+            "requested": req.last,
+            "skipped": skipped,
+            "attributes_version": store.version,
+            "timings_ms": {
+                "bundles_and_attributes": round((read_at - started) * 1000, 1),
+                "read_inputs": round((parsed_at - read_at) * 1000, 1),
+                "evaluate": round((done - parsed_at) * 1000, 1),
+                "total": round((done - started) * 1000, 1),
+            },
+        }
+
     # --- HTTP -------------------------------------------------------------------------
 
     def make_app(self) -> web.Application:
@@ -405,6 +606,7 @@ class ProjectionService:
         app.router.add_post("/replay", self._replay_start)
         app.router.add_get("/replay/status", self._replay_status)
         app.router.add_delete("/replay", self._replay_cancel)
+        app.router.add_post("/v1/policy/dry-run", self._dry_run)
         app.router.add_get("/", self._sql)
         app.router.add_post("/", self._sql)
         return app
@@ -436,6 +638,21 @@ class ProjectionService:
         except ReplayRefused as exc:
             return self._json(exc.status, {"error": exc.message, "status": exc.job.status() if exc.job else None})
         return self._json(202, job.status())
+
+    async def _dry_run(self, request: web.Request) -> web.Response:
+        try:
+            req = DryRunRequest.parse(await request.read(), request.content_type, request.query)
+            if self.reader is None and self.store_url.startswith("chdb:"):
+                raise BadDryRun(503, "projections service is starting (migrations); retry shortly")
+            report = await asyncio.get_running_loop().run_in_executor(None, self.dry_run, req)
+        except BadDryRun as exc:
+            body: dict[str, Any] = {"error": exc.message}
+            if exc.errors:
+                body["errors"] = list(exc.errors)
+            return self._json(exc.status, body)
+        except QueryError as err:
+            return self._json(500, {"error": f"reading the projections failed: {err.message}"})
+        return self._json(200, report)
 
     async def _replay_status(self, _request: web.Request) -> web.Response:
         job = self.replay_job

@@ -13,7 +13,8 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.app import always_ready, create_app
+from domain.policy import AttributeChange
+from gateway.app import STATE, always_ready, create_app
 from gateway.auth import KeyStore
 from ledgerflow.settings import hash_key
 from streams.events import Event, TokensCharged
@@ -192,6 +193,12 @@ async def test_prompt_is_masked_before_events_and_redaction_is_recorded(
 async def test_tool_descriptors_are_validated(client: TestClient) -> None:
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
     base = {"model": "sim-small", "messages": [{"role": "user", "content": "hi"}]}
+    # a valid descriptor reaches the policy, which checks the tool against the principal's scopes
+    unscoped = await client.post("/v1/chat/completions", json={**base, "tools": [tool]}, headers=AUTH)
+    assert unscoped.status == 403 and "'get_weather'" in (await unscoped.json())["error"]["message"]
+    client.server.app[STATE].policy.engine.apply(
+        AttributeChange("Principal", "k-acme", {"tool_scopes": ["get_weather"]})
+    )
     ok = await client.post("/v1/chat/completions", json={**base, "tools": [tool]}, headers=AUTH)
     assert ok.status == 200
     bad_tool = {"type": "function", "function": {"name": "no spaces allowed"}}

@@ -91,11 +91,12 @@ def worker(kafka_bootstrap: str, topics: Topics, tmp_path: Path) -> Iterator[Any
                 "LEDGERFLOW_DATA_DIR": str(tmp_path),
                 "LEDGERFLOW_LEDGER_CHECKPOINT_EVERY": "40",
                 "LEDGERFLOW_LEDGER_CHECKPOINT_INTERVAL_S": "3600",
+                "LEDGERFLOW_LEDGER_BATCH_MAX": "100",
             }
         )
         log = (tmp_path / f"worker{len(procs)}.log").open("wb")
         p = subprocess.Popen(
-            [sys.executable, "-m", "agents", "worker", "--loglevel", "warn"],
+            [sys.executable, "-m", "agents.ledger", "--loglevel", "info"],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         procs.append(p)
@@ -176,7 +177,7 @@ def test_chain_verify_tamper_and_offline_proof(
 def test_worker_killed_mid_run_leaves_no_duplicate_seq_and_no_gap(
     kafka_bootstrap: str, topics: Topics, tmp_path: Path, worker: Any
 ) -> None:
-    n = 3000
+    n = 20_000
     records = audits("acme", n // 2) + audits("initech", n // 2)
     first = worker()
     deadline = time.monotonic() + 60
