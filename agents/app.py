@@ -44,10 +44,6 @@ def create_app(
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
-        # event.send from an agent is held until the source offset commits, and the commit
-        # waits for it: without this Faust sends at once and may commit an offset whose
-        # output never reached the log (a SIGKILL then loses that output for good)
-        stream_publish_on_commit=True,
         broker_commit_every=100,
         broker_commit_interval=1.0,
         # a worker that died is noticed in ~10 s (Faust's 60 s default would stall its

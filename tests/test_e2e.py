@@ -7,6 +7,8 @@ import contextlib
 import io
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -253,3 +255,28 @@ def test_planted_secrets_never_reach_an_event_or_a_log_line(platform: Platform) 
     for secret in PLANTED:
         assert secret.encode() not in blob, f"{secret} reached Kafka"
         assert secret.encode() not in logs, f"{secret} reached a log"
+
+
+def test_every_request_is_decided_and_chained_and_the_ledger_verifies(platform: Platform) -> None:
+    """Issue 5's coverage (one PolicyDecided per request) and issue 6's ledger, on the running platform."""
+    n = 30
+    bodies = [(DEMO_KEYS["globex"], {"prompt": f"ledger question {i}"}) for i in range(n)]
+    results = asyncio.run(post_many(platform.settings.gateway_url, bodies))
+    assert [s for s, _ in results] == [200] * n
+
+    def chained() -> bool:
+        audits = int(platform.scalar("SELECT count() FROM audit_recorded WHERE tenant = 'globex'"))
+        entries = int(platform.scalar("SELECT count() FROM ledger_entry_chained WHERE tenant = 'globex'"))
+        return audits >= n and entries == audits
+
+    wait_for(chained, what="globex's audit records chained and projected")
+    requests = int(platform.scalar("SELECT count() FROM request_received"))
+    assert int(platform.scalar("SELECT count() FROM policy_decided")) == requests
+    assert int(platform.scalar("SELECT countIf(policy_version = '') FROM policy_decided")) == 0
+
+    verified = subprocess.run(
+        [sys.executable, "-m", "ledgerflow", "audit", "verify", "--tenant", "globex"],
+        capture_output=True, text=True, env={**os.environ}, timeout=120,
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "log: globex: OK" in verified.stdout and "store: globex: OK" in verified.stdout, verified.stdout
