@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import replace
+from datetime import datetime
 from typing import TypeVar
 
 from domain.ledger import ChainState, EntryLike, entry_bytes_of
@@ -41,11 +42,15 @@ def resume(tenant: str, entries: Iterable[LedgerEntryChained], head: ChainState 
     """
     state = ChainState(tenant=tenant)
     offsets: dict[int, int] = {}
+    signed = head.checkpoint_size if head is not None else 0
+    first_time: dict[int, datetime] = {}  # event time of seq 0 and of the first seq after the last checkpoint
     for e in collapse_redeliveries(entries):
         if e.chain_tenant != tenant or e.seq != state.size or e.prev_hash != state.last_hash:
             if e.seq < state.size:
                 continue
             break
+        if e.seq in (0, signed):
+            first_time[e.seq] = e.envelope.occurred_at
         offsets[e.source_partition] = max(offsets.get(e.source_partition, -1), e.source_offset)
         state = replace(
             state,
@@ -56,10 +61,6 @@ def resume(tenant: str, entries: Iterable[LedgerEntryChained], head: ChainState 
             last_event_id=e.envelope.event_id,
             last_occurred_at=e.envelope.occurred_at,
         )
-    if head is not None and 0 < head.checkpoint_size <= state.size:
-        state = replace(state, checkpoint_size=head.checkpoint_size)
-    else:
-        state = replace(state, checkpoint_size=0)
-    if state.size > state.checkpoint_size:
-        state = replace(state, pending_since=head.pending_since if head is not None else state.last_occurred_at)
-    return state
+    checkpointed = signed if 0 < signed <= state.size else 0
+    pending = first_time.get(checkpointed) if state.size > checkpointed else None
+    return replace(state, checkpoint_size=checkpointed, pending_since=pending)
