@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -204,3 +205,25 @@ def test_arrays_maps_nullables_and_dead_letters(client: Client, ch_database: str
 def test_split_statements_respects_quotes_and_comments() -> None:
     sql = "CREATE TABLE a (s String DEFAULT ';'); -- c; x\n/* ; */ SELECT 'it''s;'  ;\n;"
     assert split_statements(sql) == ["CREATE TABLE a (s String DEFAULT ';')", "SELECT 'it''s;'"]
+
+
+def test_policy_views_count_decisions_by_policy_and_obligation(client: Client, ch_database: str) -> None:
+    """Issue 5's ClickHouse projection of denials and obligations, over real rows."""
+    from projections.schema import columns_for, event_to_row
+    from tests import factories
+
+    migrate(client, ch_database)
+    allow = factories.decision("acme")  # allow, obligations redact:email + region:eu
+    deny = dataclasses.replace(
+        factories.decision("acme"), decision="deny", determining_policies=["residency-eu-pinned-model"], obligations=[]
+    )
+    rows = [event_to_row(e, "t.policy-decisions", 0, i) for i, e in enumerate([allow, allow, deny])]
+    client.insert("policy_decided", rows, column_names=list(columns_for("PolicyDecided")))
+    by_policy = client.query(
+        "SELECT decision, policy, sum(decisions) FROM policy_decisions_by_policy GROUP BY 1, 2 ORDER BY 1, 2"
+    ).result_rows
+    assert by_policy == [("allow", "default-allow", 2), ("deny", "residency-eu-pinned-model", 1)]
+    kinds = client.query(
+        "SELECT kind, value, sum(decisions) FROM policy_obligations_by_kind GROUP BY kind, value ORDER BY 1"
+    ).result_rows
+    assert kinds == [("redact", "email", 2), ("region", "eu", 2)]
