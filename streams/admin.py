@@ -36,6 +36,7 @@ def create_missing(bootstrap: str, wanted: list[tuple[str, int, dict[str, str]]]
         NewTopic(name, partitions, 1, config=configs) for name, partitions, configs in wanted if name not in existing
     ]
     if not new:
+        wait_for_partitions(client, {name: partitions for name, partitions, _ in wanted}, timeout)
         return []
     created = []
     for name, fut in client.create_topics(new, operation_timeout=timeout).items():
@@ -45,7 +46,32 @@ def create_missing(bootstrap: str, wanted: list[tuple[str, int, dict[str, str]]]
         except KafkaException as exc:
             if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":  # a concurrent creator won: fine
                 raise
+    wait_for_partitions(client, {name: partitions for name, partitions, _ in wanted}, timeout)
     return created
+
+
+def wait_for_partitions(client: AdminClient, wanted: dict[str, int], timeout: float) -> None:
+    """Until the broker's metadata shows every topic with all its partitions led.
+
+    A freshly created topic can be missing from the next metadata read, or show 0
+    partitions; Faust checks a table's changelog partition count against its source on the
+    first write and crashes on such a read, so callers wait here before starting a worker.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        topics = client.list_topics(timeout=timeout).topics
+        short = {
+            name: n
+            for name, n in wanted.items()
+            if name not in topics
+            or len(topics[name].partitions) < n
+            or any(p.leader < 0 for p in topics[name].partitions.values())
+        }
+        if not short:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics not fully visible after {timeout:.0f} s: {sorted(short)}")
+        time.sleep(0.2)
 
 
 @dataclass(frozen=True)
