@@ -156,6 +156,14 @@ def consistency(chains: dict[str, Chain], tenant: str, old_size: int, new_size: 
     return build_consistency_proof_file(by_size[old_size], by_size[new_size], tree)
 
 
+def latest_checkpoint(chains: dict[str, Chain], tenant: str) -> str:
+    """The newest signed checkpoint note of `tenant`'s chain, as an auditor stores it."""
+    chain = chains.get(tenant)
+    if chain is None or not chain.checkpoints:
+        raise LookupError(f"no signed checkpoint for tenant {tenant!r} yet")
+    return max(chain.checkpoints, key=lambda cp: cp.tree_size).signed_note
+
+
 def check_file(path: Path, key: VerifierKey) -> tuple[bool, str]:
     """Offline: verify a proof file of either kind with the public key alone."""
     doc = json.loads(path.read_text(encoding="utf-8"))
@@ -179,6 +187,9 @@ def add_parser(sub: Any) -> None:
     c = asub.add_parser("check", help="verify a proof file offline with only the public key")
     c.add_argument("proof", type=Path)
     c.add_argument("--key", type=Path, required=True)
+    e = asub.add_parser("checkpoint", help="export a tenant's newest signed checkpoint (a C2SP signed note)")
+    e.add_argument("tenant")
+    e.add_argument("--out", type=Path, help="file to write (default: print it)")
     k = asub.add_parser("consistency", help="prove that one signed checkpoint extends another")
     k.add_argument("tenant")
     k.add_argument("old_size", type=int)
@@ -213,6 +224,14 @@ def cmd(settings: Settings, args: Any) -> int:
                     print(f"{source}: {r.tenant}: BAD at seq {r.bad_seq}: {r.reason}")
         return 1 if failed else 0
     chains = from_log(settings, getattr(args, "tenant", None))
+    if args.audit_command == "checkpoint":
+        note = latest_checkpoint(chains, args.tenant)
+        if args.out is None:
+            print(note, end="")
+        else:
+            args.out.write_text(note, encoding="utf-8")
+            print(f"wrote {args.out}")
+        return 0
     if args.audit_command == "prove":
         tenant, _, seq = args.entry.rpartition(":")
         if not tenant or not seq.isdigit():

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 
-from domain.checkpoint import load_verifier_key_file
+from domain.checkpoint import load_verifier_key_file, open_checkpoint
 from ledgerflow import audit
 from ledgerflow.settings import Settings, load
 from streams.codec import Codec
@@ -160,6 +160,9 @@ def test_chain_verify_tamper_and_offline_proof(
     doc["inclusion_path"][0] = doc["inclusion_path"][0][:-1] + ("0" if doc["inclusion_path"][0][-1] != "0" else "1")
     proof.write_text(json.dumps(doc))
     assert not audit.check_file(proof, load_verifier_key_file(pub))[0]
+    note = audit.latest_checkpoint(audit.from_log(settings, "acme"), "acme")
+    checkpoint, _ = open_checkpoint(note, load_verifier_key_file(pub))
+    assert (checkpoint.tree_size, checkpoint.root_hash.hex()) == (80, doc["root_hash"])
     cons = audit.consistency(audit.from_log(settings, "acme"), "acme", 40, 80)
     (tmp_path / "cons.json").write_text(json.dumps(cons))
     assert audit.check_file(tmp_path / "cons.json", key)[0]

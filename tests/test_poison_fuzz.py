@@ -152,7 +152,7 @@ def test_ten_thousand_poison_records_through_the_sink_and_the_agent(
             totals = read_all(kafka_bootstrap, [topics.name("tenant-totals")], expect=sum(folded.values()), timeout=120)
             charge_dlq = topics.dlq(topics.name("token-charges"))
             sink_dead = expected_dead[topics.name("token-charges")]
-            dlq = read_all(kafka_bootstrap, [charge_dlq], expect=2 * sink_dead + refused, timeout=60)
+            dlq = read_all(kafka_bootstrap, [charge_dlq], expect=2 * sink_dead + refused, timeout=180)
         finally:
             worker.terminate()
             worker.wait(30)
