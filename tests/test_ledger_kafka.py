@@ -180,7 +180,7 @@ def test_chain_verify_tamper_and_offline_proof(
 def test_worker_killed_mid_run_leaves_no_duplicate_seq_and_no_gap(
     kafka_bootstrap: str, topics: Topics, tmp_path: Path, worker: Any
 ) -> None:
-    n = 20_000
+    n = 50_000
     records = audits("acme", n // 2) + audits("initech", n // 2)
     first = worker()
     deadline = time.monotonic() + 60
