@@ -1,4 +1,4 @@
-"""`ledgerflow` command line: up, down, status, query, demo, keys, dlq, replay, audit, policy.
+"""`ledgerflow` command line: up, down, scale, status, query, demo, keys, dlq, replay, audit, policy.
 
 The only module that knows every side; it starts them as processes and talks to them over
 Kafka and HTTP, so each side stays a separate, separately scalable process.
@@ -15,11 +15,15 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ledgerflow import audit, dlq, policy
 from ledgerflow import demo as demo_mod
 from ledgerflow.settings import Settings, SettingsError, load
-from ledgerflow.supervisor import Child, Supervisor, pid_alive, read_state
+from ledgerflow.supervisor import Child, Pool, Supervisor, pid_alive, read_scale, read_state, write_scale
+
+if TYPE_CHECKING:
+    from streams.admin import PartitionOwner
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--exit-after-demo", action="store_true", help="stop everything once the demo has printed")
     up.add_argument("--poison", action="store_true", help="with --demo: also produce one hand-made poison record")
     sub.add_parser("down", help="stop what `up` started")
-    sub.add_parser("status", help="processes, topics and consumer lag")
+    sc = sub.add_parser(
+        "scale",
+        help="run N agent workers in one consumer group under the running `up` (embedded mode)",
+        description="Resize a process pool of the running `ledgerflow up`: workers=N runs agent workers "
+        "agents-0..N-1, each with its own data directory (data_dir/agents/<i>) and web port "
+        "(worker_web_port + i); Kafka rebalances the partitions among them.",
+    )
+    sc.add_argument("spec", metavar="workers=N", help="workers=N (sinks=N is refused in the embedded mode)")
+    sc.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the new count to be up")
+    sub.add_parser("status", help="processes, topics, and per group and partition the owner and the lag")
     q = sub.add_parser("query", help="run read-only SQL against the projections")
     q.add_argument("sql")
     q.add_argument("--format", default="PrettyCompactMonoBlock")
@@ -82,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_up(settings, args.demo, args.exit_after_demo, args.poison)
         if args.command == "down":
             return cmd_down(settings)
+        if args.command == "scale":
+            return cmd_scale(settings, args.spec, args.timeout)
         if args.command == "status":
             return cmd_status(settings)
         if args.command == "query":
@@ -125,6 +140,11 @@ class PlatformError(RuntimeError):
 
 def state_file(settings: Settings) -> Path:
     return settings.resolved_data_dir / "run" / "up.json"
+
+
+def scale_file(settings: Settings) -> Path:
+    """Desired pool sizes, written by `ledgerflow scale`, read by the `up` supervisor each loop."""
+    return settings.resolved_data_dir / "run" / "scale.json"
 
 
 def kafka_config(settings: Settings):  # type: ignore[no-untyped-def]
@@ -191,16 +211,38 @@ def children(settings: Settings) -> list[Child]:
             env,
             settings.projections_url,
         ),
-        Child(
-            "agents",
-            [py, "-m", "agents", "worker", "--loglevel", "warn"],
-            logs / "agents.log",
-            env,
-            f"http://127.0.0.1:{settings.worker_web_port}",
-        ),
+        *(worker_child(settings, i) for i in range(settings.workers)),
         Child("ledger", [py, "-m", "agents.ledger", "--loglevel", "warning"], logs / "ledger.log", env),
         Child("gateway", [py, "-m", "gateway"], logs / "gateway.log", env, settings.gateway_url),
     ]
+
+
+WORKER_POOL = "agents"
+
+
+def worker_child(settings: Settings, i: int) -> Child:
+    """Agent worker i of the consumer group: own data directory and web port, same group id.
+
+    The worker reads its data directory from LEDGERFLOW_DATA_DIR (Faust's datadir is
+    `<that>/agents`), so worker i gets `data_dir/agents/<i>/agents`; two workers must not
+    share a Faust datadir or a web port.
+    """
+    env = child_env(settings)
+    home = settings.resolved_data_dir / "agents" / str(i)
+    home.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level of its datadir
+    env["LEDGERFLOW_DATA_DIR"] = str(home)
+    env["LEDGERFLOW_WORKER_WEB_PORT"] = str(settings.worker_web_port + i)
+    return Child(
+        f"{WORKER_POOL}-{i}",
+        [sys.executable, "-m", "agents", "worker", "--loglevel", "warn"],
+        settings.resolved_data_dir / "logs" / f"{WORKER_POOL}-{i}.log",
+        env,
+        f"http://127.0.0.1:{settings.worker_web_port + i}",
+    )
+
+
+def worker_pool(settings: Settings) -> Pool:
+    return Pool(WORKER_POOL, "workers", lambda i: worker_child(settings, i), settings.workers)
 
 
 def cmd_up(settings: Settings, demo_n: int, exit_after_demo: bool, poison: bool = False) -> int:
@@ -228,8 +270,15 @@ def cmd_up(settings: Settings, demo_n: int, exit_after_demo: bool, poison: bool 
         ensure_topics(settings.bootstrap, Topics(settings.topic_prefix, settings.partitions))
     except Exception as exc:
         raise PlatformError(f"cannot create topics on {settings.bootstrap}: {exc}") from None
-    sup = Supervisor(children(settings), state_file(settings), {"kafka_started": kafka_started})
+    sup = Supervisor(
+        children(settings),
+        state_file(settings),
+        {"kafka_started": kafka_started},
+        pools=[worker_pool(settings)],
+        control_file=scale_file(settings),
+    )
     try:
+        sup.init_pools()
         sup.start_all()
         wait_ready(sup)
         for c in sup.children:
@@ -254,13 +303,13 @@ def cmd_up(settings: Settings, demo_n: int, exit_after_demo: bool, poison: bool 
 def wait_ready(sup: Supervisor, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     pending = {c.name: c for c in sup.children}
-    paths = {"projections": "/readyz", "gateway": "/readyz", "agents": "/"}
+    paths = {"projections": "/readyz", "gateway": "/readyz"}  # agent workers: "/"
     while pending and time.monotonic() < deadline:
         for name, c in list(pending.items()):
             if not c.alive:
                 tail = c.log.read_text(errors="replace").splitlines()[-15:] if c.log.exists() else []
                 raise PlatformError(f"{name} exited during start; its log {c.log} ends:\n  " + "\n  ".join(tail))
-            if not c.url or http_ok(c.url + paths[name]):  # no HTTP face (the ledger): alive is ready
+            if not c.url or http_ok(c.url + paths.get(name, "/")):  # no HTTP face (the ledger): alive is ready
                 del pending[name]
         time.sleep(0.3)
     if pending:
@@ -325,8 +374,42 @@ def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:
 # --- status / query ------------------------------------------------------------------------
 
 
+def cmd_scale(settings: Settings, spec: str, timeout: float = 60.0) -> int:
+    """`scale workers=N`: record N in the control file; the running supervisor starts/stops workers."""
+    key, _, value = spec.partition("=")
+    if key == "sinks":
+        raise PlatformError(
+            "the embedded mode runs one sink: chDB allows one process per data path, and the sink lives in "
+            "the projections service that owns it. Against a ClickHouse server, run more `python -m projections` "
+            f"processes with --group {settings.sink_group} instead."
+        )
+    if key != "workers" or not value.isdigit() or not 0 <= int(value) <= 64:
+        raise ValueError(f"expected workers=N with 0 <= N <= 64, got {spec!r}")
+    count = int(value)
+    state = read_state(state_file(settings))
+    if not state or not pid_alive(state.get("supervisor_pid")):
+        raise PlatformError(
+            "`ledgerflow up` is not running here; start it with LEDGERFLOW_WORKERS=N (or `workers = N` in the config)"
+        )
+    write_scale(scale_file(settings), "workers", count)
+    deadline = time.monotonic() + timeout
+    pool = worker_pool(settings)
+    while True:
+        state = read_state(state_file(settings)) or {}
+        members = [c for c in state.get("children", []) if pool.owns(c["name"])]
+        running = [c for c in members if pid_alive(c.get("pid"))]
+        if len(members) == len(running) == count:
+            break
+        if time.monotonic() > deadline:
+            raise PlatformError(f"the supervisor has not reached workers={count} in {timeout:.0f} s; see its output")
+        time.sleep(0.3)
+    print(f"workers={count}: " + (", ".join(f"{c['name']} (pid {c['pid']}, {c['url']})" for c in running) or "none"))
+    print("partitions move to the new members at the next rebalance; `ledgerflow status` shows the owners.")
+    return 0
+
+
 def cmd_status(settings: Settings) -> int:
-    from streams.admin import group_lag, list_groups
+    from streams.admin import describe_group, list_groups
     from streams.topics import Topics
 
     state = read_state(state_file(settings)) or {}
@@ -336,6 +419,9 @@ def cmd_status(settings: Settings) -> int:
     for child in state.get("children", []):
         alive = "up" if pid_alive(child.get("pid")) else "DOWN"
         print(f"  {child['name']:<12} {alive:<5} pid {child.get('pid')}  {child.get('url', '')}")
+    desired = read_scale(scale_file(settings)).get("workers") if state else None
+    if desired is not None:
+        print(f"  agent workers wanted: {desired} (`ledgerflow scale workers=N`)")
     topics = Topics(settings.topic_prefix, settings.partitions)
     try:
         from streams.admin import admin
@@ -353,13 +439,33 @@ def cmd_status(settings: Settings) -> int:
         print("  (no consumer groups yet)")
     for group in groups:
         watched = topics.all() if group == settings.sink_group else [topics.name("token-charges")]
-        lags = group_lag(settings.bootstrap, group, watched)
-        total = sum(p.lag for p in lags)
-        print(f"  {group:<28} lag {total}")
-        for p in lags:
-            if p.lag:
-                print(f"    {p.topic}[{p.partition}] committed {p.committed} end {p.end} lag {p.lag}")
+        desc = describe_group(settings.bootstrap, group, watched)
+        total = sum(p.lag for p in desc.partitions)
+        print(f"  {group:<28} {desc.state.lower()}, {desc.members} member(s), lag {total}")
+        print(format_owners(desc.partitions))
     return 0
+
+
+def format_owners(rows: list[PartitionOwner]) -> str:
+    """The `kafka-consumer-groups --describe` table, indented under its group line."""
+    header = ("TOPIC", "PARTITION", "CURRENT-OFFSET", "LOG-END-OFFSET", "LAG", "CONSUMER-ID", "HOST", "CLIENT-ID")
+    table = [header] + [
+        (
+            r.topic,
+            str(r.partition),
+            str(r.committed) if r.committed >= 0 else "-",
+            str(r.end),
+            str(r.lag),
+            r.member_id,
+            r.host,
+            r.client_id,
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    return "\n".join(
+        "    " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table
+    )
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:

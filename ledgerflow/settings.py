@@ -150,7 +150,10 @@ class Settings(BaseSettings):
     )
 
     worker_id: str = Field("ledgerflow-agents", description="Faust app id = the agents' consumer group.")
-    worker_web_port: int = Field(6066, ge=1, le=65535, description="Faust worker web port.")
+    worker_web_port: int = Field(6066, ge=1, le=65535, description="Faust worker web port (worker i: port + i).")
+    workers: int = Field(
+        1, ge=0, le=64, description="Agent worker processes `ledgerflow up` runs in one consumer group (`scale`)."
+    )
     log_level: str = Field("INFO", description="Python log level.")
 
     @field_validator("log_level")

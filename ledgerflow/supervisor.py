@@ -3,6 +3,11 @@
 Each child is a plain `python -m <side>` process with its log in `<data_dir>/logs/`. The
 supervisor records its own pid and its children's in `<data_dir>/run/up.json` so that
 `ledgerflow down` and `ledgerflow status` from another shell can find them.
+
+Scaling: a `Pool` of numbered children (`agents-0`, `agents-1`, ...) is resized from a small
+control file (`<data_dir>/run/scale.json`, written by `ledgerflow scale`) that the
+supervisor reads on every loop; a file rather than a signal or socket, so a CLI in another
+shell needs no connection to the supervisor and the desired count survives in one place.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,11 +66,99 @@ class Child:
 
 
 @dataclass
+class Pool:
+    """Numbered copies of one process (`<prefix>-<i>`), resized by the `key` in the control file.
+
+    `make(i)` builds child i (its own data directory and port are the caller's business). On
+    shrink the highest-numbered children stop first, so the survivors keep their numbers,
+    data directories and ports.
+    """
+
+    prefix: str
+    key: str
+    make: Callable[[int], Child]
+    initial: int = 1
+
+    def owns(self, name: str) -> bool:
+        head, _, tail = name.rpartition("-")
+        return head == self.prefix and tail.isdigit()
+
+
+def read_scale(control_file: Path) -> dict[str, int]:
+    """Desired counts from the control file; {} when it is missing or unreadable."""
+    try:
+        data = json.loads(control_file.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, int) and v >= 0}
+
+
+def write_scale(control_file: Path, key: str, count: int) -> None:
+    """Set one desired count, atomically (the supervisor may read at any moment)."""
+    control_file.parent.mkdir(parents=True, exist_ok=True)
+    data: dict[str, int] = {**read_scale(control_file), key: count}
+    tmp = control_file.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(orjson.dumps(data))
+    tmp.replace(control_file)
+
+
+@dataclass
 class Supervisor:
     children: list[Child]
     state_file: Path
     extra_state: dict[str, object] = field(default_factory=dict)
+    pools: list[Pool] = field(default_factory=list)
+    control_file: Path | None = None
     _stopping: bool = False
+
+    def pool_children(self, pool: Pool) -> list[Child]:
+        return sorted((c for c in self.children if pool.owns(c.name)), key=lambda c: int(c.name.rpartition("-")[2]))
+
+    def init_pools(self) -> None:
+        """Add each pool's initial children (before `start_all`) and record the counts as desired."""
+        for pool in self.pools:
+            if not self.pool_children(pool):
+                self._insert(pool, [pool.make(i) for i in range(pool.initial)])
+            if self.control_file is not None:
+                write_scale(self.control_file, pool.key, len(self.pool_children(pool)))
+
+    def _insert(self, pool: Pool, new: list[Child]) -> None:
+        """Place new pool members after the existing ones, keeping the start/stop order."""
+        members = [i for i, c in enumerate(self.children) if pool.owns(c.name)]
+        at = members[-1] + 1 if members else len(self.children)
+        self.children[at:at] = new
+
+    def apply_scale(self) -> bool:
+        """Start or stop pool members to match the control file; True if anything changed."""
+        if self.control_file is None or not self.pools:
+            return False
+        desired = read_scale(self.control_file)
+        changed = False
+        for pool in self.pools:
+            want = desired.get(pool.key)
+            current = self.pool_children(pool)
+            if want is None or want == len(current):
+                continue
+            if want > len(current):
+                new = [pool.make(i) for i in range(len(current), want)]
+                self._insert(pool, new)
+                for child in new:
+                    child.start()
+                print(f"ledgerflow: scaled {pool.key} to {want} (started {', '.join(c.name for c in new)})", flush=True)
+            else:
+                gone = current[want:]
+                for child in reversed(gone):  # highest-numbered first
+                    child.stop()
+                    self.children.remove(child)
+                print(
+                    f"ledgerflow: scaled {pool.key} to {want} (stopped {', '.join(c.name for c in gone)})", flush=True
+                )
+            changed = True
+        if changed:
+            self.write_state()
+        return changed
 
     def start_all(self) -> None:
         for child in self.children:
@@ -91,6 +185,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         while not self._stopping:
+            self.apply_scale()
             now = time.monotonic()
             for child in self.children:
                 if child.alive or self._stopping:
@@ -116,6 +211,8 @@ class Supervisor:
             child.stop()
         with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()
+        if self.control_file is not None:  # a stale count must not resize the next `up`
+            self.control_file.unlink(missing_ok=True)
 
 
 def read_state(state_file: Path) -> dict[str, Any] | None:

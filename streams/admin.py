@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, Message, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
 from streams.topics import Topics
 
@@ -207,3 +207,83 @@ def read_to_end(
         return out
     finally:
         consumer.close()
+
+
+@dataclass(frozen=True)
+class PartitionOwner:
+    """One topic-partition of a group, the member that owns it now, and how far behind it is.
+
+    The columns of `kafka-consumer-groups --describe`; member fields are "-" for a partition
+    that has a committed offset but no owner (group empty or rebalancing).
+    """
+
+    group: str
+    topic: str
+    partition: int
+    committed: int  # -1 when nothing committed yet
+    end: int
+    lag: int
+    member_id: str
+    client_id: str
+    host: str
+
+
+@dataclass(frozen=True)
+class GroupDescription:
+    group: str
+    state: str  # STABLE, PREPARING_REBALANCE, EMPTY, DEAD, ...
+    members: int
+    partitions: list[PartitionOwner]
+
+
+def describe_group(
+    bootstrap: str, group: str, topic_names: list[str] | None = None, timeout: float = 10.0
+) -> GroupDescription:
+    """Owner, committed offset, end offset and lag per partition of one consumer group.
+
+    Members and their assignments come from DescribeConsumerGroups, lag from `group_lag`.
+    The partitions listed are those assigned to a member plus every partition of
+    `topic_names` (default: the topics the members are assigned), so an unowned partition
+    with lag still shows.
+    """
+    client = admin(bootstrap)
+    desc = client.describe_consumer_groups([group], request_timeout=timeout)[group].result(timeout)
+    owners: dict[tuple[str, int], tuple[str, str, str]] = {}
+    for member in desc.members:
+        for tp in member.assignment.topic_partitions:
+            owners[(tp.topic, tp.partition)] = (member.member_id, member.client_id, member.host)
+    topics = sorted(set(topic_names) if topic_names is not None else {t for t, _ in owners})
+    lags = {(p.topic, p.partition): p for p in group_lag(bootstrap, group, topics, timeout)} if topics else {}
+    keys = sorted(set(lags) | {k for k in owners if topic_names is None or k[0] in topics})
+    rows = []
+    for key in keys:
+        lag = lags.get(key)
+        member_id, client_id, host = owners.get(key, ("-", "-", "-"))
+        rows.append(
+            PartitionOwner(
+                group,
+                key[0],
+                key[1],
+                lag.committed if lag else -1,
+                lag.end if lag else -1,
+                lag.lag if lag else 0,
+                member_id,
+                client_id,
+                host,
+            )
+        )
+    state = desc.state.name if hasattr(desc.state, "name") else str(desc.state)
+    return GroupDescription(group, state, len(desc.members), rows)
+
+
+def add_partitions(bootstrap: str, wanted: dict[str, int], timeout: float = 30.0) -> None:
+    """Raise each topic's partition count to the given total (Kafka cannot lower it).
+
+    Existing records stay where they are; only keys hashed after the change may land on a
+    new partition (see docs/operations.md for what that means for per-tenant order).
+    """
+    client = admin(bootstrap)
+    futures = client.create_partitions([NewPartitions(t, n) for t, n in wanted.items()], operation_timeout=timeout)
+    for fut in futures.values():
+        fut.result(timeout)
+    wait_for_partitions(client, wanted, timeout)
