@@ -47,10 +47,21 @@ class Event:
 
     def to_record(self) -> dict[str, Any]:
         """Plain dict in Avro field layout (the envelope as a nested dict)."""
-        record: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        record: dict[str, Any] = {name: getattr(self, name) for name in _field_names(type(self))}
         env = self.envelope
-        record["envelope"] = {f.name: getattr(env, f.name) for f in fields(env)}
+        record["envelope"] = {name: getattr(env, name) for name in _field_names(Envelope)}
         return record
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    """`dataclasses.fields()` walks the class each call; encoding is hot (gateway, ledger), so cache the names."""
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
+    return names
 
 
 @dataclass(frozen=True, slots=True)
