@@ -17,12 +17,14 @@ the first allowed), and a cost cap refuses a call whose estimate exceeds it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -38,7 +40,14 @@ from domain.pricing import DEFAULT_PRICES, Price, cost
 from domain.redaction import ALL_KINDS, StreamRedactor, redact
 from gateway.adapters import Adapter, Completion, SimulatedAdapter
 from gateway.auth import KeyStore, Principal, presented_key
-from gateway.facts import CallContext, closing_facts, feedback_fact, opening_facts, refusal_facts
+from gateway.facts import (
+    CallContext,
+    closing_facts,
+    feedback_fact,
+    opening_facts,
+    partial_closing_facts,
+    refusal_facts,
+)
 from gateway.frames import AskFrames, ChatFrames, Frames
 from gateway.limits import Decision, RateLimiter
 from gateway.metrics import GatewayMetrics
@@ -525,53 +534,133 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def stream_answer(
     request: web.Request, ctx: CallContext, price: Price, started: float, frames: Frames
 ) -> web.StreamResponse:
-    """Server-sent events: opening facts recorded before the first byte, closing facts before the last frame."""
+    """Server-sent events: opening facts recorded before the first byte, closing facts before the last frame.
+
+    The first piece is awaited before anything is recorded, so an upstream that fails at once
+    gets a proper status and records nothing, exactly like a whole answer. From the first
+    byte on, every exit records closing facts: a stream broken by the upstream or by the
+    client still charges the tokens produced so far (`partial_usage`) with an audit record
+    "failed", so no request is left with opening facts and no closing ones.
+    """
     state = request.app[STATE]
-    failed = await record(state, opening_facts(ctx), started, ctx.request_id)
-    if failed is not None:
-        return failed
     stream = state.adapter.stream(ctx.model, ctx.messages)
-    try:  # the first piece before the 200: an upstream that fails at once still gets a proper status
+    try:
         first = await anext(stream, None)
     except UpstreamError as exc:
         return upstream_error(exc)
+    # the Kafka budget starts now: the model's time to first token is not the event log's
+    failed = await record(state, opening_facts(ctx), time.monotonic(), ctx.request_id)
+    if failed is not None:
+        await close_stream(stream)
+        return failed
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await resp.prepare(request)
-    pieces: list[str] = []  # what the model said (usage is counted on it)
+    pieces: list[str] = []  # what the model produced (usage is counted on it), sent or not
     masker = StreamRedactor(ctx.redact_kinds) if ctx.redact_kinds else None
 
-    async def emit(piece: str) -> None:
-        pieces.append(piece)
+    async def send(piece: str) -> None:
         safe = masker.feed(piece) if masker else piece  # a secret split across pieces is still caught
         if safe:
             await resp.write(frames.delta(safe))
 
     try:
         if first is not None:
-            await emit(first)
+            pieces.append(first)
+        await resp.prepare(request)
+        if first is not None:
+            await send(first)
         async for piece in stream:
-            await emit(piece)
+            pieces.append(piece)
+            await send(piece)
         if masker is not None and (rest := masker.flush()):
             await resp.write(frames.delta(rest))
     except UpstreamError as exc:
-        log.warning("request %s: upstream stream broke: %s", ctx.request_id, exc.code)
-        await resp.write(frames.failure(f"the model stopped answering ({exc.code}); the answer is incomplete"))
-        await resp.write_eof()
+        log.warning("request %s: upstream stream broke after %d pieces: %s", ctx.request_id, len(pieces), exc.code)
+        charged = await close_broken(state, ctx, price, "".join(pieces), "upstream_error")
+        with contextlib.suppress(ConnectionError):  # the client may be gone too
+            if masker is not None and (rest := masker.flush()):
+                await resp.write(frames.delta(rest))  # charged for, so shown (masked)
+            note = "" if charged else "; the event log did not accept the charge"
+            message = f"the model stopped answering ({exc.code}); the answer is incomplete{note}"
+            await resp.write(frames.failure(message, exc.code))
+            await resp.write_eof()
+        return resp
+    except ConnectionError:  # the client went away: stop the model, charge what it produced
+        log.info("request %s: client disconnected after %d pieces", ctx.request_id, len(pieces))
+        await close_stream(stream)
+        await close_broken(state, ctx, price, "".join(pieces), "client_disconnected")
+        return resp
+    except asyncio.CancelledError:  # a server with handler_cancellation, or shutdown: still charge, then stop
+        gone = request.transport is None or request.transport.is_closing()
+        await asyncio.shield(close_stream(stream))
+        reason = "client_disconnected" if gone else "cancelled"
+        await asyncio.shield(close_broken(state, ctx, price, "".join(pieces), reason))
+        raise
+    except Exception:  # a bug, not a break: the opening facts still get their closing ones
+        log.exception("request %s: stream failed after %d pieces", ctx.request_id, len(pieces))
+        await close_stream(stream)
+        await close_broken(state, ctx, price, "".join(pieces), "internal_error")
+        with contextlib.suppress(Exception):  # best effort: the client may be gone, the response unprepared
+            await resp.write(
+                frames.failure("the gateway failed mid-answer; the answer is incomplete", "internal_error")
+            )
+            await resp.write_eof()
         return resp
     completion = state.adapter.usage(ctx.model, ctx.messages, "".join(pieces))
     await settle_usage(state, ctx, completion)
     closing = closing_facts(ctx, completion, price)
-    try:
-        await state.publisher.publish(closing, timeout=state.publish_timeout)
+    try:  # shielded: a handler cancelled now (client gone) must not drop the charge of a whole answer
+        await asyncio.shield(state.publisher.publish(closing, timeout=state.publish_timeout))
     except PublishFailed as exc:
+        state.metrics.publish_failures.inc()
         log.error("request %s streamed but its charge was not recorded: %s", ctx.request_id, exc)
-        await resp.write(frames.failure("the event log did not accept the charge; the answer is incomplete"))
-        await resp.write_eof()
+        with contextlib.suppress(ConnectionError):
+            await resp.write(frames.failure("the event log did not accept the charge; the answer is incomplete"))
+            await resp.write_eof()
         return resp
     shown = "".join(pieces) if masker is None else redact(completion.text, ctx.redact_kinds).text
-    await resp.write(frames.done(dataclasses.replace(completion, text=shown), price))
-    await resp.write_eof()
+    with contextlib.suppress(ConnectionError):  # charged in full: a client gone before the last frame changes nothing
+        await resp.write(frames.done(dataclasses.replace(completion, text=shown), price))
+        await resp.write_eof()
     return resp
+
+
+def partial_usage(state: GatewayState, ctx: CallContext, produced: str) -> Completion:
+    """Usage of a broken stream: the prompt, and the completion tokens of the text produced so far.
+
+    The adapter counts (`usage` on the partial text), capped at ~4 characters per token of
+    that text: an adapter that only knows whole answers (the simulator) would otherwise charge
+    the whole answer for a part of it.
+    """
+    counted = state.adapter.usage(ctx.model, ctx.messages, produced)
+    completion_tokens = min(counted.completion_tokens, (len(produced) + 3) // 4)
+    return Completion(counted.model, produced, counted.prompt_tokens, completion_tokens)
+
+
+async def close_broken(state: GatewayState, ctx: CallContext, price: Price, produced: str, reason: str) -> bool:
+    """Record the closing facts of a stream that ended early (charge the partial usage); True if Kafka took them.
+
+    Ids derive from the request id as for any closing, so a re-sent publish is identical and
+    a request has one TokensCharged whichever way it ended.
+    """
+    completion = partial_usage(state, ctx, produced)
+    await settle_usage(state, ctx, completion)
+    try:
+        await state.publisher.publish(
+            partial_closing_facts(ctx, completion, price, reason), timeout=state.publish_timeout
+        )
+    except PublishFailed as exc:
+        state.metrics.publish_failures.inc()
+        log.error("request %s broke (%s) and its partial charge was not recorded: %s", ctx.request_id, reason, exc)
+        return False
+    return True
+
+
+async def close_stream(stream: AsyncIterator[str]) -> None:
+    """Stop an upstream stream we no longer read, so the model stops generating."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
 
 
 async def feedback(request: web.Request) -> web.Response:

@@ -14,7 +14,10 @@ All of a request's facts share the request id as correlation id and derive their
 from it (`derived_uuid7(request_id, type)`), so re-sending a request's facts produces
 identical ids, which downstream collapses. A plain answer publishes all four in one Kafka
 transaction (`streams.publisher`), so it is never half-recorded; a streamed answer publishes
-the opening facts before its first byte and the closing facts before its final frame.
+the opening facts before its first byte and the closing facts before its final frame. A
+stream that breaks after its first byte (upstream error, client gone) still closes: its
+TokensCharged charges the usage so far and its AuditRecorded "request.completed" has
+outcome "failed" with details reason and partial "true" (`partial_closing_facts`).
 """
 
 from __future__ import annotations
@@ -168,6 +171,25 @@ def refusal_facts(ctx: CallContext, code: str, reason: str) -> list[Event]:
 
 def closing_facts(ctx: CallContext, completion: Completion, price: Price) -> tuple[TokensCharged, AuditRecorded]:
     """TokensCharged and AuditRecorded: recorded before the answer (or its last frame) is sent."""
+    return _closing(ctx, completion, price, "success", {})
+
+
+def partial_closing_facts(
+    ctx: CallContext, completion: Completion, price: Price, reason: str
+) -> tuple[TokensCharged, AuditRecorded]:
+    """The closing facts of a streamed answer that broke after its first piece.
+
+    `completion` holds the usage so far (the prompt and the tokens produced); it is charged
+    like any answer, and the audit record says honestly that the request failed and why
+    (`reason`: upstream_error, client_disconnected, cancelled, internal_error), with partial "true". Same ids
+    as `closing_facts`, so a request has exactly one TokensCharged however it ended.
+    """
+    return _closing(ctx, completion, price, "failed", {"reason": reason, "partial": "true"})
+
+
+def _closing(
+    ctx: CallContext, completion: Completion, price: Price, outcome: str, extra: dict[str, str]
+) -> tuple[TokensCharged, AuditRecorded]:
     charged = TokensCharged(
         envelope=ctx.envelope("TokensCharged", str(derived_uuid7(ctx.request_id, "PolicyDecided"))),
         request_id=ctx.request_id,
@@ -180,13 +202,14 @@ def closing_facts(ctx: CallContext, completion: Completion, price: Price) -> tup
         currency=price.currency,
         cost=cost(completion.prompt_tokens, completion.completion_tokens, price),
     )
+    details = {**policy_details(ctx), "model": completion.model, "cost": str(charged.cost), "route": ctx.route}
     audited = AuditRecorded(
         envelope=ctx.envelope("AuditRecorded", charged.envelope.event_id),
-        action="request.completed",
+        action="request.completed",  # the request ended; `outcome` says how (dry-runs replay its decision)
         actor=ctx.principal.key_id,
         subject=ctx.request_id,
-        outcome="success",
-        details={**policy_details(ctx), "model": completion.model, "cost": str(charged.cost), "route": ctx.route},
+        outcome=outcome,
+        details={**details, **extra},
     )
     return charged, audited
 

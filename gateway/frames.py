@@ -39,7 +39,9 @@ class Frames(Protocol):
 
     def done(self, completion: Completion, price: Price) -> bytes: ...
 
-    def failure(self, message: str) -> bytes: ...
+    def failure(self, message: str, code: str = "event_log_unavailable") -> bytes:
+        """The last frame of a stream that could not finish: an error object, as OpenAI sends."""
+        ...
 
 
 class AskFrames:
@@ -68,8 +70,8 @@ class AskFrames:
     def done(self, completion: Completion, price: Price) -> bytes:
         return sse(self.whole(completion, price).model_dump_json(), "done")
 
-    def failure(self, message: str) -> bytes:
-        return sse(orjson.dumps({"error": {"code": "event_log_unavailable", "message": message}}), "error")
+    def failure(self, message: str, code: str = "event_log_unavailable") -> bytes:
+        return sse(orjson.dumps({"error": {"code": code, "message": message}}), "error")
 
 
 class ChatFrames:
@@ -116,5 +118,6 @@ class ChatFrames:
             out += self._chunk(ChatDelta(), usage=self._usage(completion))
         return out + sse("[DONE]")
 
-    def failure(self, message: str) -> bytes:
-        return sse(orjson.dumps({"error": {"message": message, "type": "event_log_unavailable"}}))
+    def failure(self, message: str, code: str = "event_log_unavailable") -> bytes:
+        # OpenAI's shape: the SDKs raise APIError on a `data:` frame whose object has "error"
+        return sse(orjson.dumps({"error": {"message": message, "type": code, "code": code}}))
