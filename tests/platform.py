@@ -56,6 +56,10 @@ def platform_env(bootstrap: str, data_dir: Path) -> dict[str, str]:
         "LEDGERFLOW_SINK_GROUP": f"sink-{run}",
         "LEDGERFLOW_GATEWAY_INSTANCE_ID": f"gw-{run}",
         "LEDGERFLOW_SINK_BATCH_MS": "100",
+        # Checkpoints by count only: a wall-clock checkpoint of a quiet chain would add rows
+        # to the live database in the middle of a replay-vs-live comparison.
+        "LEDGERFLOW_LEDGER_CHECKPOINT_INTERVAL_S": "86400",
+        "LEDGERFLOW_LEDGER_CHECKPOINT_EVERY": "10",
     }
 
 
