@@ -206,7 +206,9 @@ class LedgerWorker:
 
     def _fold(self, msg: Message) -> None:
         partition, offset = msg.partition() or 0, msg.offset() or 0
-        part = self._parts.setdefault(partition, _Partition())
+        part = self._parts.get(partition)
+        if part is None:  # revoked while this batch was fetched: its new owner chains it (from the log)
+            return
         try:
             audit = self._codec.decode(msg.value())
             if not isinstance(audit, AuditRecorded):
