@@ -336,7 +336,8 @@ def chain(
     e_hash = _sha256(data).hexdigest()
     # The entry id binds seq too: a record produced twice (two offsets) gets two entries with
     # two ids, so deduplication by id downstream can never open a gap in the chain.
-    event_id = str(derived_uuid7(env.event_id, "LedgerEntryChained", str(seq)))
+    entry_env = env.caused_by("LedgerEntryChained", PRODUCER, str(seq))
+    event_id = entry_env.event_id
     offsets = dict(current.offsets)
     offsets[partition] = offset
     new = ChainState(
@@ -351,17 +352,7 @@ def chain(
         pending_since=current.pending_since or env.occurred_at,
     )
     event = LedgerEntryChained(
-        envelope=Envelope(
-            event_id=event_id,
-            event_type="LedgerEntryChained",
-            schema_version=LedgerEntryChained.SCHEMA_VERSION,
-            tenant=current.tenant,
-            occurred_at=env.occurred_at,
-            correlation_id=env.correlation_id,
-            causation_id=env.event_id,
-            trace_parent=env.trace_parent,
-            producer=PRODUCER,
-        ),
+        envelope=entry_env,
         chain_tenant=current.tenant,
         seq=seq,
         entry_hash=e_hash,

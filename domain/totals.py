@@ -13,8 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from domain.pricing import add
-from streams.events import Envelope, TenantTotalsUpdated, TokensCharged
-from streams.ids import derived_uuid7
+from streams.events import TenantTotalsUpdated, TokensCharged
 
 PRODUCER = "agent:tenant-totals"
 
@@ -66,19 +65,8 @@ def fold(
         source_partition=partition,
         source_offset=offset,
     )
-    env = charge.envelope
     event = TenantTotalsUpdated(
-        envelope=Envelope(
-            event_id=str(derived_uuid7(env.event_id, "TenantTotalsUpdated")),
-            event_type="TenantTotalsUpdated",
-            schema_version=TenantTotalsUpdated.SCHEMA_VERSION,
-            tenant=charge.tenant,
-            occurred_at=env.occurred_at,
-            correlation_id=env.correlation_id,
-            causation_id=env.event_id,
-            trace_parent=env.trace_parent,
-            producer=PRODUCER,
-        ),
+        envelope=charge.envelope.caused_by("TenantTotalsUpdated", PRODUCER),
         requests=new.requests,
         prompt_tokens=new.prompt_tokens,
         completion_tokens=new.completion_tokens,

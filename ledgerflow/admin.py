@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 from ledgerflow.settings import Settings
 from streams.events import AuditRecorded, Envelope, Event
-from streams.ids import derived_uuid7, uuid7
+from streams.ids import uuid7
 from streams.publisher import FactPublisher
 from streams.topics import Topics
 
@@ -31,18 +31,8 @@ def audit_of(
     event: Event, action: str, actor: str, subject: str, details: dict[str, str] | None = None
 ) -> AuditRecorded:
     """The audit record of an administrative fact: same tenant and time, id derived from it."""
-    env = event.envelope
     return AuditRecorded(
-        envelope=Envelope(
-            event_id=str(derived_uuid7(env.event_id, "AuditRecorded")),
-            event_type="AuditRecorded",
-            schema_version=1,
-            tenant=env.tenant,
-            occurred_at=env.occurred_at,
-            correlation_id=env.correlation_id,
-            causation_id=env.event_id,
-            producer=env.producer,
-        ),
+        envelope=event.envelope.caused_by("AuditRecorded", event.envelope.producer),
         action=action,
         actor=actor,
         subject=subject,

@@ -29,6 +29,23 @@ class Envelope:
     trace_parent: str | None = None
     causation_id: str | None = None
 
+    def caused_by(self, event_type: str, producer: str, *id_parts: str) -> Envelope:
+        """The envelope of an event this one caused: id derived from this id (a replay derives
+        the same one), same tenant, time, correlation and trace; this event as its cause."""
+        from streams.ids import derived_uuid7
+
+        return Envelope(
+            event_id=str(derived_uuid7(self.event_id, event_type, *id_parts)),
+            event_type=event_type,
+            schema_version=1,
+            tenant=self.tenant,
+            occurred_at=self.occurred_at,
+            correlation_id=self.correlation_id,
+            causation_id=self.event_id,
+            trace_parent=self.trace_parent,
+            producer=producer,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Event:
