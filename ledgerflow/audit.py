@@ -30,6 +30,7 @@ from domain.ledger import (
     verify_chain,
 )
 from domain.ledger_replay import collapse_redeliveries
+from ledgerflow import readside
 from ledgerflow.settings import Settings
 from streams.admin import read_to_end
 from streams.codec import Codec, PoisonEvent
@@ -83,7 +84,10 @@ def read_client(settings: Settings) -> Any:
 
     if settings.embedded_store:
         return clickhouse_connect.get_client(
-            host=settings.projections_host, port=settings.projections_port, database=settings.clickhouse_database
+            host=settings.projections_host,
+            port=settings.projections_port,
+            database=settings.clickhouse_database,
+            password=readside.operator_token(settings),
         )
     return clickhouse_connect.get_client(
         dsn=settings.store_url, database=settings.clickhouse_database, settings={"readonly": 1}

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ledgerflow import audit, dlq, policy
+from ledgerflow import audit, dlq, policy, readside
 from ledgerflow import demo as demo_mod
 from ledgerflow.settings import Settings, SettingsError, load
 from ledgerflow.supervisor import Child, Pool, Supervisor, pid_alive, read_scale, read_state, write_scale
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("spec", metavar="workers=N", help="workers=N (sinks=N is refused in the embedded mode)")
     sc.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the new count to be up")
     sub.add_parser("status", help="processes, topics, and per group and partition the owner and the lag")
+    sub.add_parser("token", help="print the operator's read-side token (for curl, clickhouse-client, BI tools)")
     q = sub.add_parser("query", help="run read-only SQL against the projections")
     q.add_argument("sql")
     q.add_argument("--format", default="PrettyCompactMonoBlock")
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_down(settings)
         if args.command == "scale":
             return cmd_scale(settings, args.spec, args.timeout)
+        if args.command == "token":
+            print(readside.operator_token(settings))
+            return 0
         if args.command == "status":
             return cmd_status(settings)
         if args.command == "query":
@@ -175,6 +179,7 @@ def children(settings: Settings) -> list[Child]:
     py = sys.executable
     logs = settings.resolved_data_dir / "logs"
     env = child_env(settings)
+    token_file, keys_file = readside.prepare_files(settings)
     return [
         Child(
             "projections",
@@ -206,6 +211,10 @@ def children(settings: Settings) -> list[Child]:
                 settings.log_level,
                 "--instance-id",
                 f"{settings.sink_group}-0",
+                "--token-file",
+                str(token_file),
+                "--api-keys-file",
+                str(keys_file),
             ],
             logs / "projections.log",
             env,
@@ -493,7 +502,12 @@ def query_text(settings: Settings, sql: str, fmt: str = "TabSeparatedWithNames")
     """Read-only SQL; embedded mode goes through the process that owns the chDB store."""
     if settings.embedded_store:
         params = urllib.parse.urlencode({"database": settings.clickhouse_database, "default_format": fmt})
-        req = urllib.request.Request(f"{settings.projections_url}/?{params}", data=sql.encode(), method="POST")
+        req = urllib.request.Request(
+            f"{settings.projections_url}/?{params}",
+            data=sql.encode(),
+            method="POST",
+            headers=readside.auth_headers(settings),
+        )
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 return str(resp.read().decode())

@@ -37,7 +37,7 @@ from domain.policy import (
     schema_cedar_text,
     schema_json,
 )
-from ledgerflow import admin
+from ledgerflow import admin, readside
 from ledgerflow.settings import Settings
 from streams.admin import read_to_end
 from streams.codec import Codec, PoisonEvent
@@ -216,7 +216,7 @@ def dry_run(
     req = urllib.request.Request(
         f"{settings.projections_url}/v1/policy/dry-run",
         data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **readside.auth_headers(settings)},
         method="POST",
     )
     try:

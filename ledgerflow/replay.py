@@ -20,6 +20,7 @@ from typing import Any, TextIO
 
 import orjson
 
+from ledgerflow import readside
 from ledgerflow.settings import Settings
 from projections.replay import BadReplayRequest, check, parse_since, parse_tables
 
@@ -38,7 +39,10 @@ def call(settings: Settings, method: str, path: str, body: dict[str, Any] | None
     """One JSON request to the projections service; ReplayError with the service's message otherwise."""
     data = orjson.dumps(body) if body is not None else None
     req = urllib.request.Request(
-        f"{settings.projections_url}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+        f"{settings.projections_url}{path}",
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json", **readside.auth_headers(settings)},
     )
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:

@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 ENV_PREFIX = "LEDGERFLOW_"
@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     clickhouse_database: str = Field("ledgerflow", description="Database holding the projections.")
     projections_host: str = Field("127.0.0.1", description="Read-side HTTP service (SQL endpoint) bind address.")
     projections_port: int = Field(8124, ge=1, le=65535, description="Read-side HTTP port.")
+    read_token: SecretStr | None = Field(
+        None, description="The operator's read-side token (None = made at first start in data_dir/secrets/read.token)."
+    )
     sink_group: str = Field("ledgerflow-sink", description="Consumer group of the projection sink.")
     sink_batch_max: int = Field(5000, ge=1, description="Most rows per ClickHouse insert.")
     sink_batch_ms: int = Field(200, ge=1, description="Longest wait before a partial batch is inserted.")
@@ -210,6 +213,10 @@ class Settings(BaseSettings):
     @property
     def projections_url(self) -> str:
         return f"http://{self.projections_host}:{self.projections_port}"
+
+    @property
+    def read_token_path(self) -> Path:
+        return self.resolved_data_dir / "secrets" / "read.token"
 
     @property
     def ledger_key_path(self) -> Path:

@@ -12,7 +12,12 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 
+import orjson
+
+from domain.keys import KeyStore
+from projections.access import ReadAccess, load_or_create_token
 from projections.service import ProjectionService, serve
 from streams.topics import DEFAULT_PARTITIONS, Topics
 
@@ -31,11 +36,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--instance-id", default=None, help="static group membership id: restarts rejoin at once")
     p.add_argument("--batch-max", type=int, default=5000, help="most rows per insert")
     p.add_argument("--batch-ms", type=int, default=200, help="longest wait before a partial batch is inserted")
+    p.add_argument("--token-file", type=Path, help="the operator's read token (made, 0600, if missing)")
+    p.add_argument("--api-keys-file", type=Path, help="JSON list of static keys [{key_id, tenant, sha256, roles}]")
+    p.add_argument("--open", action="store_true", help="no authentication at all (a throwaway local store only)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
     if not args.no_sink and not args.bootstrap:
         p.error("--bootstrap is required unless --no-sink")
+    if not args.open and args.token_file is None:
+        p.error("pass --token-file (the operator's read token; tenant keys come from Kafka) or --open")
     return args
+
+
+def access_of(args: argparse.Namespace) -> ReadAccess:
+    """Who may read: the operator's token from its file, tenant keys from a static file (+ Kafka)."""
+    if args.open:
+        return ReadAccess.open()
+    keys = KeyStore()
+    if args.api_keys_file is not None:
+        for k in orjson.loads(args.api_keys_file.read_bytes()):
+            keys.add(k["key_id"], k["tenant"], k["sha256"], k.get("roles", ["user"]))
+    return ReadAccess(load_or_create_token(args.token_file), keys)
 
 
 async def _main(args: argparse.Namespace) -> None:
@@ -49,6 +70,7 @@ async def _main(args: argparse.Namespace) -> None:
         batch_max=args.batch_max,
         batch_ms=args.batch_ms,
         instance_id=args.instance_id,
+        access=access_of(args),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -36,7 +36,9 @@ import re
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import urlparse
 
@@ -56,12 +58,14 @@ from domain.policy import (
     diff,
     fold_attributes,
 )
+from projections.access import AccessDenied, ReadAccess, scoped_tenant
 from projections.migrations import applied, migrate
 from projections.replay import BadReplayRequest, ReplayJob, TargetNotEmpty, idle_status, parse_request, target_check
 from projections.sink import Sink
 from projections.sqlguard import UnsafeQuery, prepare_read_query
 from projections.store import check_identifier, open_store
 from streams.admin import ensure_topics
+from streams.follower import StateFollower
 from streams.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,39 @@ MAX_QUERY_BYTES = 1 << 20  # SQL text only: this endpoint takes no insert data
 # URL parameters that are part of the HTTP protocol, not settings; everything else that a
 # client sends (wait_end_of_query, enable_http_compression, date_time_input_format, ...) is
 # a setting and is ignored: a readonly=1 session could not change it anyway.
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_PUBLIC_PATHS = frozenset({"/ping", "/readyz"})
+# What a tenant's key may call; the handler scopes each to the key's tenant (projections/access.py).
+_TENANT_PATHS = frozenset({"/v1/usage", "/v1/policy/dry-run"})
+USAGE_MAX_DAYS = 366
+
+_USAGE_SQL = """
+SELECT toString(toDate(occurred_at)) AS day, tenant, model, currency,
+       count() AS requests, sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,
+       toString(sum(cost)) AS cost
+FROM tokens_charged
+WHERE occurred_at >= {since:DateTime64(6, 'UTC')} AND occurred_at < {until:DateTime64(6, 'UTC')}
+  AND ({all:UInt8} = 1 OR tenant = {tenant:String})
+GROUP BY day, tenant, model, currency
+ORDER BY day, tenant, model, currency
+"""
+
+
+def usage_window(since: str | None, until: str | None, today: date | None = None) -> tuple[datetime, datetime]:
+    """[since, until) as UTC midnights from ISO dates; default the last 30 days including today."""
+    end_day = today or datetime.now(UTC).date()
+    try:
+        end = date.fromisoformat(until) + timedelta(days=1) if until else end_day + timedelta(days=1)
+        start = date.fromisoformat(since) if since else end - timedelta(days=30)
+    except ValueError:
+        raise ValueError("'since' and 'until' must be dates like 2026-11-01 (until is inclusive)") from None
+    if start >= end:
+        raise ValueError(f"'since' ({start}) must not be after 'until' ({end - timedelta(days=1)})")
+    if (end - start).days > USAGE_MAX_DAYS:
+        raise ValueError(f"ask for at most {USAGE_MAX_DAYS} days at a time")
+    return datetime.combine(start, datetime.min.time(), UTC), datetime.combine(end, datetime.min.time(), UTC)
+
+
 _PROTOCOL_PARAMS = frozenset({"query", "database", "default_format", "query_id", "user", "password", "readonly"})
 _CODE = re.compile(r"Code: (\d+)")
 _NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)\s*$")
@@ -361,6 +398,7 @@ class ProjectionService:
         batch_ms: int = 200,
         sql_handles: int = 3,
         instance_id: str | None = None,
+        access: ReadAccess | None = None,
     ) -> None:
         if run_sink and not bootstrap:
             raise ValueError("the sink needs a Kafka bootstrap (or run without the sink)")
@@ -389,6 +427,10 @@ class ProjectionService:
         self._replay_lock = threading.Lock()
         self._server_reader: Client | None = None  # read-only client for a server store (dry-runs)
         self._server_lock = threading.Lock()
+        # In-process callers (tests, tools) that pass no access get an open service; the
+        # `python -m projections` entry point always passes a real one (see projections/access.py).
+        self.access = access or ReadAccess.open()
+        self._key_follower: StateFollower | None = None
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -401,6 +443,11 @@ class ProjectionService:
             self.migrated.set()
             if self.store_url.startswith("chdb:"):
                 self.reader = ChdbReader(urlparse(self.store_url).path, self.database, handles=self.sql_handles)
+            if self.bootstrap and not self.access.is_open:
+                self._key_follower = StateFollower(
+                    self.bootstrap, [self.topics.name("api-keys")], self.access.keys.apply, name="read-api-keys"
+                )
+                self._key_follower.start()
             if self.run_sink:
                 try:
                     ensure_topics(self.bootstrap, self.topics)
@@ -441,6 +488,8 @@ class ProjectionService:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("sink thread did not stop within %.0fs", timeout)
+        if self._key_follower is not None:
+            self._key_follower.close()
         if self.reader is not None:
             self.reader.close()
         if self._server_reader is not None:
@@ -599,7 +648,7 @@ class ProjectionService:
     # --- HTTP -------------------------------------------------------------------------
 
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_QUERY_BYTES)
+        app = web.Application(client_max_size=MAX_QUERY_BYTES, middlewares=[self._guard])
         app.router.add_get("/ping", self._ping)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._status)
@@ -607,9 +656,43 @@ class ProjectionService:
         app.router.add_get("/replay/status", self._replay_status)
         app.router.add_delete("/replay", self._replay_cancel)
         app.router.add_post("/v1/policy/dry-run", self._dry_run)
+        app.router.add_get("/v1/usage", self._usage)
         app.router.add_get("/", self._sql)
         app.router.add_post("/", self._sql)
         return app
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Authenticate every route but the health checks; operator-only routes refuse tenant keys."""
+        if request.path in _PUBLIC_PATHS:
+            return await handler(request)
+        try:
+            reader = self.access.authorize(request.headers)
+            if not reader.operator and request.path not in _TENANT_PATHS:
+                raise AccessDenied(
+                    403,
+                    f"{request.path} is for the operator's read token; tenant keys may use "
+                    + ", ".join(sorted(_TENANT_PATHS)),
+                )
+        except AccessDenied as exc:
+            return self._denied(request, exc)
+        request["reader"] = reader
+        return await handler(request)
+
+    def _denied(self, request: web.Request, exc: AccessDenied) -> web.Response:
+        headers = {"WWW-Authenticate": 'Bearer realm="ledgerflow-read"'} if exc.status == 401 else {}
+        if request.path == "/":  # speak ClickHouse's error dialect to SQL clients
+            code, name = (516, "AUTHENTICATION_FAILED") if exc.status == 401 else (497, "ACCESS_DENIED")
+            resp = self._error(QueryError(code, name, exc.message), request.query.get("query_id") or "")
+            resp.set_status(exc.status)
+            resp.headers.update(headers)
+            return resp
+        return web.Response(
+            status=exc.status,
+            body=orjson.dumps({"error": exc.message}),
+            content_type="application/json",
+            headers=headers,
+        )
 
     async def _ping(self, _request: web.Request) -> web.Response:
         return web.Response(text="Ok.\n")
@@ -642,6 +725,10 @@ class ProjectionService:
     async def _dry_run(self, request: web.Request) -> web.Response:
         try:
             req = DryRunRequest.parse(await request.read(), request.content_type, request.query)
+            try:
+                req = replace(req, tenant=scoped_tenant(request["reader"], req.tenant) or "")
+            except AccessDenied as exc:
+                raise BadDryRun(exc.status, exc.message) from None
             if self.reader is None and self.store_url.startswith("chdb:"):
                 raise BadDryRun(503, "projections service is starting (migrations); retry shortly")
             report = await asyncio.get_running_loop().run_in_executor(None, self.dry_run, req)
@@ -653,6 +740,37 @@ class ProjectionService:
         except QueryError as err:
             return self._json(500, {"error": f"reading the projections failed: {err.message}"})
         return self._json(200, report)
+
+    async def _usage(self, request: web.Request) -> web.Response:
+        """Per-day, per-model usage and spend from the raw charges; a tenant key sees its own only."""
+        try:
+            tenant = scoped_tenant(request["reader"], request.query.get("tenant"))
+            since, until = usage_window(request.query.get("since"), request.query.get("until"))
+            if self.reader is None and self.store_url.startswith("chdb:"):
+                raise AccessDenied(503, "projections service is starting (migrations); retry shortly")
+        except AccessDenied as exc:
+            return self._json(exc.status, {"error": exc.message})
+        except ValueError as exc:
+            return self._json(400, {"error": str(exc)})
+        params = {
+            "since": since.strftime("%Y-%m-%d %H:%M:%S"),
+            "until": until.strftime("%Y-%m-%d %H:%M:%S"),
+            "tenant": tenant or "",
+            "all": int(tenant is None),
+        }
+        try:
+            rows = await asyncio.get_running_loop().run_in_executor(None, self.read_rows, _USAGE_SQL, params)
+        except QueryError as err:
+            return self._json(500, {"error": f"reading the projections failed: {err.message}"})
+        return self._json(
+            200,
+            {
+                "tenant": tenant,
+                "since": since.date().isoformat(),
+                "until": (until - timedelta(days=1)).date().isoformat(),
+                "days": rows,
+            },
+        )
 
     async def _replay_status(self, _request: web.Request) -> web.Response:
         job = self.replay_job

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -189,10 +190,15 @@ async def test_clickhouse_connect_http_client_works(http: TestClient[Any, Any], 
 class Proc:
     """`python -m projections` as a child process with its own chDB path."""
 
+    TOKEN = "lf-test-operator-token"
+
     def __init__(self, args: list[str]) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        fd, token_file = tempfile.mkstemp(prefix="read-token-")
+        os.write(fd, self.TOKEN.encode())
+        os.close(fd)
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "projections", *args],
+            [sys.executable, "-m", "projections", *args, "--token-file", token_file],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
@@ -220,7 +226,13 @@ class Proc:
         return self._port
 
     def get(self, path: str, **fields: str) -> urllib3.BaseHTTPResponse:
-        return urllib3.request("GET", f"http://127.0.0.1:{self.port}{path}", fields=fields or None, timeout=10)
+        return urllib3.request(
+            "GET",
+            f"http://127.0.0.1:{self.port}{path}",
+            fields=fields or None,
+            headers={"Authorization": f"Bearer {self.TOKEN}"},
+            timeout=10,
+        )
 
     def sql(self, query: str) -> str:
         r = self.get("/", query=query)
@@ -306,3 +318,23 @@ def test_process_survives_kill_9_and_stops_cleanly_on_sigterm(
     assert second.p.wait(30) == 0, "".join(second.lines)
     offsets = committed(kafka_bootstrap, group, topics)  # the final commit happened
     assert sum(offsets.values()) >= len(events)
+
+
+def test_the_process_will_not_start_without_a_way_to_authenticate(capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m projections` needs the operator's token file, or an explicit `--open`."""
+    from projections.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--store", "chdb:///nowhere", "--no-sink"])
+    assert exc.value.code == 2
+    assert "pass --token-file" in capsys.readouterr().err
+    assert parse_args(["--store", "chdb:///nowhere", "--no-sink", "--open"]).open
+
+
+def test_load_or_create_token_makes_a_private_file_once(tmp_path: Path) -> None:
+    from projections.access import load_or_create_token
+
+    path = tmp_path / "secrets" / "read.token"
+    first = load_or_create_token(path)
+    assert len(first) >= 32 and (path.stat().st_mode & 0o777) == 0o600
+    assert load_or_create_token(path) == first

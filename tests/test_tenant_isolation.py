@@ -14,16 +14,20 @@ served by the test. On every write-side surface that takes an id or could name a
   model forbids unknown fields) and ignored on chat completions (OpenAI clients send extra
   fields), an `X-Tenant` header is ignored: every fact is the caller's tenant's.
 
-The read side (`projections/service.py`) is checked at the end: see the tests' docstrings.
+The read side (`projections/service.py`, `projections/access.py`) is checked at the end: only
+the operator's token runs SQL; a tenant's key with a read role reaches fixed endpoints scoped
+to its own tenant.
 No memory routes exist yet in the gateway (`/v1/memory/...`), so there is nothing of memory
 to try here.
 """
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -33,14 +37,14 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.app import always_ready, create_app
 from gateway.auth import KeyStore
-from gateway.keycatalog import KeyCatalog
 from gateway.oidc import OidcVerifier
 from ledgerflow.settings import ApiKey, Settings, hash_key
+from projections.access import ReadAccess
 from projections.schema import columns_for, event_to_row, table_for
 from projections.service import ProjectionService
 from streams.events import ApiKeyIssued, Envelope, Event, FeedbackReceived
 from streams.ids import uuid7
-from tests.factories import request
+from tests.factories import charge, request
 from tests.test_oidc import AUDIENCE, ISSUER, Keys
 
 CONFIG_SECRET = {"acme": "lf_cfg_acme_secret", "globex": "lf_cfg_globex_secret"}
@@ -60,9 +64,9 @@ class Recorder:
         return [e for b in self.batches[n:] for e in b]
 
 
-def issued(tenant: str) -> ApiKeyIssued:
+def issued(tenant: str, secret: str | None = None, roles: Sequence[str] = ("user",)) -> ApiKeyIssued:
     """The event an admin's `key issue` publishes on the compacted api-keys topic."""
-    key_id = f"issued-{tenant}"
+    key_id = f"issued-{tenant}" if secret is None else f"issued-{tenant}-{'-'.join(roles)}"
     return ApiKeyIssued(
         envelope=Envelope(
             event_id=str(uuid7()),
@@ -74,8 +78,8 @@ def issued(tenant: str) -> ApiKeyIssued:
             producer="test",
         ),
         key_id=key_id,
-        key_sha256=hash_key(ISSUED_SECRET[tenant]),
-        roles=["user"],
+        key_sha256=hash_key(secret or ISSUED_SECRET[tenant]),
+        roles=list(roles),
         issued_by="admin",
     )
 
@@ -126,9 +130,8 @@ async def world() -> AsyncIterator[World]:
         api_keys=[ApiKey(key_id=f"cfg-{t}", tenant=t, sha256=hash_key(s)) for t, s in CONFIG_SECRET.items()]
     )
     store = KeyStore((k.key_id, k.tenant, k.sha256, k.roles) for k in settings.api_keys)  # as gateway.server.build
-    catalog = KeyCatalog("127.0.0.1:1", "unused-api-keys", store)  # never started: we fold events by hand
     for tenant in ISSUED_SECRET:
-        catalog._on_event(issued(tenant))
+        store.apply(issued(tenant))
     rec = Recorder()
     async with TestServer(idp) as idp_server:
         oidc = OidcVerifier(ISSUER, AUDIENCE, str(idp_server.make_url("/jwks")), min_refresh_s=0.0)
@@ -225,13 +228,30 @@ async def test_a_token_or_key_of_one_tenant_cannot_be_combined_with_another(worl
 # --- read side -------------------------------------------------------------------------------
 
 
+OPERATOR_TOKEN = "lf_read_operator_token"
+ANALYST_SECRET = {"acme": "lf_analyst_acme_secret", "globex": "lf_analyst_globex_secret"}
+
+
 @pytest.fixture(scope="module")
 def read_side(chdb_url: str) -> Iterator[ProjectionService]:
-    """The projections service with no sink (no broker), its store holding rows of both tenants."""
-    svc = ProjectionService(store_url=chdb_url, database=f"iso_{uuid.uuid4().hex[:12]}", run_sink=False, sql_handles=1)
+    """The projections service with no sink (no broker), its store holding rows of both tenants.
+
+    Access as `python -m projections` sets it up: the operator's token, the settings' keys
+    (users, no read role) and analyst keys of each tenant (as folded from `ApiKeyIssued`)."""
+    keys = KeyStore((f"cfg-{t}", t, hash_key(s), ["user"]) for t, s in CONFIG_SECRET.items())
+    for tenant, secret in ANALYST_SECRET.items():
+        keys.apply(issued(tenant, secret, ["analyst"]))
+    svc = ProjectionService(
+        store_url=chdb_url,
+        database=f"iso_{uuid.uuid4().hex[:12]}",
+        run_sink=False,
+        sql_handles=1,
+        access=ReadAccess(OPERATOR_TOKEN, keys),
+    )
     svc.start()
     assert svc.writer is not None
-    rows = [request(t) for t in ["acme", "acme", "globex", "globex", "globex"]]
+    rows: list[Event] = [request(t) for t in ["acme", "acme", "globex", "globex", "globex"]]
+    rows += [charge("acme", "0.5"), charge("globex", "2.25"), charge("globex", "1.25")]
     for i, e in enumerate(rows):
         svc.writer.insert(table_for(e.event_type), [event_to_row(e, "t", 0, i)], column_names=columns_for(e.event_type))
     yield svc
@@ -245,31 +265,95 @@ async def read_http(read_side: ProjectionService) -> AsyncIterator[TestClient[An
         yield client
 
 
-def test_read_side_sql_binds_to_loopback_by_default() -> None:
-    """The SQL endpoint has no authentication of its own (see below): its default bind keeps it
-    off the network, so only operators on the host reach it unless someone rebinds it."""
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def basic(secret: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"default:{secret}".encode()).decode()}
+
+
+TENANT_SQL = "SELECT tenant, count() FROM request_received GROUP BY tenant ORDER BY tenant FORMAT JSONCompact"
+
+
+def test_read_side_binds_to_loopback_by_default() -> None:
     assert Settings().projections_host == "127.0.0.1"
 
 
-async def test_read_side_sql_ignores_credentials_and_reads_every_tenant(read_http: TestClient[Any, Any]) -> None:
-    """What the service does today (documented in projections/service.py and DESIGN.md "Data flow":
-    analyst SQL over every projection): the SQL endpoint takes no credential, ignores `user` and
-    `password`, and any caller reads every tenant's rows. It is an operator/analyst surface, not
-    a tenant one. Recorded here so that a change is deliberate; see the strict xfail below."""
-    query = "SELECT tenant, count() FROM request_received GROUP BY tenant ORDER BY tenant FORMAT JSONCompact"
-    for headers, params in [
-        ({}, {}),
-        ({"X-API-Key": CONFIG_SECRET["acme"]}, {}),
-        ({"Authorization": f"Bearer {CONFIG_SECRET['acme']}"}, {"user": "acme", "password": "wrong"}),
-    ]:
-        resp = await read_http.get("/", params={"query": query, **params}, headers=headers)
-        assert resp.status == 200, await resp.text()
-        data = orjson.loads(await resp.read())["data"]
-        assert [row[0] for row in data] == ["acme", "globex"]
+@pytest.mark.parametrize(
+    "headers", [bearer(OPERATOR_TOKEN), basic(OPERATOR_TOKEN), {"X-ClickHouse-Key": OPERATOR_TOKEN}]
+)
+async def test_read_side_sql_with_the_operator_token_reads_every_tenant(
+    read_http: TestClient[Any, Any], headers: dict[str, str]
+) -> None:
+    resp = await read_http.get("/", params={"query": TENANT_SQL}, headers=headers)
+    assert resp.status == 200, await resp.text()
+    assert [row[0] for row in orjson.loads(await resp.read())["data"]] == ["acme", "globex"]
 
 
-@pytest.mark.xfail(strict=True, reason="the read side's SQL endpoint is not tenant-scoped (lead to decide)")
-async def test_read_side_sql_with_a_tenants_key_sees_only_that_tenant(read_http: TestClient[Any, Any]) -> None:
-    query = "SELECT DISTINCT tenant FROM request_received FORMAT JSONCompact"
-    resp = await read_http.get("/", params={"query": query}, headers={"X-API-Key": CONFIG_SECRET["acme"]})
-    assert resp.status in (401, 403) or [r[0] for r in orjson.loads(await resp.read())["data"]] == ["acme"]
+@pytest.mark.parametrize(
+    ("headers", "status", "says"),
+    [
+        ({}, 401, "no credential"),
+        (bearer("not-a-key"), 401, "unknown"),
+        (bearer(CONFIG_SECRET["acme"]), 403, "needs 'admin' or 'analyst'"),  # a user key of the tenant
+        (bearer(ANALYST_SECRET["acme"]), 403, "operator's read token"),  # tenants never run raw SQL
+        (basic(ANALYST_SECRET["globex"]), 403, "operator's read token"),
+    ],
+)
+async def test_read_side_sql_refuses_everyone_but_the_operator(
+    read_http: TestClient[Any, Any], headers: dict[str, str], status: int, says: str
+) -> None:
+    """Any SQL would read every tenant's rows (there is no row-level confinement in chDB), so a
+    tenant's key is refused outright, in ClickHouse's error dialect, with the reason; and the
+    credential in the URL (ClickHouse's `?password=`) is never accepted."""
+    resp = await read_http.get("/", params={"query": TENANT_SQL, "password": OPERATOR_TOKEN}, headers=headers)
+    assert resp.status == status
+    text = await resp.text()
+    assert says in text and "DB::Exception" in text
+    assert "acme" not in text.split("key")[0] or status == 403  # no data rows leak in the error
+
+
+@pytest.mark.parametrize("path", ["/status", "/replay/status"])
+async def test_operator_routes_refuse_tenant_keys(read_http: TestClient[Any, Any], path: str) -> None:
+    assert (await read_http.get(path, headers=bearer(ANALYST_SECRET["acme"]))).status == 403
+    assert (await read_http.get(path)).status == 401
+    assert (await read_http.get(path, headers=bearer(OPERATOR_TOKEN))).status == 200
+
+
+async def test_health_checks_need_no_credential(read_http: TestClient[Any, Any]) -> None:
+    assert (await read_http.get("/ping")).status == 200
+    assert (await read_http.get("/readyz")).status == 200
+
+
+async def test_usage_with_a_tenants_key_is_that_tenants_only(read_http: TestClient[Any, Any]) -> None:
+    resp = await read_http.get("/v1/usage", headers=bearer(ANALYST_SECRET["globex"]))
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert body["tenant"] == "globex"
+    assert {d["tenant"] for d in body["days"]} == {"globex"}
+    assert sum(Decimal(d["cost"]) for d in body["days"]) == Decimal("3.5")
+    # Asking for another tenant is refused, not silently narrowed.
+    resp = await read_http.get("/v1/usage", params={"tenant": "acme"}, headers=bearer(ANALYST_SECRET["globex"]))
+    assert resp.status == 403
+    assert "reads tenant 'globex' only" in (await resp.json())["error"]
+
+
+async def test_usage_as_the_operator_reads_one_or_every_tenant(read_http: TestClient[Any, Any]) -> None:
+    every = await (await read_http.get("/v1/usage", headers=bearer(OPERATOR_TOKEN))).json()
+    assert every["tenant"] is None and {d["tenant"] for d in every["days"]} == {"acme", "globex"}
+    one = await (await read_http.get("/v1/usage", params={"tenant": "acme"}, headers=bearer(OPERATOR_TOKEN))).json()
+    assert [Decimal(d["cost"]) for d in one["days"]] == [Decimal("0.5")]
+
+
+async def test_usage_rejects_a_bad_window_with_the_fix(read_http: TestClient[Any, Any]) -> None:
+    resp = await read_http.get("/v1/usage", params={"since": "last week"}, headers=bearer(OPERATOR_TOKEN))
+    assert resp.status == 400
+    assert "dates like 2026-11-01" in (await resp.json())["error"]
+
+
+async def test_policy_dry_run_with_a_tenants_key_is_scoped_to_that_tenant(read_http: TestClient[Any, Any]) -> None:
+    body = {"bundle": "permit(principal, action, resource);", "tenant": "acme"}
+    resp = await read_http.post("/v1/policy/dry-run", json=body, headers=bearer(ANALYST_SECRET["globex"]))
+    assert resp.status == 403
+    assert "reads tenant 'globex' only" in (await resp.json())["error"]
