@@ -51,8 +51,8 @@ from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, TopicPartition
 
 from projections.migrations import migrate
-from projections.schema import DEAD_LETTERS, ENVELOPE_COLUMNS, event_tables, table_for
-from projections.sink import RecordFilter, Sink
+from projections.schema import DEAD_LETTERS, event_tables, table_for
+from projections.sink import Keep, Sink
 from projections.store import check_identifier, open_store
 from streams.admin import admin
 from streams.topics import Topics
@@ -65,7 +65,6 @@ RESERVED_DATABASES = frozenset({"system", "information_schema", "default"})
 CHECK_EXCLUDED = frozenset({"_ingested_at"})
 CHECK_EXCLUDED_BY_TABLE: dict[str, frozenset[str]] = {DEAD_LETTERS: frozenset({"first_seen", "consumer"})}
 TIME_COLUMN = "occurred_at"
-_OCCURRED_AT = ENVELOPE_COLUMNS.index(TIME_COLUMN)
 _COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MASK64 = (1 << 64) - 1
 
@@ -173,19 +172,12 @@ def parse_request(body: Any, live_database: str) -> ReplayRequest:
     return ReplayRequest(into, parse_tables(body.get("tables")), parse_since(body.get("since")), replace)
 
 
-def record_filter(tables: Collection[str], since: datetime | None, ends: Mapping[TP, int]) -> RecordFilter:
-    """The Sink `keep` of a replay: wanted table, not older than `since`, below the captured end."""
-    wanted = frozenset(tables)
+def record_filter(tables: Collection[str], since: datetime | None, ends: Mapping[TP, int]) -> Keep:
+    """The Sink `keep` of a replay: wanted table, not older than `since`, below the captured end.
 
-    def keep(table: str, columns: Sequence[str], row: Sequence[Any]) -> bool:
-        if table not in wanted:
-            return False
-        # every row ends with _topic, _partition, _offset (schema.META_COLUMNS)
-        if row[-1] >= ends.get((row[-3], row[-2]), 0):
-            return False  # arrived after the job started (or on a partition created since)
-        return since is None or table == DEAD_LETTERS or row[_OCCURRED_AT] >= since
-
-    return keep
+    A `Keep`, so the sink's fast path can apply it without decoding (see `projections.sink`).
+    """
+    return Keep(frozenset(tables), since, dict(ends))
 
 
 def rows_held(client: Client, database: str) -> int:

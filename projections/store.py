@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_T = TypeVar("_T")
 
 
 def check_identifier(name: str) -> str:
@@ -110,6 +111,11 @@ class LockedStore:
     ) -> None:
         with self._lock:
             self.client.insert(table, rows, column_names=column_names, settings=settings)
+
+    def call(self, fn: Callable[[Client], _T]) -> _T:
+        """`fn(client)` under the lock, for calls the methods above do not cover (the sink's Avro inserts)."""
+        with self._lock:
+            return fn(self.client)
 
     def close(self) -> None:
         with self._lock:

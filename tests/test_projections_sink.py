@@ -250,6 +250,13 @@ class FlakyStore(LockedStore):
             raise ConnectionError("ClickHouse is down (simulated)")
         super().insert(table, rows, column_names, settings)
 
+    def call(self, fn: Callable[[Client], Any]) -> Any:
+        """The fast path's Avro inserts fail like `insert`."""
+        if self.insert_failures > 0:
+            self.insert_failures -= 1
+            raise ConnectionError("ClickHouse is down (simulated)")
+        return super().call(fn)
+
     def query_rows(self, query: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         if self.query_failures > 0:
             self.query_failures -= 1

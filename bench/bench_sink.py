@@ -1,0 +1,357 @@
+"""The projection sink and replay through the real broker into chDB (issue 10, Performance).
+
+Run: .venv/bin/python bench/bench_sink.py [--events 1000000] [--bootstrap 127.0.0.1:19292]
+     [--row-events 200000] [--fresh-rate 5000] [--fresh-seconds 20] [--fresh-batch-ms 200,1000]
+     [--skip-replay]
+
+Needs a running broker; creates its own topics under a unique prefix (`bench-sink-<hex>.`),
+its own chDB directory (a temporary one, or --chdb DIR), and deletes the topics and groups at
+the end. Everything is measured in ONE run, side by side, so the ratios hold on a noisy
+machine even where the absolute figures do not:
+
+1. Produce `--events` realistic facts (tests/factories builders: RequestReceived,
+   PolicyDecided, TokensCharged, AuditRecorded, TenantTotalsUpdated in equal parts, 50 tenants,
+   each event built and encoded on its own: distinct ids, Decimal money) across the catalogue
+   topics (3 partitions each), non-transactional idempotent producer.
+2. Bare loop: a confluent-kafka consumer (the sink's own fetch settings, read_committed) that
+   only consumes and counts, `consume(10000)` at a time, until it has seen every record. Also
+   with librdkafka's default fetch settings, for reference.
+3. The sink, fast path (Avro blocks into chDB), live defaults (batch_max 5000, batch_ms 200)
+   and replay-sized batches (20000 / 1000 ms): from the first record consumed to the last
+   row landed; the tables are counted afterwards (every event exactly once).
+4. The sink's row path (`fast=False`: Codec decode + row insert, what issue 10 started from)
+   on the first `--row-events` records of the same topics.
+5. Replay (`projections.replay.ReplayJob`, i.e. `ledgerflow replay`'s job) of every table
+   into a fresh database: rows/s from its start to done (migrations and the end-offset
+   capture included), then `check` against the sink's database (must be equal).
+6. Freshness: a separate producer process sends `--fresh-rate` events/s for `--fresh-seconds`
+   with `occurred_at` = the moment of sending, while one sink (batch_max 5000, each
+   `--fresh-batch-ms`) runs in a thread; each
+   row's `_ingested_at` (set by ClickHouse when the insert lands) minus its `occurred_at` is
+   its produced → visible time; p50/p95/max over all rows.
+
+Rates are events per second of wall time in this process (its Python thread drives the
+consumer; librdkafka's and chDB's threads run beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from confluent_kafka import Consumer, Producer
+
+from projections.migrations import migrate
+from projections.replay import ReplayJob, ReplayRequest, check, known_tables
+from projections.schema import DEAD_LETTERS, event_tables
+from projections.sink import Sink
+from projections.store import open_store
+from streams.admin import admin, ensure_topics
+from streams.codec import Codec
+from streams.events import Event
+from streams.topics import Topics
+from tests import factories
+
+BUILDERS = (factories.request, factories.decision, factories.charge, factories.audit, factories.totals)
+TENANTS = [f"tenant-{i:02d}" for i in range(50)]
+SINK_FETCH = {
+    "queued.max.messages.kbytes": 32768,
+    "max.partition.fetch.bytes": 8 * 1024 * 1024,
+    "fetch.max.bytes": 32 * 1024 * 1024,
+    "fetch.wait.max.ms": 100,
+}
+
+
+def build(i: int, now: datetime | None = None) -> Event:
+    e = BUILDERS[i % len(BUILDERS)](tenant=TENANTS[(i // len(BUILDERS)) % len(TENANTS)])
+    if now is not None:
+        e = dataclasses.replace(e, envelope=dataclasses.replace(e.envelope, occurred_at=now))
+    return e
+
+
+def produce(bootstrap: str, topics: Topics, n: int) -> float:
+    codec = Codec()
+    p = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "linger.ms": 50,
+            "batch.size": 1_000_000,
+            "compression.type": "lz4",
+        }
+    )
+    t0 = time.perf_counter()
+    for i in range(n):
+        e = build(i)
+        value = codec.encode(e)
+        while True:
+            try:
+                p.produce(topics.for_event(e.event_type), key=e.tenant.encode(), value=value)
+                break
+            except BufferError:
+                p.poll(0.05)
+        if i % 10000 == 0:
+            p.poll(0)
+    assert p.flush(120) == 0
+    return time.perf_counter() - t0
+
+
+def bare_loop(bootstrap: str, topics: Topics, n: int, tuned: bool) -> float:
+    """Consume and count every record; seconds from the first record to the n-th."""
+    conf: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "group.id": f"bench-bare-{uuid.uuid4().hex[:8]}",
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": False,
+        "isolation.level": "read_committed",
+    }
+    if tuned:
+        conf.update(SINK_FETCH)
+    c = Consumer(conf)
+    c.subscribe(topics.all())
+    seen = 0
+    t0: float | None = None
+    try:
+        while seen < n:
+            msgs = c.consume(10000, 1.0)
+            if msgs and t0 is None:
+                t0 = time.perf_counter()
+            for m in msgs:
+                if m.error() is None:
+                    seen += 1
+        assert t0 is not None
+        return time.perf_counter() - t0
+    finally:
+        c.close()
+
+
+def run_sink(sink: Sink, n: int, timeout: float = 600.0) -> float:
+    """Drive `sink` until it landed n rows; seconds from the first record consumed."""
+    t0: float | None = None
+    deadline = time.monotonic() + timeout
+    while sink.rows_inserted + sink.dead_lettered < n:
+        got = sink.poll_once(0.1)
+        if got and t0 is None:
+            t0 = time.perf_counter()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"sink stalled: {sink.status()}")
+    assert t0 is not None
+    return time.perf_counter() - t0
+
+
+def table_counts(client: Any) -> dict[str, int]:
+    tables = sorted({*event_tables().values(), DEAD_LETTERS})
+    rows = client.query(
+        "SELECT table, toUInt64(sum(rows)) FROM system.parts WHERE active AND database = currentDatabase() "
+        "AND table IN {t:Array(String)} GROUP BY table",
+        parameters={"t": tables},
+    ).result_rows
+    return {str(t): int(c) for t, c in rows if int(c)}
+
+
+def fresh_database(url: str, name: str) -> Any:
+    client = open_store(url, name)
+    migrate(client, name)
+    return client
+
+
+def steady_producer(bootstrap: str, prefix: str, partitions: int, rate: int, seconds: float) -> None:
+    """(In a child process) `rate` events/s for `seconds`, occurred_at = when each is sent."""
+    topics = Topics(prefix=prefix, partitions=partitions)
+    codec = Codec()
+    p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    start = time.perf_counter()
+    i = 0
+    while True:
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            break
+        due = int(elapsed * rate)
+        while i < due:
+            e = build(i, datetime.now(UTC))
+            p.produce(topics.for_event(e.event_type), key=e.tenant.encode(), value=codec.encode(e))
+            i += 1
+        p.poll(0)
+        time.sleep(0.002)
+    p.flush(30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=1_000_000)
+    ap.add_argument("--bootstrap", default="127.0.0.1:19292")
+    ap.add_argument("--partitions", type=int, default=3)
+    ap.add_argument("--row-events", type=int, default=200_000, help="records for the row path (0: skip)")
+    ap.add_argument("--fresh-rate", type=int, default=5000)
+    ap.add_argument("--fresh-seconds", type=float, default=20.0)
+    ap.add_argument("--fresh-batch-ms", default="200,1000", help="sink batch_ms values to measure freshness at")
+    ap.add_argument("--skip-replay", action="store_true")
+    ap.add_argument("--sink-batches", default="5000/200,20000/1000,50000/1000", help="batch_max/batch_ms runs")
+    ap.add_argument("--chdb", default=None, help="chDB directory (default: a temporary one, removed)")
+    args = ap.parse_args()
+    n = args.events
+    prefix = f"bench-sink-{uuid.uuid4().hex[:8]}."
+    topics = Topics(prefix=prefix, partitions=args.partitions)
+    fresh_topic_sets: list[Topics] = []
+    ensure_topics(args.bootstrap, topics)
+    chdb_dir = args.chdb or tempfile.mkdtemp(prefix="bench-sink-chdb-")
+    url = f"chdb://{chdb_dir}"
+    groups: list[str] = []
+    results: dict[str, float] = {}
+    print(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+    try:
+        secs = produce(args.bootstrap, topics, n)
+        print(f"produced {n:,} events in {secs:.1f} s ({n / secs:,.0f}/s, build + encode + produce)")
+
+        for tuned in (True, False):
+            secs = bare_loop(args.bootstrap, topics, n, tuned)
+            key = "bare" if tuned else "bare (librdkafka default fetch)"
+            results[key] = n / secs
+            print(f"{key:42s} {n / secs:>12,.0f} events/s  ({secs:.2f} s)")
+
+        for spec in args.sink_batches.split(","):
+            batch_max, batch_ms = (int(x) for x in spec.split("/"))
+            label = f"sink fast path, {batch_max}/{batch_ms}ms"
+
+            db = f"bench_{uuid.uuid4().hex[:8]}"
+            client = fresh_database(url, db)
+            group = f"bench-sink-{uuid.uuid4().hex[:8]}"
+            groups.append(group)
+            sink = Sink(args.bootstrap, group, topics, client, batch_max=batch_max, batch_ms=batch_ms)
+            secs = run_sink(sink, n)
+            status = sink.status()
+            sink.close()
+            counts = table_counts(client)
+            assert sum(counts.values()) == n, counts
+            assert status["fast_rows"] == n, status
+            results[label] = n / secs
+            print(
+                f"{label:42s} {n / secs:>12,.0f} events/s  ({secs:.2f} s, {status['batches']} inserts, "
+                f"{status['fast_fallbacks']} refused, {n / secs / results['bare']:.0%} of bare)"
+            )
+            live_db = db
+            live_client = client
+
+        if args.row_events:
+            m = min(args.row_events, n)
+            db = f"bench_{uuid.uuid4().hex[:8]}"
+            client = fresh_database(url, db)
+            group = f"bench-rows-{uuid.uuid4().hex[:8]}"
+            groups.append(group)
+            sink = Sink(args.bootstrap, group, topics, client, batch_max=5000, batch_ms=200, fast=False)
+            secs = run_sink(sink, m)
+            sink.close()
+            results["row path"] = m / secs
+            print(
+                f"{'sink row path (fast=False), 5000/200ms':42s} {m / secs:>12,.0f} events/s  ({secs:.2f} s over "
+                f"{m:,}, {m / secs / results['bare']:.0%} of bare)"
+            )
+            client.command(f"DROP DATABASE IF EXISTS {db} SYNC")
+            client.close()
+
+        if not args.skip_replay:
+            into = f"bench_replay_{uuid.uuid4().hex[:8]}"
+            job = ReplayJob(
+                ReplayRequest(into, tuple(known_tables())), store_url=url, bootstrap=args.bootstrap, topics=topics
+            )
+            groups.append(job.group)
+            t0 = time.perf_counter()
+            status = job.run()
+            secs = time.perf_counter() - t0
+            rows = int(status["rows"]) + int(status["dead_letters"])
+            assert rows == n, status
+            results["replay"] = n / secs
+            print(
+                f"{'replay (ReplayJob, all tables)':42s} {n / secs:>12,.0f} events/s  ({secs:.2f} s end to end, "
+                f"consuming at {status['rate_per_s']:,.0f} offsets/s)"
+            )
+
+            def run_sql(sql: str) -> str:
+                return bytes(live_client.raw_query(sql, fmt="TabSeparated")).decode()
+
+            report = check(run_sql, live_db, into)
+            print(f"replay --check against the sink's database: {'equal' if report.equal else 'DIFFERENT'}")
+            assert report.equal, report.render()
+
+        # freshness, per batch_ms (the flush-by-age bound)
+        for batch_ms in [int(x) for x in args.fresh_batch_ms.split(",") if x]:
+            ftopics = Topics(prefix=f"{prefix}fresh{batch_ms}.", partitions=args.partitions)
+            ensure_topics(args.bootstrap, ftopics)
+            fresh_topic_sets.append(ftopics)
+            db = f"bench_{uuid.uuid4().hex[:8]}"
+            client = fresh_database(url, db)
+            group = f"bench-fresh-{uuid.uuid4().hex[:8]}"
+            groups.append(group)
+            sink = Sink(args.bootstrap, group, ftopics, client, batch_max=5000, batch_ms=batch_ms)
+            stop = threading.Event()
+            runner = threading.Thread(target=sink.run, args=(stop,), daemon=True)
+            runner.start()
+            sink.assigned.wait(30)
+            ctx = mp.get_context("spawn")
+            proc = ctx.Process(
+                target=steady_producer,
+                args=(args.bootstrap, ftopics.prefix, args.partitions, args.fresh_rate, args.fresh_seconds),
+            )
+            proc.start()
+            proc.join()
+            want = int(args.fresh_rate * args.fresh_seconds)
+            deadline = time.monotonic() + 60
+            while sink.rows_inserted < want and time.monotonic() < deadline:
+                time.sleep(0.2)
+            stop.set()
+            runner.join(30)
+            tables = sorted(set(event_tables().values()))
+            union = " UNION ALL ".join(
+                f"SELECT dateDiff('millisecond', occurred_at, _ingested_at) AS ms FROM {t}" for t in tables
+            )
+            (cnt, p50, p95, p99, mx), *_ = client.query(
+                f"SELECT count(), quantileExact(0.5)(ms), quantileExact(0.95)(ms), quantileExact(0.99)(ms), max(ms) "
+                f"FROM ({union})"
+            ).result_rows
+            print(
+                f"freshness, batch_ms {batch_ms}, {args.fresh_rate:,}/s for {args.fresh_seconds:.0f} s ({cnt:,} rows): "
+                f"produced → visible p50 {p50} ms, p95 {p95} ms, p99 {p99} ms, max {mx} ms"
+            )
+            client.close()
+        print()
+        for k, v in results.items():
+            if not k.startswith("bare"):
+                print(f"{k:42s} {v / results['bare']:.2f} x bare loop")
+        if "row path" in results:
+            ratio = (
+                results["sink fast path, 5000/200ms"] / results["row path"]
+                if "sink fast path, 5000/200ms" in results
+                else 0.0
+            )
+            print(f"{'fast path vs row path (5000/200ms)':42s} {ratio:.2f} x")
+    finally:
+        try:
+            client_admin = admin(args.bootstrap)
+            names = [n for t in (topics, *fresh_topic_sets) for n in (*t.all(), *(t.dlq(x) for x in t.all()))]
+            for fut in client_admin.delete_topics(names, operation_timeout=30).values():
+                with contextlib.suppress(Exception):  # a DLQ topic nobody created
+                    fut.result(30)
+            for fut in client_admin.delete_consumer_groups(groups, request_timeout=10).values():
+                with contextlib.suppress(Exception):
+                    fut.result(10)
+        finally:
+            if args.chdb is None:
+                shutil.rmtree(chdb_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
