@@ -13,10 +13,17 @@ PoisonEvent reason, as fastavro's `schemaless_reader` plus the dataclass constru
 few malformed inputs fastavro let through (see streams.avro_fast) as "undecodable-body".
 `Codec(fast=False)` keeps the fastavro path (the reference in tests and the benchmark); a
 schema whose fields do not match its dataclass falls back to it by itself (`fast_schemas`).
+
+Encoding likewise runs a writer compiled per schema (`streams.avro_write`) that reads the
+event's attributes directly (no `to_record()` dicts) and gives fastavro's bytes, ~4x
+faster; a value it does not take exactly as fastavro would (odd types, naive times...) is
+handed to fastavro, so the bytes, or the error, are fastavro's (tests/test_avro_write.py).
+`encode_reference` is the fastavro path itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import uuid
 from collections.abc import Callable
@@ -27,9 +34,10 @@ from typing import Any
 from fastavro import schemaless_reader, schemaless_writer
 
 from streams.avro_fast import Build, compile_reader
+from streams.avro_write import NotCompilable, compile_writer
 from streams.events import EVENT_TYPES, Envelope, Event
 from streams.evolution import released_writers
-from streams.schemas import EventSchema, load_all
+from streams.schemas import ENVELOPE_NAME, EventSchema, load_all
 
 MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
@@ -65,7 +73,16 @@ class Codec:
         # MAGIC + fingerprint → read(data, HEADER_LEN) → validated event
         self._readers: dict[bytes, Callable[[bytes, int], Event]] = {}
         self.fast_schemas: set[str] = set()  # names decoded by a compiled reader
+        # event type → compiled writer of header + body (streams.avro_write); none: fastavro
+        self._writers: dict[str, Callable[[Event], bytes]] = {}
         for schema in self._by_name.values():
+            if fast:
+                with contextlib.suppress(NotCompilable):
+                    self._writers[schema.name] = compile_writer(
+                        schema.parsed,
+                        attr_records={schema.parsed["name"], ENVELOPE_NAME},
+                        prefix=MAGIC + schema.fingerprint,
+                    )
             reader = self._compile(schema) if fast else None
             if reader is None:
                 reader = self._reference_reader(schema)
@@ -81,6 +98,18 @@ class Codec:
                 self._readers[MAGIC + fingerprint] = self._reference_reader(today, writer)
 
     def encode(self, event: Event) -> bytes:
+        """Header + Avro body. The compiled writer gives fastavro's bytes for the values it
+        takes; anything else it refuses (a raise), and fastavro writes it or raises as before."""
+        write = self._writers.get(event.event_type)
+        if write is not None:
+            try:
+                return write(event)
+            except Exception:  # an unusual value: fastavro has the last word, bytes or error
+                pass
+        return self.encode_reference(event)
+
+    def encode_reference(self, event: Event) -> bytes:
+        """fastavro's writer over `Event.to_record()`: the reference the compiled writer matches."""
         schema = self._by_name[event.event_type]
         buf = io.BytesIO()
         buf.write(MAGIC)

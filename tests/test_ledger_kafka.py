@@ -24,10 +24,12 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from domain.checkpoint import load_verifier_key_file, open_checkpoint
+from domain.ledger import LedgerEntry, audit_canonical_bytes
 from ledgerflow import audit
 from ledgerflow.settings import Settings, load
+from streams.admin import read_to_end
 from streams.codec import Codec
-from streams.events import AuditRecorded, Envelope
+from streams.events import AuditRecorded, Envelope, LedgerEntryChained
 from streams.ids import uuid7
 from streams.topics import Topics
 from tests.conftest import REPO, free_port
@@ -112,8 +114,35 @@ def worker(kafka_bootstrap: str, topics: Topics, tmp_path: Path) -> Iterator[Any
                 p.kill()
 
 
+def reference_chains(settings: Settings) -> dict[str, tuple[list[LedgerEntry], dict[str, bytes], list[Any]]]:
+    """What `audit.from_log` read before its fast path: every record decoded to its event."""
+    topics = Topics(settings.topic_prefix, settings.partitions)
+    names = [topics.name("audit"), topics.name("ledger"), topics.name("ledger-checkpoints")]
+    out: dict[str, tuple[list[LedgerEntry], dict[str, bytes], list[Any]]] = {}
+    for _t, _o, msg in read_to_end(settings.bootstrap, names, 60, strict=True):
+        event = Codec(fast=False).decode(msg.value())
+        entries, audits, checkpoints = out.setdefault(event.tenant, ([], {}, []))
+        if isinstance(event, AuditRecorded):
+            audits[event.envelope.event_id] = audit_canonical_bytes(event)
+        elif isinstance(event, LedgerEntryChained):
+            entries.append(LedgerEntry.of(event))
+        else:
+            checkpoints.append(event)
+    return out
+
+
+def fields(entries: list[Any]) -> list[LedgerEntry]:
+    return [LedgerEntry.of(e) for e in entries]
+
+
 def test_chain_verify_tamper_and_offline_proof(
-    kafka_bootstrap: str, topics: Topics, tmp_path: Path, worker: Any, new_sink: Any, store: Client
+    kafka_bootstrap: str,
+    topics: Topics,
+    tmp_path: Path,
+    worker: Any,
+    new_sink: Any,
+    store: Client,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     records = audits("acme", 100) + audits("globex", 45)
     produce_events(kafka_bootstrap, topics, records)
@@ -123,11 +152,16 @@ def test_chain_verify_tamper_and_offline_proof(
     key = audit.public_key(settings)
 
     # from the log: every chain recomputes, checkpoints at 40 and 80 (acme) and 40 (globex) verify
-    reports = {r.tenant: r for r in audit.verify(audit.from_log(settings), key)}
+    chains = audit.from_log(settings)
+    reports = {r.tenant: r for r in audit.verify(chains, key)}
     assert {t: (r.ok, r.size, r.checkpoints_checked) for t, r in reports.items()} == {
         "acme": (True, 100, 2),
         "globex": (True, 45, 1),
     }, reports
+    # ...reading only the hashed fields gives what decoding every event gave, and so does
+    # reading the partitions in two processes
+    assert reference_chains(settings) == {t: (fields(c.entries), c.audits, c.checkpoints) for t, c in chains.items()}
+    assert audit.verify_log(settings, key, jobs=2) == sorted(reports.values(), key=lambda r: r.tenant or "")
 
     # from ClickHouse, after the sink landed everything
     sink = new_sink()
@@ -146,6 +180,12 @@ def test_chain_verify_tamper_and_offline_proof(
     doc = audit.prove(audit.from_log(settings, "acme"), "acme", 17)
     proof = tmp_path / "proof.json"
     proof.write_text(json.dumps(doc))
+    # `audit prove` of several entries: one read of the tenant's records, one tree, a file each
+    monkeypatch.chdir(tmp_path)
+    assert audit._prove_cmd(settings, ["acme:17", "acme:79", "globex:39"], None) == 0
+    assert json.loads((tmp_path / "proof-acme-17.json").read_text()) == doc
+    for name in ("proof-acme-79.json", "proof-globex-39.json"):
+        assert audit.check_file(tmp_path / name, key) == (True, "ok")
     pub = settings.ledger_key_path.with_name(settings.ledger_key_path.name + ".pub")
     ok, reason = audit.check_file(proof, load_verifier_key_file(pub))
     assert ok, reason
