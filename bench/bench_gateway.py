@@ -345,7 +345,15 @@ def start_mock(cleanup: Cleanup, tokens: int) -> tuple[Proc, str]:
     return proc, url
 
 
-def start_gateway(cleanup: Cleanup, bootstrap: str, topics: Topics, mock_url: str, args: argparse.Namespace) -> Target:
+def start_gateway(
+    cleanup: Cleanup,
+    bootstrap: str,
+    topics: Topics,
+    mock_url: str,
+    args: argparse.Namespace,
+    name: str = "gateway",
+    extra_env: dict[str, str] | None = None,
+) -> Target:
     assert cleanup.workdir is not None
     port = free_port()
     run = uuid.uuid4().hex[:8]
@@ -366,11 +374,12 @@ def start_gateway(cleanup: Cleanup, bootstrap: str, topics: Topics, mock_url: st
         "LEDGERFLOW_UPSTREAMS": json.dumps(upstreams),
         "LEDGERFLOW_RATE_REQUESTS_PER_MIN": str(args.rate_requests_per_min),
         "LEDGERFLOW_RATE_TOKENS_PER_MIN": str(args.rate_tokens_per_min),
+        **(extra_env or {}),
     }
-    proc = cleanup.spawn("gateway", [sys.executable, "-m", "gateway"], env)
+    proc = cleanup.spawn(name, [sys.executable, "-m", "gateway"], env)
     url = f"http://{HOST}:{port}"
     wait_until("GET /readyz = 200", proc, lambda: http("GET", url + "/readyz")[0] == 200, 120)
-    return Target("gateway", url, API_KEY, proc)
+    return Target(name, url, API_KEY, proc)
 
 
 def litellm_version(venv: Path) -> str:
@@ -606,6 +615,9 @@ def report(runs: list[Run], args: argparse.Namespace, facts: dict[str, int] | No
         verdict = {True: "met", False: "NOT met"}
         print(f"\nours/litellm req/s = **{speed:.1f}×** (goal ≥ 10×: {verdict[speed >= 10]}); "
               f"litellm p99 / ours p99 = **{tail:.1f}×** (goal ≥ 10×: {verdict[tail >= 10]})")  # fmt: skip
+    if "gateway" in agg and "baseline" in agg:
+        g, b = agg["gateway"], agg["baseline"]
+        print(f"\ngateway / baseline ({args.baseline_env}): req/s {g[0] / b[0]:.2f}×, p99 {g[2] / b[2]:.2f}×")
     if facts is not None:
         print(f"\nfacts committed in Kafka (read_committed): {facts}; gateway 2xx answers seen by wrk "
               f"(sanity + warm-ups + runs + profiled run): {gw_2xx}; the difference is requests in flight "
@@ -633,11 +645,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-top", type=int, default=25)
     p.add_argument("--soak-minutes", type=float, default=0, help="gateway alone: steady load, RSS every interval")
     p.add_argument("--soak-interval", type=int, default=30, help="seconds between RSS samples in a soak")
+    p.add_argument(
+        "--baseline-env", default="", metavar="K=V,...",
+        help="also start a second gateway, 'baseline', with these settings (e.g. LEDGERFLOW_GATEWAY_UVLOOP=false) "
+        "for an A/B comparison in the same run; name it in --order",
+    )  # fmt: skip
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs, profiles)")
     args = p.parse_args(argv)
     args.order = [t.strip() for t in args.order.split(",") if t.strip()]
-    if not set(args.order) <= {"gateway", "litellm"}:
-        p.error("--order takes gateway and litellm only")
+    args.baseline = dict(kv.split("=", 1) for kv in args.baseline_env.split(",") if kv.strip())
+    if not set(args.order) <= {"gateway", "litellm", "baseline"}:
+        p.error("--order takes gateway, litellm and baseline only")
+    if "baseline" in args.order and not args.baseline:
+        p.error("--order names baseline: give its settings with --baseline-env")
     return args
 
 
@@ -675,6 +695,8 @@ def _bench(args: argparse.Namespace, cleanup: Cleanup) -> int:
     log(f"topics created with prefix {topics.prefix} ({args.partitions} partitions each)")
     mock, mock_url = start_mock(cleanup, args.tokens)
     targets = {"gateway": start_gateway(cleanup, bootstrap, topics, mock_url, args)}
+    if args.baseline and not soak:
+        targets["baseline"] = start_gateway(cleanup, bootstrap, topics, mock_url, args, "baseline", args.baseline)
     if want_litellm:
         try:
             targets["litellm"] = start_litellm(cleanup, venv, mock_url)
@@ -686,7 +708,7 @@ def _bench(args: argparse.Namespace, cleanup: Cleanup) -> int:
     broker = kafka_pid(cleanup)
     notes = machine_notes(venv if want_litellm else None, version)
     print("\n## Machine\n\n" + "\n".join(f"- {n}" for n in notes))
-    gw_2xx = 1
+    gw_2xx = sum(1 for name in targets if name != "litellm")  # the sanity answers
 
     def watch(t: Target) -> dict[str, int]:
         w = {"server": t.proc.pid, "mock": mock.pid}
@@ -698,12 +720,12 @@ def _bench(args: argparse.Namespace, cleanup: Cleanup) -> int:
         nonlocal gw_2xx
         if args.warmup > 0:
             warm = wrk(t.url, t.key, args.warmup, args, {})
-            if warm is not None and t.name == "gateway":
+            if warm is not None and t.name != "litellm":
                 gw_2xx += warm.result["ok"]
         run = wrk(t.url, t.key, seconds, args, watch(t))
         if run is not None:
             run.target, run.label = t.name, label
-            if t.name == "gateway":
+            if t.name != "litellm":
                 gw_2xx += run.result["ok"]
             log(f"{label} {t.name}: {run.rps:,.0f} req/s, p50 {run.ms('p50_us'):.1f} ms, p99 "
                 f"{run.ms('p99_us'):.1f} ms, failures {run.failures}, RSS {rss_mib(t.proc.pid):.0f} MiB")  # fmt: skip

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_PROMPT_CHARS = 200_000
+_UUID7 = r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"  # a request id
+SESSION_PATTERN = r"^[A-Za-z0-9._:@-]{1,128}$"  # a session id; it is scoped by the caller's tenant
 MAX_TOKENS_LIMIT = 2_147_483_647  # OpenAI's own bound; keeps the cost estimate inside Cedar's decimal range
 
 DataClassification = Literal["public", "internal", "confidential", "restricted"]
@@ -35,6 +37,12 @@ class AskRequest(BaseModel):
     )
     stream: bool = Field(False, description="Answer as server-sent events: `delta` frames, then one `done` frame.")
     data_classification: DataClassification | None = Field(None, description=_CLASSIFICATION_DOC)
+    session: str | None = Field(
+        None,
+        pattern=SESSION_PATTERN,
+        description="Memory session: its window is prepended to the messages, and the new messages and the "
+        "answer are appended to it (see /v1/memory/{session}).",
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> AskRequest:
@@ -203,7 +211,7 @@ class FeedbackRequest(BaseModel):
     """`POST /v1/feedback`: a quality signal for one of the caller's own requests."""
 
     model_config = ConfigDict(extra="forbid")
-    request_id: str = Field(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$",
+    request_id: str = Field(pattern=_UUID7,
                             description="The request_id the gateway returned (a UUIDv7).")  # fmt: skip
     score: float = Field(ge=0, le=1, description="1 is best.")
     label: Literal["good", "wrong", "unsafe", "slow", "off_topic", "other"] | None = None
@@ -276,3 +284,44 @@ class PolicyCheckResponse(BaseModel):
     denied_tool: str | None = None
     reasons: list[str] = Field(default_factory=list, description="Why a denial happened, one line per check.")
     input_sha256: str
+
+
+# --- memory fabric ------------------------------------------------------------------------------
+
+
+class MemoryTurnRequest(BaseModel):
+    """`POST /v1/memory/{session}`: append one turn to a session of the caller's tenant."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="Masked as the tenant's policy asks.")
+    request_id: str | None = Field(None, pattern=_UUID7, description="The request that produced the turn, if any.")
+
+
+class MemoryTurn(BaseModel):
+    index: int = Field(description="Position in the session, 0-based.")
+    role: str
+    content: str
+    at: str = Field(description="When it was stored (ISO-8601 UTC).")
+    request_id: str | None = None
+
+
+class MemoryWriteResponse(BaseModel):
+    session: str
+    turn_index: int
+    chars: int = Field(description="Characters stored (after masking).")
+    content_sha256: str = Field(description="As recorded in the MemoryWritten fact.")
+    redactions: dict[str, int] = Field(default_factory=dict, description="Spans masked, by kind.")
+    event_id: str = Field(description="The MemoryWritten fact's event id.")
+
+
+class MemoryWindowResponse(BaseModel):
+    session: str
+    turns: list[MemoryTurn] = Field(description="The newest whole turns within the bounds, oldest first.")
+    chars: int
+
+
+class MemoryEraseResponse(BaseModel):
+    session: str
+    turns_erased: int
+    event_id: str = Field(description="The MemoryErased fact's event id.")

@@ -22,6 +22,10 @@ from gateway.models import (
     ErrorResponse,
     FeedbackRequest,
     FeedbackResponse,
+    MemoryEraseResponse,
+    MemoryTurnRequest,
+    MemoryWindowResponse,
+    MemoryWriteResponse,
     PolicyCheckRequest,
     PolicyCheckResponse,
     ToolDescriptor,
@@ -31,6 +35,7 @@ API_VERSION = "1.0.0"
 MODELS: list[type[BaseModel]] = [
     AskRequest, AskResponse, AskDelta, ChatCompletionRequest, ChatCompletion, ChatCompletionChunk, ErrorResponse,
     FeedbackRequest, FeedbackResponse, ToolDescriptor, PolicyCheckRequest, PolicyCheckResponse,
+    MemoryTurnRequest, MemoryWriteResponse, MemoryWindowResponse, MemoryEraseResponse,
 ]  # fmt: skip
 
 
@@ -45,8 +50,10 @@ def _errors(*codes: int) -> dict[str, Any]:
         403: "Refused by policy (recorded): `code` is policy_denied, tool_not_permitted, model_not_permitted or "
         "cost_cap_exceeded; the message names the determining policies and the tool, the allowed models or the "
         "cap. `X-Request-Id` names the recorded request.",
+        404: "No such route (a session id with '/' in it never matches).",
         413: "Body over 1 MiB.",
         422: "A field is invalid; `fields` names each one.",
+        501: "This gateway runs without the memory fabric.",
         503: "The event log did not accept the request in time (Retry-After is set); nothing was charged.",
     }
     return {
@@ -78,6 +85,59 @@ def _call(summary: str, req: type[BaseModel], whole: type[BaseModel], frame: typ
                 "schema": {"type": "string", "enum": ["public", "internal", "confidential", "restricted"]},
             }],
         }
+    }  # fmt: skip
+
+
+def _memory() -> dict[str, Any]:
+    session = {
+        "name": "session",
+        "in": "path",
+        "required": True,
+        "description": "Session id (1-128 of letters, digits and . _ : @ -), scoped by your tenant: another "
+        "tenant's session of the same name is a different session.",
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:@-]{1,128}$"},
+    }
+    bound = {"type": "integer", "minimum": 1}
+    security: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
+    return {
+        "parameters": [session],
+        "post": {
+            "summary": "Append a turn to a memory session (masked as your policy asks)",
+            "description": "Answered once Kafka committed the sealed turn and its MemoryWritten fact "
+            "(which carries only a hash and sizes).",
+            "security": security,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(MemoryTurnRequest)}}},
+            "responses": {
+                "201": {"description": "Stored",
+                        "content": {"application/json": {"schema": _ref(MemoryWriteResponse)}}},
+                **_errors(400, 401, 404, 413, 422, 501, 503),
+            },
+        },
+        "get": {
+            "summary": "Read the session's window: the newest whole turns within the bounds",
+            "description": "Reads your own writes, from any replica.",
+            "security": security,
+            "parameters": [
+                {"name": "turns", "in": "query", "required": False, "schema": bound,
+                 "description": "Most turns (capped by the memory_window_turns setting)."},
+                {"name": "chars", "in": "query", "required": False, "schema": bound,
+                 "description": "Most characters (capped by the memory_window_chars setting)."},
+            ],
+            "responses": {
+                "200": {"description": "The window",
+                        "content": {"application/json": {"schema": _ref(MemoryWindowResponse)}}},
+                **_errors(401, 404, 422, 501, 503),
+            },
+        },
+        "delete": {
+            "summary": "Erase the session (its content is unreadable at once; MemoryErased is recorded)",
+            "security": security,
+            "responses": {
+                "200": {"description": "Erased",
+                        "content": {"application/json": {"schema": _ref(MemoryEraseResponse)}}},
+                **_errors(401, 404, 422, 501, 503),
+            },
+        },
     }  # fmt: skip
 
 
@@ -124,6 +184,7 @@ def document() -> dict[str, Any]:
                     **_errors(400, 401, 422),
                 },
             }},
+            "/v1/memory/{session}": _memory(),
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
                 "description": "Prometheus text exposition",
                 "content": {"text/plain": {"schema": {"type": "string"}}}}}}},

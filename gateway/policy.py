@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -114,6 +115,7 @@ class PolicyPoint:
         seeds: Iterable[ModelSeed] = (),
         shadow_version: str = "",
         store: EntityStore | None = None,
+        memo_size: int = 4096,
     ) -> None:
         self.seeds: tuple[ModelSeed, ...] = tuple(seeds)
         self.shadow_version = shadow_version
@@ -131,6 +133,10 @@ class PolicyPoint:
         self.refused_bundles = 0
         self.refused_attributes = 0
         self.engine = PolicyEngine(bundle or default_bundle(), self._seeded(store or EntityStore()))
+        # Decisions are a pure function of (snapshot, input): remembered per snapshot (see `decide`).
+        self._memo: OrderedDict[DecisionInput, tuple[Decision, Divergence | None]] = OrderedDict()
+        self._memo_of: object = None
+        self.memo_size = memo_size
 
     # --- following the log ------------------------------------------------------------
 
@@ -275,8 +281,29 @@ class PolicyPoint:
         return self.engine.policy_version
 
     def decide(self, inp: DecisionInput) -> tuple[Decision, Divergence | None]:
-        """The enforced decision and, with a shadow bundle in force, how it would have differed."""
-        return self.engine.decide_with_shadow(inp)
+        """The enforced decision and, with a shadow bundle in force, how it would have differed.
+
+        Why a memo: a Cedar evaluation is most of the gateway's CPU per request, and a decision
+        depends only on the engine snapshot (bundle, attributes, shadow) and the input, so
+        repeated inputs (same tenant, principal, model, tools, classification and estimated cost)
+        reuse it. The memo is dropped whenever the snapshot changes, so a hot swap is never
+        shadowed by an old decision; it holds `memo_size` inputs, least recently used first out.
+        Called on the event loop only (no lock).
+        """
+        snap = self.engine.snapshot
+        if snap is not self._memo_of:
+            self._memo.clear()
+            self._memo_of = snap
+        found = self._memo.get(inp)
+        if found is not None:
+            self._memo.move_to_end(inp)
+            return found
+        out = self.engine.decide_with_shadow(inp)
+        if self.memo_size:
+            self._memo[inp] = out
+            if len(self._memo) > self.memo_size:
+                self._memo.popitem(last=False)
+        return out
 
     def principal_region(self, principal: str) -> str:
         """The principal's stored region, or "" (the engine then leaves it empty)."""

@@ -43,7 +43,8 @@ from streams.topics import Topics
 log = logging.getLogger(__name__)
 
 
-_Record = tuple[str, bytes, bytes, list[tuple[str, str | bytes | None]]]  # topic, key, value, headers
+_Record = tuple[str, bytes, bytes | None, list[tuple[str, str | bytes | None]]]  # topic, key, value, headers
+Record = _Record  # public name: raw state records (e.g. the memory topic's) published beside facts; None = tombstone
 
 
 class PublishFailed(RuntimeError):
@@ -116,7 +117,7 @@ class FactPublisher:
 
     def encode(self, events: Sequence[Event]) -> list[_Record]:
         """Encode outside the producer thread: (topic, key, value, headers) per event."""
-        out = []
+        out: list[_Record] = []
         for e in events:
             headers: list[tuple[str, str | bytes | None]] = [("lf.event_type", e.event_type.encode())]
             if e.envelope.trace_parent:
@@ -124,13 +125,13 @@ class FactPublisher:
             out.append((self._topics.for_event(e.event_type), self._topics.key_for(e), self._codec.encode(e), headers))
         return out
 
-    async def publish(self, events: Sequence[Event], timeout: float = 1.8) -> None:
-        """Return once all `events` are committed together; raise PublishFailed otherwise."""
+    async def publish(self, events: Sequence[Event], timeout: float = 1.8, records: Sequence[_Record] = ()) -> None:
+        """Return once `events` and raw state `records` are all committed together; raise PublishFailed otherwise."""
         if not self._started:
             raise PublishFailed("publisher not started")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        self._queue.put(_Pending(self.encode(events), time.monotonic() + timeout, loop, fut))
+        self._queue.put(_Pending([*self.encode(events), *records], time.monotonic() + timeout, loop, fut))
         await fut
 
     @property
