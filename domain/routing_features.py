@@ -1,0 +1,133 @@
+"""Request features for routing: cheap, deterministic, computed from the prompt text alone.
+
+Why these: a routing decision must cost far less than the call it routes (p99 < 1 ms, see
+`bench/bench_routing.py`), so the default features are a single pass of string methods and
+one regex over a bounded prefix: length, script (Latin / Cyrillic / CJK / other), code and
+maths markers, question shape, and word uni- and bigrams hashed into a fixed number of
+signed buckets (the "hashing trick"), so the model's dimension never grows with the
+vocabulary. Hashes are CRC-32 (stable across processes, unlike Python's salted `hash`), so a
+replay computes the same vector and priors learned in one process apply in another.
+
+The vector is a sparse `dict[str, float]` (river's input shape). Every value is bounded
+(roughly in [-1, 1]) so no feature dominates the Bayesian regression's prior.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from dataclasses import dataclass
+
+FEATURES_VERSION = "f1"
+MAX_SCAN_CHARS = 4000  # n-grams and markers read this much; length features see the whole prompt
+_WORD = re.compile(r"[^\W\d_]+|\d+", re.UNICODE)
+_CODE_MARKERS = ("```", "def ", "return ", "function ", "class ", "import ", "#include", "=>", "};", "();", "</")
+_MATH_CHARS = frozenset("=+-*/^<>√∑∫πθ∞≤≥±×÷")
+_MATH_WORDS = ("equation", "integral", "derivative", "matrix", "prove", "theorem", "probability", "solve", "sqrt")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """How features are computed; part of the priors (a model only applies to its own features)."""
+
+    buckets: int = 16  # hashed n-gram buckets; the regression's dimension is 13 + buckets
+    bigrams: bool = True
+
+    def as_dict(self) -> dict[str, object]:
+        return {"version": FEATURES_VERSION, "buckets": self.buckets, "bigrams": self.bigrams}
+
+    @staticmethod
+    def from_dict(raw: dict[str, object]) -> FeatureConfig:
+        if raw.get("version", FEATURES_VERSION) != FEATURES_VERSION:
+            raise ValueError(f"priors use features {raw.get('version')!r}; this router computes {FEATURES_VERSION!r}")
+        return FeatureConfig(buckets=int(raw.get("buckets", 16)), bigrams=bool(raw.get("bigrams", True)))  # type: ignore[call-overload]
+
+
+_NON_LATIN = re.compile("[\u0250-\U0010ffff]")
+_CYRILLIC = re.compile("[\u0400-\u04ff]")
+_CJK = re.compile("[\u3040-\u30ff\u4e00-\u9fff\uac00-\ud7af]")
+_LETTER = re.compile(r"[^\W\d_]")
+_DROP_DIGITS = str.maketrans("", "", "0123456789")
+_DROP_MATHS = str.maketrans("", "", "".join(sorted(_MATH_CHARS)))
+
+
+def _script(text: str) -> tuple[float, float, float]:
+    """Shares of letters that are Cyrillic, CJK (incl. kana/hangul) and other non-Latin (C-speed regex counts)."""
+    letters = len(_LETTER.findall(text))
+    if not letters:
+        return 0.0, 0.0, 0.0
+    cyr = len(_CYRILLIC.findall(text))
+    cjk = len(_CJK.findall(text))
+    non_latin = sum(1 for ch in _NON_LATIN.findall(text) if ch.isalpha())
+    return cyr / letters, cjk / letters, max(0, non_latin - cyr - cjk) / letters
+
+
+def features(text: str, config: FeatureConfig = FeatureConfig()) -> dict[str, float]:
+    """The feature vector of one prompt (all of a request's messages, joined)."""
+    n = len(text)
+    head = text[:MAX_SCAN_CHARS]
+    lower = head.lower()
+    h = len(head) or 1
+    digits = len(head) - len(head.translate(_DROP_DIGITS))  # counted in C: the prompt is long, the budget short
+    maths = len(head) - len(head.translate(_DROP_MATHS))
+    lines = head.count("\n") + 1
+    cyr, cjk, other = _script(head) if not head.isascii() else (0.0, 0.0, 0.0)
+    words = _WORD.findall(lower)
+    x: dict[str, float] = {
+        "bias": 1.0,
+        "len_log": math.log1p(n) / 10.0,
+        "len_long": 1.0 if n > 2000 else 0.0,
+        "lines_log": math.log1p(lines) / 5.0,
+        "digit_share": min(1.0, 4.0 * digits / h),
+        "math_share": min(1.0, 8.0 * maths / h),
+        "math_words": min(1.0, sum(w in lower for w in _MATH_WORDS) / 3.0),
+        "code": min(1.0, sum(m in head for m in _CODE_MARKERS) / 3.0),
+        "question": 1.0 if "?" in head else 0.0,
+        "script_cyrillic": cyr,
+        "script_cjk": cjk,
+        "script_other": other,
+        "word_len": min(1.0, (sum(map(len, words)) / len(words)) / 10.0) if words else 0.0,
+    }
+    if words and config.buckets > 0:
+        _hash_ngrams(words, config, x)
+    return x
+
+
+def _hash_ngrams(words: list[str], config: FeatureConfig, x: dict[str, float]) -> None:
+    """Signed hashed counts of words (and bigrams), L2-normalised so long prompts do not dominate.
+
+    A bigram's hash is CRC-32 of "w1 w2", computed by continuing w1's CRC over " w2" (no
+    string is built per bigram).
+    """
+    b = config.buckets
+    encoded = [w.encode() for w in words]
+    hashes = [zlib.crc32(e) for e in encoded]
+    if config.bigrams:
+        hashes += [zlib.crc32(b" " + e, h) for h, e in zip(hashes, encoded[1:], strict=False)]
+    acc: dict[int, float] = {}
+    for h in hashes:
+        slot = h % b
+        acc[slot] = acc.get(slot, 0.0) + (1.0 if h & 0x80000000 else -1.0)
+    norm = math.sqrt(sum(v * v for v in acc.values())) or 1.0
+    for slot, v in acc.items():
+        if v:
+            x[f"h{slot}"] = v / norm
+
+
+def context_key(x: dict[str, float]) -> str:
+    """The coarse bucket a request's statistics are kept under (size class, code, maths, script).
+
+    Coarse on purpose: per-context counts are for reports and sanity checks, the regression
+    generalises across contexts.
+    """
+    n = math.expm1(x["len_log"] * 10.0)
+    size = "xs" if n < 200 else "s" if n < 1000 else "m" if n < 4000 else "l"
+    parts = [size]
+    if x["code"] > 0:
+        parts.append("code")
+    if x["math_share"] > 0.1 or x["math_words"] > 0:
+        parts.append("math")
+    if x["script_cyrillic"] + x["script_cjk"] + x["script_other"] > 0.3:
+        parts.append("nonlatin")
+    return "|".join(parts)
