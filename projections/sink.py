@@ -14,16 +14,29 @@ that read group lag. The numbered steps below each state the guarantee they prov
     flushed at `batch_max` rows or `batch_ms` age. A record bound for another table (a
     poison record amid good ones) first flushes the run before it, so inserts land in offset
     order and the max in (1) is always a prefix boundary: every record ≤ max is in ClickHouse.
-(3) Every record is decoded with the Codec. A PoisonEvent, or an event whose type does not
-    belong on its topic, becomes a DeadLetter: produced to `<topic>.dlq` (idempotent producer,
-    flushed before the insert, so the DLQ topic has it whenever the table does — at least
-    once, as a retry after a failed insert may produce it again) and a `dead_letters` row.
-    The sink never stops on a bad record.
+(3) Every record is validated, by ClickHouse or by the Codec (fast path below). A PoisonEvent,
+    or an event whose type does not belong on its topic, becomes a DeadLetter: produced to
+    `<topic>.dlq` (idempotent producer, flushed before the insert, so the DLQ topic has it
+    whenever the table does — at least once, as a retry after a failed insert may produce it
+    again) and a `dead_letters` row. The sink never stops on a bad record.
 (4) The insert carries `insert_deduplication_token = topic-partition-first-last` and the
     tables keep a non-replicated deduplication window, so re-sending the same batch after an
     insert whose outcome is unknown (timeout, crash) is dropped by ClickHouse, not doubled.
 (5) The Kafka offset (last+1) is committed synchronously only after the insert succeeded; a
     failed commit is logged and ignored, (1) makes it harmless.
+
+The fast path (`projections/avro_block.py`): a record whose header names a writer schema of
+an event type that belongs on its topic is not decoded here. A run of such records (one
+partition, one table, one writer schema: a change of writer also ends the run, as a change
+of table does in (2)) is inserted as one Avro block that ClickHouse parses and checks itself.
+When ClickHouse refuses the block (a record it cannot read or that fails a check), nothing
+of it landed, and the run is decoded record by record with the Codec and goes through the
+row path above: poison is dead-lettered with its reason, every valid neighbour lands, and
+(2)-(5) hold as for any run. After a refusal the partition's next `batch_max` records take
+the row path (in a poison storm the refused insert would double the cost of every run). Any
+other record (unknown header, a writer the Codec does not know, wrong topic, tombstone) takes
+the row path directly. A refusal for a reason other than the data (ClickHouse unreachable)
+is a failed insert like any other: the run is kept as it is and retried (back-pressure).
 
 Partial sinks (replay, `projections/replay.py`): `subscribe` limits the topics read; `keep`
 refuses records by table, time or offset (consumed, never landed, never dead-lettered); with
@@ -32,7 +45,10 @@ refuses records by table, time or offset (consumed, never landed, never dead-let
 a refused record has no row, so it cannot move max(_offset); every kept record ≤ max is
 still landed, and a record refused once is refused again after a restart, provided the same
 `keep` is used against the same database (replay only ever fills an empty database, with a
-fresh group).
+fresh group). A `keep` that is a `Keep` (what replay uses) lets records take the fast path:
+it decides from the table, the offset and (with `since`) the envelope's time read from the
+record's first bytes, and sends a record to the Codec when only decoding can tell (it might
+be a dead letter that `dead_letters` wants). Any other callable sees every record decoded.
 
 Back-pressure: a failed insert pauses that partition (no more fetching, so memory stays at
 one run plus at most one poll's records), keeps the run, retries with capped exponential
@@ -48,30 +64,96 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import OperationalError
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from projections.schema import DEAD_LETTER_COLUMNS, DEAD_LETTERS, columns_for, dead_letter_row, event_to_row, table_for
+from projections import avro_block
+from projections.schema import (
+    DEAD_LETTER_COLUMNS,
+    DEAD_LETTERS,
+    ENVELOPE_COLUMNS,
+    columns_for,
+    dead_letter_row,
+    event_to_row,
+    table_for,
+)
 from projections.store import LockedStore
-from streams.codec import Codec, PoisonEvent
+from streams.codec import HEADER_LEN, Codec, PoisonEvent
 from streams.deadletter import DeadLetter
 from streams.topics import Topics
 
 log = logging.getLogger(__name__)
 
 _BACKOFF_BASE = 0.1
-_POLL_BATCH = 500
+_POLL_BATCH = 10000  # records per consume() call: fewer round trips into librdkafka
+_MAX_RUN = 200_000  # a fast run stays one ClickHouse insert block (min_insert_block_size_rows ≈ 1M)
+_OCCURRED_AT = ENVELOPE_COLUMNS.index("occurred_at")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_TRANSIENT = (OperationalError, ConnectionError, TimeoutError, OSError)  # not the data's fault: retry as is
 
 RecordFilter = Callable[[str, Sequence[str], Sequence[Any]], bool]
 """`keep(table, columns, row)`: False = the record is consumed but not landed (see module doc).
 
 `row` is laid out as `columns` (an event table's `columns_for` or `DEAD_LETTER_COLUMNS`); both
 end with `_topic, _partition, _offset`."""
+
+
+@dataclass(frozen=True)
+class Keep:
+    """A `RecordFilter` the fast path understands: wanted tables, a time floor, per-partition ends.
+
+    Called as a RecordFilter on a decoded row: the table is wanted, the offset is below its
+    partition's end (an unknown partition has end 0), and, for event tables, `occurred_at`
+    ≥ `since`. `fast` gives the same verdict for an undecoded record, or None when only
+    decoding can tell.
+    """
+
+    tables: frozenset[str]
+    since: datetime | None
+    ends: Mapping[tuple[str, int], int]
+
+    def __call__(self, table: str, columns: Sequence[str], row: Sequence[Any]) -> bool:
+        if table not in self.tables:
+            return False
+        if row[-1] >= self.ends.get((row[-3], row[-2]), 0):
+            return False  # arrived after the job started (or on a partition created since)
+        return self.since is None or table == DEAD_LETTERS or row[_OCCURRED_AT] >= self.since
+
+    def fast(self, table: str, topic: str, partition: int, offset: int, value: bytes) -> bool | None:
+        """The verdict on a record the fast path would land in `table`, without decoding it.
+
+        A record it would refuse may still be poison, i.e. a `dead_letters` row: when that
+        table is wanted, only the Codec can say (None).
+        """
+        if offset >= self.ends.get((topic, partition), 0):
+            return False  # refused whatever it decodes to: a dead letter carries the same offset
+        if table not in self.tables:
+            return None if DEAD_LETTERS in self.tables else False
+        if self.since is None:
+            return True
+        micros = avro_block.occurred_at_micros(value)
+        if micros is None:
+            return None
+        if micros >= (self.since - _EPOCH) // timedelta(microseconds=1):
+            return True
+        return None if DEAD_LETTERS in self.tables else False
+
+
+_UNSEEN: Any = object()  # a (topic, header) the route cache has not seen yet
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Where a fast record goes: its table and how (one per topic and writer schema)."""
+
+    table: str
+    plan: avro_block.Plan
 
 
 @dataclass
@@ -87,7 +169,11 @@ class _Record:
 
 @dataclass
 class _Run:
-    """Consecutive records of one partition bound for one table (step 2)."""
+    """Consecutive records of one partition bound for one table (step 2).
+
+    A row run holds decoded rows; a fast run (`route` set) holds the records' offsets, keys
+    and bytes, all of one writer schema, for one Avro block (or for decoding if refused).
+    """
 
     table: str
     columns: tuple[str, ...]
@@ -97,6 +183,24 @@ class _Run:
     rows: list[list[Any]] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     dlq_sent: bool = False
+    route: _Route | None = None
+    offsets: list[int] = field(default_factory=list)
+    keys: list[bytes | None] = field(default_factory=list)
+    values: list[bytes] = field(default_factory=list)
+
+    def size(self) -> int:
+        return len(self.offsets) if self.route is not None else len(self.rows)
+
+
+@dataclass(slots=True)
+class _FastSeg:
+    """Consecutive consumed records of one fast route, not decoded: appended to as they arrive,
+    moved into a run a whole list at a time (no per-record work between consume and insert)."""
+
+    route: _Route
+    offsets: list[int]
+    keys: list[bytes | None]
+    values: list[bytes]
 
 
 @dataclass
@@ -105,10 +209,11 @@ class _Partition:
     partition: int
     next_offset: int = -1  # lowest offset still wanted; anything below is a redelivery and is dropped
     run: _Run | None = None
-    backlog: deque[_Record] = field(default_factory=deque)  # consumed while the run could not be flushed
+    backlog: deque[_Record | _FastSeg] = field(default_factory=deque)  # consumed, not yet in a run
     paused: bool = False
     unresolved: bool = False  # ClickHouse could not be asked where to resume (step 1 pending)
     committed: int = -1  # last offset we committed to Kafka
+    slow_until: int = -1  # after a refused fast run, records below this offset are decoded (poison storm)
     idle_check_at: float = 0.0
     failures: int = 0
     retry_at: float = 0.0
@@ -119,7 +224,9 @@ class _Partition:
         return TopicPartition(self.topic, self.partition)
 
     def pending_rows(self) -> int:
-        return (len(self.run.rows) if self.run else 0) + len(self.backlog)
+        # list() copies in one C call: status() reads this from another thread while the driver appends
+        queued = sum(len(b.offsets) if type(b) is _FastSeg else 1 for b in list(self.backlog))
+        return (self.run.size() if self.run else 0) + queued
 
 
 class SinkError(RuntimeError):
@@ -144,6 +251,7 @@ class Sink:
         subscribe: Sequence[str] | None = None,
         keep: RecordFilter | None = None,
         produce_dead_letters: bool = True,
+        fast: bool = True,
     ) -> None:
         self.topics = topics
         self.subscribed = list(subscribe) if subscribe is not None else topics.all()
@@ -151,14 +259,22 @@ class Sink:
         if unknown:
             raise ValueError(f"not catalogue topics of prefix {topics.prefix!r}: {unknown}")
         self._keep = keep
+        # The fast path needs no decoded row to filter on: off for a `keep` that is not a Keep.
+        self._fast = fast and (keep is None or isinstance(keep, Keep))
+        self._keep_fast = keep if isinstance(keep, Keep) else None
+        self._routes: dict[tuple[str, bytes], _Route | None] = {}
+        self._types: dict[str, dict[str, str]] = {}
         self._produce_dlq = produce_dead_letters
         self.group = group
-        self.batch_max = max(1, batch_max)
+        self.batch_max = max(1, min(batch_max, _MAX_RUN))
         self.batch_s = max(1, batch_ms) / 1000.0
         self.max_backoff = max_backoff
         self.consumer_name = f"projections-sink:{group}"
         self._store = store if isinstance(store, LockedStore) else LockedStore(store)
         self._codec = codec or Codec()
+        # Only writers this sink's Codec reads: a record the Codec calls unknown-fingerprint
+        # must stay a dead letter, not land because ClickHouse could read it.
+        self._writers = {h: w for h, w in avro_block.writers().items() if _knows(self._codec, h)} if self._fast else {}
         self._bootstrap = bootstrap
         conf: dict[str, Any] = {
             "bootstrap.servers": bootstrap,
@@ -168,7 +284,12 @@ class Sink:
             "enable.auto.commit": False,  # step 5 commits, after the insert
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
-            "queued.max.messages.kbytes": 16384,  # bounds librdkafka's prefetch buffer
+            "queued.max.messages.kbytes": 32768,  # bounds librdkafka's prefetch buffer (all partitions)
+            # Throughput: big fetches per partition (the 1 MB default caps a fetch of 3
+            # partitions at ~15k records), answered as soon as any data is there (freshness).
+            "max.partition.fetch.bytes": 8 * 1024 * 1024,
+            "fetch.max.bytes": 32 * 1024 * 1024,
+            "fetch.wait.max.ms": 100,
             # A crashed sink's partitions move after this long (broker minimum is 6 s); pass
             # group.instance.id (static membership) for an instant takeover by its restart.
             "session.timeout.ms": 10000,
@@ -186,6 +307,8 @@ class Sink:
         self.refused = 0  # consumed but refused by `keep`
         self.batches = 0
         self.insert_failures = 0
+        self.fast_rows = 0  # rows landed by the fast path (of rows_inserted)
+        self.fast_fallbacks = 0  # fast runs ClickHouse refused, then decoded by the Codec
         self.commit_failures = 0
         self.last_insert_at: datetime | None = None
         self.last_error: str | None = None
@@ -282,7 +405,9 @@ class Sink:
     def _decode(self, msg: Message) -> _Record:
         """(3) An event row for its table, or a dead letter: a bad record never stops the sink."""
         topic, partition, offset = _coordinates(msg)
-        value = msg.value()
+        return self._decode_value(topic, partition, offset, msg.key(), msg.value())
+
+    def _decode_value(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None) -> _Record:
         try:
             try:
                 event = self._codec.decode(value)
@@ -304,33 +429,95 @@ class Sink:
                 offset=offset,
                 consumer=self.consumer_name,
                 first_seen=datetime.now(UTC),
-                key=msg.key(),
+                key=key,
                 value=value,
             )
             return _Record(offset, DEAD_LETTERS, DEAD_LETTER_COLUMNS, dead_letter_row(dl, topic, partition, offset), dl)
+
+    def _route(self, topic: str, header: bytes) -> _Route | None:
+        """The fast route of records with `header` on `topic`, or None: they take the Codec path.
+
+        None for an unknown header, an event type that does not belong on the topic (the
+        Codec says wrong-topic), or a table the fast path cannot fill exactly. Cached, except
+        when ClickHouse could not be asked for the table's columns (asked again next time).
+        """
+        writer = self._writers.get(header)
+        spec = self.topics.spec_for(topic)
+        route: _Route | None = None
+        if writer is not None and spec is not None and writer.event_type in spec.events:
+            table = table_for(writer.event_type)
+            if table not in self._types:
+                try:
+                    wanted = sorted({table_for(e) for e in spec.events})
+                    rows = self._store.query_rows(avro_block.TABLE_TYPES_SQL, parameters={"tables": wanted})
+                    found = avro_block.table_types(rows)
+                except Exception as exc:
+                    log.info("fast path: cannot read the columns of %s yet: %s", table, exc)
+                    return None
+                self._types.update({t: found.get(t, {}) for t in wanted})
+            try:
+                route = _Route(table, avro_block.plan(writer, self._types[table]))
+            except avro_block.Unsupported as exc:
+                log.info("fast path off for %s into %s: %s", writer.event_type, table, exc)
+        self._routes[(topic, header)] = route
+        return route
 
     def _drain(self, p: _Partition, final: bool = False) -> bool:
         """Move backlog records into runs, flushing as runs fill or change table (step 2).
 
         Returns False when an insert failed (the partition is then paused, nothing lost).
         """
-        while p.backlog:
-            rec = p.backlog[0]
-            # (2) a run never mixes tables: inserts land in offset order, so (1)'s max is a prefix.
-            if p.run is not None and p.run.table != rec.table and not self._flush(p):
-                return False
-            if p.run is None:
-                p.run = _Run(rec.table, rec.columns, rec.offset, rec.offset, time.monotonic())
-            p.run.rows.append(rec.row)
-            p.run.last = rec.offset
-            if rec.dead is not None:
-                p.run.dead.append(rec.dead)
-            p.backlog.popleft()
-            if len(p.run.rows) >= self.batch_max and not self._flush(p):
-                return False
-        if p.run is not None and (final or time.monotonic() - p.run.started >= self.batch_s):
-            return self._flush(p)
-        return True
+        backlog = p.backlog
+        while True:
+            while backlog:
+                item = backlog[0]
+                run = p.run
+                if isinstance(item, _FastSeg):
+                    # a fast run holds one writer schema of one table: anything else ends it
+                    if run is not None and run.route is not item.route:
+                        if not self._flush(p):
+                            return False
+                        continue
+                    if run is None:
+                        run = _Run(item.route.table, item.route.plan.columns, item.offsets[0], 0, time.monotonic())
+                        run.route = item.route
+                        p.run = run
+                    room = self.batch_max - len(run.offsets)
+                    if len(item.offsets) <= room:
+                        run.offsets += item.offsets
+                        run.keys += item.keys
+                        run.values += item.values
+                        backlog.popleft()
+                    else:  # the run fills up: take what fits, the rest waits for the next run
+                        run.offsets += item.offsets[:room]
+                        run.keys += item.keys[:room]
+                        run.values += item.values[:room]
+                        del item.offsets[:room], item.keys[:room], item.values[:room]
+                    run.last = run.offsets[-1]
+                    if len(run.offsets) >= self.batch_max and not self._flush(p):
+                        return False
+                    continue
+                rec = item
+                # (2) a run never mixes tables: inserts land in offset order, so (1)'s max is a prefix.
+                if run is not None and (run.route is not None or run.table != rec.table):
+                    if not self._flush(p):
+                        return False
+                    continue
+                if run is None:
+                    run = p.run = _Run(rec.table, rec.columns, rec.offset, rec.offset, time.monotonic())
+                run.rows.append(rec.row)
+                run.last = rec.offset
+                if rec.dead is not None:
+                    run.dead.append(rec.dead)
+                backlog.popleft()
+                if len(run.rows) >= self.batch_max and not self._flush(p):
+                    return False
+            if p.run is not None and (final or time.monotonic() - p.run.started >= self.batch_s):
+                if not self._flush(p):
+                    return False
+                if backlog:
+                    continue  # a refused fast run came back decoded: drain it too
+            return True
 
     def _flush(self, p: _Partition) -> bool:
         run = p.run
@@ -338,14 +525,20 @@ class Sink:
             return True
         token = f"{p.topic}-{p.partition}-{run.first}-{run.last}"
         try:
-            if run.dead and not run.dlq_sent and self._produce_dlq:
-                self._produce_dead_letters(p.topic, run.dead)  # (3) DLQ topic first, acknowledged
-                run.dlq_sent = True
-            # (4) one insert per run; a retry of the same run carries the same token → deduplicated
-            self._store.insert(run.table, run.rows, run.columns, settings={"insert_deduplication_token": token})
+            if run.route is not None:
+                self._insert_fast(p, run, token)
+            else:
+                if run.dead and not run.dlq_sent and self._produce_dlq:
+                    self._produce_dead_letters(p.topic, run.dead)  # (3) DLQ topic first, acknowledged
+                    run.dlq_sent = True
+                # (4) one insert per run; a retry of the same run carries the same token → deduplicated
+                self._store.insert(run.table, run.rows, run.columns, settings={"insert_deduplication_token": token})
         except Exception as exc:
+            if run.route is not None and not isinstance(exc, _TRANSIENT):
+                self._fall_back(p, run, exc)
+                return True
             self.insert_failures += 1
-            log.warning("insert of %s into %s failed (%d rows), pausing: %s", token, run.table, len(run.rows), exc)
+            log.warning("insert of %s into %s failed (%d rows), pausing: %s", token, run.table, run.size(), exc)
             self._backoff(p, f"insert {token}: {exc}")
             return False
         # (5) only now tell Kafka; a failed commit is harmless, (1) resumes from ClickHouse
@@ -353,13 +546,54 @@ class Sink:
         if run.table == DEAD_LETTERS:
             self.dead_lettered += len(run.rows)
         else:
-            self.rows_inserted += len(run.rows)
+            self.rows_inserted += run.size()
+            if run.route is not None:
+                self.fast_rows += run.size()
         self.batches += 1
         self.last_insert_at = datetime.now(UTC)
         p.run = None
         p.failures = 0
         p.last_error = None
         return True
+
+    def _insert_fast(self, p: _Partition, run: _Run, token: str) -> None:
+        """(3)+(4) for a fast run: one Avro block, checked and landed by ClickHouse, or refused whole."""
+        assert run.route is not None
+        plan = run.route.plan
+        data = avro_block.block(plan, p.topic, p.partition, run.offsets, run.values)
+        params = avro_block.parameters(p.topic, p.partition, run.first, run.last, token)
+        self._store.call(lambda c: avro_block.insert_block(c, plan, data, params))
+
+    def _fall_back(self, p: _Partition, run: _Run, exc: Exception) -> None:
+        """ClickHouse refused a fast run: nothing of it landed. Decode it and put it back in front.
+
+        The decoded records go through the row path: poison becomes dead letters with the
+        Codec's reason, valid records land, in offset order (2), with tokens of their own runs.
+        """
+        self.fast_fallbacks += 1
+        detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        log.info(
+            "fast insert of %s[%d] %d-%d refused, decoding its %d records: %s",
+            p.topic, p.partition, run.first, run.last, run.size(), detail,
+        )  # fmt: skip
+        decoded: list[_Record] = []
+        for offset, key, value in zip(run.offsets, run.keys, run.values, strict=True):
+            rec = self._decode_value(p.topic, p.partition, offset, key, value)
+            if self._keep is not None and not self._keep(rec.table, rec.columns, rec.row):
+                self.refused += 1
+                continue
+            decoded.append(rec)
+        if not any(r.dead for r in decoded):
+            # Every record was valid: a check stricter than the Codec (a non-canonical id, a
+            # time near the bound...) or a fast path that cannot read this table. Correct
+            # either way, but slow if it repeats, so say so.
+            log.warning("fast path refused a run of valid records (%s[%d] %d-%d): %s", p.topic, p.partition,
+                        run.first, run.last, detail)  # fmt: skip
+        p.run = None
+        p.backlog.extendleft(reversed(decoded))
+        # Where one refusal is, more are likely (a bad producer, a poison storm): a refused run
+        # costs an extra ClickHouse call, so the next batch_max records take the Codec path.
+        p.slow_until = max(p.slow_until, p.next_offset + self.batch_max)
 
     def _commit(self, p: _Partition, offset: int) -> None:
         try:
@@ -433,31 +667,57 @@ class Sink:
         deadlines = [p.run.started + self.batch_s for p in self._parts.values() if p.run and not p.paused]
         wait = min([timeout, *(d - now for d in deadlines)])
         msgs = self._consumer.consume(num_messages=min(_POLL_BATCH, self.batch_max * 2), timeout=max(0.0, wait))
-        touched: set[tuple[str, int]] = set()
+        parts, routes, fast, keep_fast = self._parts, self._routes, self._fast, self._keep_fast
         for msg in msgs:
             err = msg.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:  # only with enable.partition.eof (replay)
                     self._reached_end(msg)
                     continue
+                if err.fatal() or err.code() == KafkaError._FATAL:  # e.g. a static member fenced after a
+                    # broker restart: this consumer is done; the service builds a new one
+                    self.last_error = f"consumer: {err.str()}"
+                    raise SinkError(f"the Kafka consumer hit a fatal error and must be rebuilt: {err.str()}")
                 if self.last_error != f"consumer: {err.str()}":
                     log.warning("consumer error: %s", err)  # once per distinct error, not per poll
                     self.last_error = f"consumer: {err.str()}"
                 continue
-            topic, partition, offset = _coordinates(msg)
-            key = (topic, partition)
-            part = self._parts.get(key)
+            # a record (not an error) always has its coordinates: no None checks on the hot path
+            topic: str = msg.topic()  # type: ignore[assignment]
+            partition: int = msg.partition()  # type: ignore[assignment]
+            offset: int = msg.offset()  # type: ignore[assignment]
+            part = parts.get((topic, partition))
             if part is None or part.unresolved or offset < part.next_offset:
                 continue  # not ours any more, start not known yet (refetched after the seek), or a redelivery
             part.next_offset = offset + 1
+            value = msg.value()
+            if fast and type(value) is bytes and offset >= part.slow_until:
+                header = value[:HEADER_LEN]
+                route = routes.get((topic, header), _UNSEEN)
+                if route is _UNSEEN:
+                    route = self._route(topic, header)
+                if route is not None:
+                    verdict = keep_fast is None or keep_fast.fast(route.table, topic, partition, offset, value)
+                    if verdict is False:
+                        self.refused += 1  # no row: cannot move (1)'s max, and is refused again on a re-read
+                        continue
+                    if verdict:
+                        backlog = part.backlog
+                        seg = backlog[-1] if backlog else None
+                        if isinstance(seg, _FastSeg) and seg.route is route:
+                            seg.offsets.append(offset)
+                            seg.keys.append(msg.key())
+                            seg.values.append(value)
+                        else:
+                            backlog.append(_FastSeg(route, [offset], [msg.key()], [value]))
+                        continue
             rec = self._decode(msg)
             if self._keep is not None and not self._keep(rec.table, rec.columns, rec.row):
-                self.refused += 1  # no row: cannot move (1)'s max, and is refused again on a re-read
+                self.refused += 1
                 continue
             part.backlog.append(rec)
-            touched.add(key)
         for p in list(self._parts.values()):
-            if not p.paused and ((p.topic, p.partition) in touched or p.run is not None):
+            if not p.paused and (p.backlog or p.run is not None):
                 self._drain(p)
             self._commit_idle(p, now)
         return len(msgs)
@@ -480,6 +740,9 @@ class Sink:
                 try:
                     self.poll_once(poll_timeout)
                 except KafkaException as exc:  # transient client errors: log, keep going
+                    err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                    if err is not None and (err.fatal() or err.code() == KafkaError._FATAL):
+                        raise SinkError(f"the Kafka consumer hit a fatal error and must be rebuilt: {exc}") from exc
                     log.warning("sink poll failed: %s", exc)
                     self.last_error = str(exc)
                     stop.wait(0.5)
@@ -536,10 +799,21 @@ class Sink:
             "refused": self.refused,
             "batches": self.batches,
             "insert_failures": self.insert_failures,
+            "fast_rows": self.fast_rows,
+            "fast_fallbacks": self.fast_fallbacks,
             "commit_failures": self.commit_failures,
             "last_insert_at": self.last_insert_at.isoformat() if self.last_insert_at else None,
             "last_error": self.last_error,
         }
+
+
+def _knows(codec: Codec, header: bytes) -> bool:
+    """Whether `codec` reads records with this header (it refuses an empty body, not the header)."""
+    try:
+        codec.decode(header)
+    except PoisonEvent as exc:
+        return exc.reason != "unknown-fingerprint"
+    return True
 
 
 def _coordinates(msg: Message) -> tuple[str, int, int]:
