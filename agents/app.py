@@ -13,7 +13,9 @@ Settings that matter and why:
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 
 import faust
 
@@ -54,10 +56,47 @@ def create_app(
         table_cleanup_interval=60.0,
         web_enabled=True,
     )
-    from agents import totals  # agents register themselves on the app
+    from agents import anomalies, rollups, totals  # agents register themselves on the app
 
     totals.register(app, topics, Codec())
+    rollups.register(app, topics, Codec())  # issue 7: per-tenant, per-day, per-model savings
+    anomalies.register(app, topics, Codec())  # issue 7: spikes in a tenant's hourly spend
+    add_producer_watchdog(app)
     return app
+
+
+PRODUCER_STUCK_S = 60.0
+log = logging.getLogger(__name__)
+
+
+def add_producer_watchdog(app: faust.App, stuck_s: float = PRODUCER_STUCK_S, every_s: float = 2.0) -> None:
+    """Exit the worker when its producer has made no room for `stuck_s`, so the supervisor
+    restarts a clean one.
+
+    Why: after a broker restart, aiokafka's producer can stay wedged for good (the chaos test
+    saw "producer buffer full" for minutes): the agents, blocked on a full buffer, stop
+    folding while the process looks alive. A full buffer that never once drops back to its
+    limit in `stuck_s` is that state; a healthy producer drains it in milliseconds. Exiting is
+    safe: folds are idempotent on source offsets and resume from the committed ones.
+    """
+    full_since: list[float] = []
+
+    @app.timer(interval=every_s)
+    async def producer_watchdog() -> None:
+        buffer = app.producer.buffer
+        if buffer.size <= buffer.max_messages:
+            full_since.clear()
+            return
+        now = time.monotonic()
+        if not full_since:
+            full_since.append(now)
+        elif now - full_since[0] >= stuck_s:
+            log.error(
+                "producer stuck for %.0fs with %d messages buffered; exiting so the supervisor restarts the worker",
+                now - full_since[0],
+                buffer.size,
+            )
+            os._exit(70)
 
 
 def ensure_internal_topics(app: faust.App, bootstrap: str) -> list[str]:

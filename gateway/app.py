@@ -24,11 +24,11 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import orjson
 from aiohttp import web
@@ -40,6 +40,7 @@ from domain.pricing import DEFAULT_PRICES, Price, cost
 from domain.redaction import ALL_KINDS, StreamRedactor, redact
 from gateway.adapters import Adapter, Completion, SimulatedAdapter
 from gateway.auth import KeyStore, Principal, presented_key
+from gateway.budgets import Accounting, BudgetExhausted, BudgetUnavailable
 from gateway.facts import (
     CallContext,
     closing_facts,
@@ -50,12 +51,18 @@ from gateway.facts import (
 )
 from gateway.frames import AskFrames, ChatFrames, Frames
 from gateway.limits import Decision, RateLimiter
+from gateway.memory import SESSION_ID, MemoryFabric, Turn
 from gateway.metrics import GatewayMetrics
 from gateway.models import (
     AskRequest,
     ChatCompletionRequest,
     FeedbackRequest,
     FeedbackResponse,
+    MemoryEraseResponse,
+    MemoryTurn,
+    MemoryTurnRequest,
+    MemoryWindowResponse,
+    MemoryWriteResponse,
     Message,
     PolicyCheckRequest,
     PolicyCheckResponse,
@@ -78,6 +85,9 @@ DEFAULT_CLASSIFICATION_HEADER = "X-Data-Classification"
 DEFAULT_MAX_TOKENS = 1024
 _STRICTNESS = {c: i for i, c in enumerate(DATA_CLASSIFICATIONS)}  # public < internal < confidential < restricted
 
+if TYPE_CHECKING:  # the router pulls in river and numpy: only gateways that route load them
+    from gateway.router import Router
+
 
 class Publisher(Protocol):
     async def publish(self, events: Sequence[Event], timeout: float = ...) -> None: ...
@@ -91,7 +101,7 @@ class GatewayState:
     keys: KeyStore
     publisher: Publisher
     adapter: Adapter
-    prices: dict[str, Price]
+    prices: Mapping[str, Price]  # a PriceBook when accounting follows the price-lists topic
     default_model: str
     publish_timeout: float
     ready_check: ReadyCheck
@@ -102,6 +112,9 @@ class GatewayState:
     policy: PolicyPoint = field(default_factory=PolicyPoint)
     classification_header: str = DEFAULT_CLASSIFICATION_HEADER
     default_max_tokens: int = DEFAULT_MAX_TOKENS  # completion tokens assumed for the cost estimate
+    memory: MemoryFabric | None = None
+    accounting: Accounting | None = None  # baselines and budget holds (issue 7); None: neither
+    router: Router | None = None  # picks the model of unpinned calls (issue 9); None: the default model
 
     def candidate_models(self) -> list[str]:
         """Models the router may choose from, in registry order: served and priced."""
@@ -264,6 +277,11 @@ async def begin_call(
     kinds = state.redaction(principal.tenant)
     # masked before anything else sees the prompt: events, logs, the adapter
     messages, counts, chars = mask(req.as_messages(), kinds)  # type: ignore[attr-defined]
+    session: str | None = getattr(req, "session", None)
+    remembered: list[Message] = []
+    if session is not None:
+        remembered = await session_window(state, principal.tenant, session)
+        messages = [*remembered, *messages]
     prompt_tokens = estimate_tokens(messages)
     if state.limiter is not None:
         decision = await state.limiter.acquire(principal.tenant, tokens=prompt_tokens)
@@ -302,11 +320,82 @@ async def begin_call(
         redactions=tuple(sorted(counts.items())),
         redacted_chars=chars,
         reserved_tokens=prompt_tokens,
+        session=session,
+        remembered=len(remembered),
     )
     if not verdict.allow:
         code, message, fields = refusal_of(state, verdict, inp)
         raise Rejected(await refuse(state, ctx, started, prompt_tokens, code, message, fields))
-    return req, await enforce_obligations(state, ctx, started, prompt_tokens, max_tokens), state.prices[ctx.model]
+    ctx = await enforce_obligations(state, ctx, started, prompt_tokens, max_tokens)
+    if state.router is not None:  # issue 9: an unpinned call goes where the router sends it
+        allowed = state.policy.allowed_models(ctx.decision, state.candidate_models())
+        ctx = state.router.route(ctx, state.candidate_models(), allowed, state.prices, prompt_tokens, max_tokens)
+    price = state.prices[ctx.model]  # one price for the whole call: its budget hold, its charge, its answer
+    return req, await account(state, ctx, price, started, prompt_tokens, max_tokens), price
+
+
+async def account(
+    state: GatewayState, ctx: CallContext, price: Price, started: float, prompt_tokens: int, max_tokens: int
+) -> CallContext:
+    """Issue 7: the tenant's baseline (for the savings on the charge) and a hold on its budgets.
+
+    An exhausted budget is refused like a policy refusal (recorded) but with 402 and a message
+    naming the budget, what is left and when it resets; budgets that cannot be checked fail
+    closed with 503 unless configured to fail open.
+    """
+    acc = state.accounting
+    if acc is None:
+        return ctx
+    try:
+        held = await acc.hold(
+            ctx.principal.tenant, ctx.principal.key_id, ctx.request_id, ctx.at, ctx.trace_parent, price,
+            ctx.messages, max_tokens,
+        )  # fmt: skip
+    except BudgetUnavailable:
+        if state.limiter is not None:
+            await state.limiter.reconcile(ctx.principal.tenant, prompt_tokens, 0)
+        message = "budgets cannot be checked right now; retry shortly"
+        raise Rejected(error(503, "budget_unavailable", message, headers={"Retry-After": RETRY_AFTER_S})) from None
+    if isinstance(held, BudgetExhausted):
+        raise Rejected(
+            await refuse(state, ctx, started, prompt_tokens, "budget_exhausted", held.message, ["max_tokens"], 402)
+        )
+    return dataclasses.replace(ctx, baseline=acc.baseline(ctx.principal.tenant), budget_hold=held)
+
+
+async def release_hold(state: GatewayState, ctx: CallContext, reason: str) -> None:
+    """Give a failed call's budget hold back (nothing of the call was recorded), recording that."""
+    if ctx.budget_hold is not None and state.accounting is not None:
+        await state.accounting.release(
+            ctx.budget_hold, reason, lambda events: state.publisher.publish(events, timeout=state.publish_timeout)
+        )
+
+
+async def session_window(state: GatewayState, tenant: str, session: str) -> list[Message]:
+    """The session's window as messages to prepend (stored masked, so not masked again)."""
+    if state.memory is None:
+        raise Rejected(no_memory())
+    try:
+        turns = await state.memory.read(tenant, session)
+    except PublishFailed as exc:
+        log.warning("memory window of a session not readable: %s", exc)
+        raise Rejected(log_unavailable("the memory window could not be read")) from None
+    return [Message(role=t.role, content=t.content) for t in turns]  # type: ignore[arg-type]
+
+
+async def remember(state: GatewayState, ctx: CallContext, answer: str) -> bool:
+    """Append a call's new messages and its (masked) answer to its session, in one transaction; False if not."""
+    if ctx.session is None or state.memory is None:
+        return True
+    turns = [(m.role, m.content) for m in ctx.messages[ctx.remembered :]] + [("assistant", answer)]
+    try:
+        await state.memory.append_many(
+            ctx.principal, ctx.session, turns, request_id=ctx.request_id, trace_parent=ctx.trace_parent
+        )
+    except PublishFailed as exc:
+        log.warning("request %s answered but its turns were not stored in memory: %s", ctx.request_id, exc)
+        return False
+    return True
 
 
 def refusal_of(state: GatewayState, verdict: PolicyDecision, inp: DecisionInput) -> tuple[str, str, list[str]]:
@@ -416,8 +505,9 @@ async def refuse(
     code: str,
     message: str,
     fields: Sequence[str] = (),
+    status: int = 403,
 ) -> web.Response:
-    """Record a refusal (its PolicyDecided among its facts) in one transaction, then the 403 to send.
+    """Record a refusal (its PolicyDecided among its facts) in one transaction, then the 403 (or `status`) to send.
 
     A refused call uses no tokens, so the tokens taken from the rate limit are given back.
     """
@@ -428,7 +518,7 @@ async def refuse(
     failed = await record(state, refusal_facts(ctx, code, message), started, ctx.request_id)
     if failed is not None:
         return failed
-    return error(403, code, message, fields, headers={"X-Request-Id": ctx.request_id})
+    return error(status, code, message, fields, headers={"X-Request-Id": ctx.request_id})
 
 
 def estimate_tokens(messages: Sequence[Message]) -> int:
@@ -455,10 +545,12 @@ def rate_limited(decision: Decision) -> web.Response:
 
 
 async def settle_usage(state: GatewayState, ctx: CallContext, completion: Completion) -> None:
-    """Reconcile the rate limit with the real usage: what was reserved up front against what was used."""
+    """Reconcile the rate limit and the budget hold with the real usage: what was reserved against what was used."""
     if state.limiter is not None:
         actual = completion.prompt_tokens + completion.completion_tokens
         await state.limiter.reconcile(ctx.principal.tenant, ctx.reserved_tokens, actual)
+    if ctx.budget_hold is not None and state.accounting is not None:
+        await state.accounting.settle(ctx.budget_hold, completion)
 
 
 def upstream_error(exc: UpstreamError) -> web.Response:
@@ -491,12 +583,14 @@ async def answer_whole(
     try:
         completion = await state.adapter.complete(ctx.model, ctx.messages)
     except UpstreamError as exc:
+        await release_hold(state, ctx, "failed")
         return upstream_error(exc)
     if ctx.redact_kinds:
         completion = dataclasses.replace(completion, text=redact(completion.text, ctx.redact_kinds).text)
     await settle_usage(state, ctx, completion)
     charged, audited = closing_facts(ctx, completion, price)
-    failed = await record(state, [*opening_facts(ctx), charged, audited], started, ctx.request_id)
+    facts = Accounting.facts_for(ctx.budget_hold, [*opening_facts(ctx), charged, audited])
+    failed = await record(state, facts, started, ctx.request_id)
     return failed or completion
 
 
@@ -512,7 +606,9 @@ async def ask(request: web.Request) -> web.StreamResponse:
     result = await answer_whole(state, ctx, price, started)
     if isinstance(result, web.Response):
         return result
-    return web.Response(body=AskFrames(ctx).whole(result, price).model_dump_json(), content_type="application/json")
+    headers = None if await remember(state, ctx, result.text) else {"X-Memory-Stored": "false"}
+    body = AskFrames(ctx).whole(result, price).model_dump_json()
+    return web.Response(body=body, content_type="application/json", headers=headers)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -547,11 +643,14 @@ async def stream_answer(
     try:
         first = await anext(stream, None)
     except UpstreamError as exc:
+        await release_hold(state, ctx, "failed")
         return upstream_error(exc)
     # the Kafka budget starts now: the model's time to first token is not the event log's
-    failed = await record(state, opening_facts(ctx), time.monotonic(), ctx.request_id)
+    failed = await record(state, Accounting.facts_for(ctx.budget_hold, opening_facts(ctx)), time.monotonic(),
+                          ctx.request_id)  # fmt: skip
     if failed is not None:
         await close_stream(stream)
+        await release_hold(state, ctx, "failed")
         return failed
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     pieces: list[str] = []  # what the model produced (usage is counted on it), sent or not
@@ -609,7 +708,8 @@ async def stream_answer(
     await settle_usage(state, ctx, completion)
     closing = closing_facts(ctx, completion, price)
     try:  # shielded: a handler cancelled now (client gone) must not drop the charge of a whole answer
-        await asyncio.shield(state.publisher.publish(closing, timeout=state.publish_timeout))
+        facts = Accounting.facts_for(ctx.budget_hold, closing)
+        await asyncio.shield(state.publisher.publish(facts, timeout=state.publish_timeout))
     except PublishFailed as exc:
         state.metrics.publish_failures.inc()
         log.error("request %s streamed but its charge was not recorded: %s", ctx.request_id, exc)
@@ -618,6 +718,7 @@ async def stream_answer(
             await resp.write_eof()
         return resp
     shown = "".join(pieces) if masker is None else redact(completion.text, ctx.redact_kinds).text
+    await remember(state, ctx, shown)
     with contextlib.suppress(ConnectionError):  # charged in full: a client gone before the last frame changes nothing
         await resp.write(frames.done(dataclasses.replace(completion, text=shown), price))
         await resp.write_eof()
@@ -646,7 +747,8 @@ async def close_broken(state: GatewayState, ctx: CallContext, price: Price, prod
     await settle_usage(state, ctx, completion)
     try:
         await state.publisher.publish(
-            partial_closing_facts(ctx, completion, price, reason), timeout=state.publish_timeout
+            Accounting.facts_for(ctx.budget_hold, partial_closing_facts(ctx, completion, price, reason)),
+            timeout=state.publish_timeout,
         )
     except PublishFailed as exc:
         state.metrics.publish_failures.inc()
@@ -686,6 +788,119 @@ async def feedback(request: web.Request) -> web.Response:
         return failed
     out = FeedbackResponse(feedback_id=event.envelope.event_id, request_id=req.request_id)
     return web.Response(status=202, body=out.model_dump_json(), content_type="application/json")
+
+
+def no_memory() -> web.Response:
+    return error(501, "memory_not_configured", "this gateway runs without the memory fabric; ask the operator")
+
+
+def log_unavailable(what: str) -> web.Response:
+    return error(
+        503, "event_log_unavailable", f"{what}: the event log did not answer in time; retry later",
+        headers={"Retry-After": RETRY_AFTER_S},
+    )  # fmt: skip
+
+
+async def memory_call(request: web.Request) -> tuple[MemoryFabric, Principal, str] | web.Response:
+    """Authenticate and check the session id; the session is always the caller's tenant's."""
+    state = request.app[STATE]
+    principal = await authenticate(request)
+    if isinstance(principal, web.Response):
+        return principal
+    if state.memory is None:
+        return no_memory()
+    session = request.match_info["session"]
+    if not SESSION_ID.match(session):
+        return error(422, "invalid_request", "session: 1-128 of letters, digits and . _ : @ -", ["session"])
+    return state.memory, principal, session
+
+
+async def memory_append(request: web.Request) -> web.Response:
+    """Append a turn (masked as the tenant's policy asks); answered once Kafka committed it."""
+    state = request.app[STATE]
+    call = await memory_call(request)
+    if isinstance(call, web.Response):
+        return call
+    memory, principal, session = call
+    body = await read_json(request)
+    if isinstance(body, web.Response):
+        return body
+    if not isinstance(body, dict):
+        return error(400, "invalid_request", 'the body must be a JSON object, e.g. {"role": "user", "content": "hi"}')
+    try:
+        req = MemoryTurnRequest.model_validate(body)
+    except ValidationError as exc:
+        return validation_error(exc)
+    masked = redact(req.content, state.redaction(principal.tenant))
+    try:
+        stored = await memory.append(
+            principal, session, req.role, masked.text,
+            request_id=req.request_id, trace_parent=request.headers.get("traceparent"),
+        )  # fmt: skip
+    except PublishFailed as exc:
+        state.metrics.publish_failures.inc()
+        log.warning("memory turn not stored: %s", exc)
+        return log_unavailable("the turn was not stored")
+    out = MemoryWriteResponse(
+        session=session,
+        turn_index=stored.turn.index,
+        chars=stored.fact.chars,
+        content_sha256=stored.fact.content_sha256,
+        redactions=dict(masked.counts),
+        event_id=stored.fact.envelope.event_id,
+    )
+    return web.Response(status=201, body=out.model_dump_json(), content_type="application/json")
+
+
+def _bound(request: web.Request, name: str) -> int | web.Response | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        return error(422, "invalid_request", f"{name}: a positive integer", [name])
+    return int(raw)
+
+
+async def memory_read(request: web.Request) -> web.Response:
+    """The session's window: the newest whole turns within `turns` and `chars` (capped by settings)."""
+    call = await memory_call(request)
+    if isinstance(call, web.Response):
+        return call
+    memory, principal, session = call
+    turns, chars = _bound(request, "turns"), _bound(request, "chars")
+    if isinstance(turns, web.Response):
+        return turns
+    if isinstance(chars, web.Response):
+        return chars
+    try:
+        window: list[Turn] = await memory.read(principal.tenant, session, turns, chars)
+    except PublishFailed as exc:
+        log.warning("memory window not readable: %s", exc)
+        return log_unavailable("the window could not be read")
+    out = MemoryWindowResponse(
+        session=session,
+        turns=[MemoryTurn(index=t.index, role=t.role, content=t.content, at=t.at, request_id=t.request_id)
+               for t in window],
+        chars=sum(len(t.content) for t in window),
+    )  # fmt: skip
+    return web.Response(body=out.model_dump_json(), content_type="application/json")
+
+
+async def memory_erase(request: web.Request) -> web.Response:
+    """Erase the session: its key and turns tombstoned and MemoryErased recorded in one transaction."""
+    state = request.app[STATE]
+    call = await memory_call(request)
+    if isinstance(call, web.Response):
+        return call
+    memory, principal, session = call
+    try:
+        fact = await memory.erase(principal, session, trace_parent=request.headers.get("traceparent"))
+    except PublishFailed as exc:
+        state.metrics.publish_failures.inc()
+        log.warning("memory erase not recorded: %s", exc)
+        return log_unavailable("the session was not erased")
+    out = MemoryEraseResponse(session=session, turns_erased=fact.turns_erased, event_id=fact.envelope.event_id)
+    return web.Response(body=out.model_dump_json(), content_type="application/json")
 
 
 async def policy_check(request: web.Request) -> web.Response:
@@ -759,7 +974,7 @@ def create_app(
     ready_check: ReadyCheck,
     *,
     adapter: Adapter | None = None,
-    prices: dict[str, Price] | None = None,
+    prices: Mapping[str, Price] | None = None,
     default_model: str = "sim-small",
     publish_timeout: float = 1.8,
     oidc: OidcVerifier | None = None,
@@ -768,6 +983,8 @@ def create_app(
     policy: PolicyPoint | None = None,
     classification_header: str = DEFAULT_CLASSIFICATION_HEADER,
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    memory: MemoryFabric | None = None,
+    accounting: Accounting | None = None,
 ) -> web.Application:
     """The gateway app. Without `policy`, the shipped default bundle decides, with the default
     registry's models seeded as Model entities (what tests and single-process use need)."""
@@ -782,7 +999,7 @@ def create_app(
         keys=keys,
         publisher=publisher,
         adapter=adapter,
-        prices=prices or dict(DEFAULT_PRICES),
+        prices=accounting.prices if accounting is not None else (prices or dict(DEFAULT_PRICES)),
         default_model=default_model,
         publish_timeout=publish_timeout,
         ready_check=ready_check,
@@ -792,8 +1009,13 @@ def create_app(
         policy=policy,
         classification_header=classification_header,
         default_max_tokens=default_max_tokens,
+        memory=memory,
+        accounting=accounting,
     )
     app.router.add_post("/v1/ask", ask)
+    app.router.add_post("/v1/memory/{session}", memory_append)
+    app.router.add_get("/v1/memory/{session}", memory_read)
+    app.router.add_delete("/v1/memory/{session}", memory_erase)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/feedback", feedback)
     app.router.add_post("/v1/policy/check", policy_check)

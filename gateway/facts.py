@@ -25,11 +25,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from domain.policy import Decision, DecisionInput, Divergence
-from domain.pricing import Price, cost
+from domain.pricing import Price, cost, savings
 from domain.redaction import RULESET_VERSION
 from gateway.adapters import Completion
 from gateway.auth import Principal
@@ -43,9 +45,13 @@ from streams.events import (
     PolicyShadowDiverged,
     RequestReceived,
     RequestRedacted,
+    RouteChosen,
     TokensCharged,
 )
 from streams.ids import derived_uuid7, uuid7
+
+if TYPE_CHECKING:
+    from gateway.budgets import Hold
 
 PRODUCER = "gateway"
 POLICY_INPUT = "policy_input"  # AuditRecorded.details key holding the decision input (canonical JSON)
@@ -70,6 +76,11 @@ class CallContext:
     redactions: tuple[tuple[str, int], ...] = ()  # spans masked in the prompt, by kind
     redacted_chars: int = 0
     reserved_tokens: int = 0  # tokens taken from the rate limit up front (reconciled with the real usage)
+    baseline: Price | None = None  # the tenant's baseline price in force (issue 7): savings = its cost - cost
+    budget_hold: Hold | None = None  # what the call holds on its budgets (gateway.budgets), if any apply
+    session: str | None = None  # memory session: its window leads `messages`, the rest are new turns
+    remembered: int = 0  # how many of `messages` came from the session's window
+    route_chosen: RouteChosen | None = None  # the router's choice (issue 9), recorded with the opening facts
 
     def envelope(self, event_type: str, causation: str | None = None) -> Envelope:
         return Envelope(
@@ -109,6 +120,8 @@ def opening_facts(ctx: CallContext) -> list[Event]:
     )
     shadow = shadow_fact(ctx, decided.envelope.event_id)
     tail: list[Event] = [decided] if shadow is None else [decided, shadow]
+    if ctx.route_chosen is not None:
+        tail.append(ctx.route_chosen)
     if not ctx.redactions:
         return [received, *tail]
     redacted = RequestRedacted(
@@ -190,6 +203,7 @@ def partial_closing_facts(
 def _closing(
     ctx: CallContext, completion: Completion, price: Price, outcome: str, extra: dict[str, str]
 ) -> tuple[TokensCharged, AuditRecorded]:
+    spent = cost(completion.prompt_tokens, completion.completion_tokens, price)
     charged = TokensCharged(
         envelope=ctx.envelope("TokensCharged", str(derived_uuid7(ctx.request_id, "PolicyDecided"))),
         request_id=ctx.request_id,
@@ -200,7 +214,8 @@ def _closing(
         output_price_per_mtok=price.output_per_mtok,
         price_list_version=price.version,
         currency=price.currency,
-        cost=cost(completion.prompt_tokens, completion.completion_tokens, price),
+        cost=spent,
+        **_savings(ctx, completion, spent),
     )
     details = {**policy_details(ctx), "model": completion.model, "cost": str(charged.cost), "route": ctx.route}
     audited = AuditRecorded(
@@ -212,6 +227,14 @@ def _closing(
         details={**details, **extra},
     )
     return charged, audited
+
+
+def _savings(ctx: CallContext, completion: Completion, spent: Decimal) -> dict[str, Any]:
+    """The charge's baseline fields: the same tokens at the tenant's baseline price, and the difference."""
+    saved = savings(completion.prompt_tokens, completion.completion_tokens, spent, ctx.baseline)
+    if saved is None:
+        return {}
+    return {"baseline_model": saved.baseline_model, "baseline_cost": saved.baseline_cost, "savings": saved.savings}
 
 
 def feedback_fact(

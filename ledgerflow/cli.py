@@ -17,12 +17,14 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ledgerflow import audit, dlq, policy, readside
+from ledgerflow import audit, billing, budgets, dlq, policy, prices, readside, route_eval
 from ledgerflow import demo as demo_mod
+from ledgerflow import dp as dp_cli
 from ledgerflow.settings import Settings, SettingsError, load
 from ledgerflow.supervisor import Child, Pool, Supervisor, pid_alive, read_scale, read_state, write_scale
 
 if TYPE_CHECKING:
+    from infra.redis import RedisConfig
     from streams.admin import PartitionOwner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--replace", action="store_true", help="drop DB first (a DB holding rows is refused otherwise)")
     audit.add_parser(sub)
     policy.add_parser(sub)
+    prices.add_parser(sub)
+    budgets.add_parser(sub)
+    billing.add_parser(sub)
+    route_eval.add_parser(sub)
+    dp_cli.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         settings = load()
@@ -126,6 +133,16 @@ def main(argv: list[str] | None = None) -> int:
             return audit.cmd(settings, args)
         if args.command == "policy":
             return policy.cmd(settings, args)
+        if args.command == "prices":
+            return prices.cmd(settings, args)
+        if args.command == "budgets":
+            return budgets.cmd(settings, args)
+        if args.command == "billing":
+            return billing.cmd(settings, args)
+        if args.command == "route-eval":
+            return route_eval.cmd(settings, args)
+        if args.command == "dp":
+            return dp_cli.cmd(settings, args)
     except (LookupError, FileNotFoundError, ValueError) as exc:
         print(f"ledgerflow: {exc}", file=sys.stderr)
         return 1
@@ -175,7 +192,7 @@ def child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def children(settings: Settings) -> list[Child]:
+def children(settings: Settings, redis_url: str = "") -> list[Child]:
     py = sys.executable
     logs = settings.resolved_data_dir / "logs"
     env = child_env(settings)
@@ -215,6 +232,7 @@ def children(settings: Settings) -> list[Child]:
                 str(token_file),
                 "--api-keys-file",
                 str(keys_file),
+                *(["--allow-fault-injection"] if settings.fault_injection else []),
             ],
             logs / "projections.log",
             env,
@@ -222,11 +240,74 @@ def children(settings: Settings) -> list[Child]:
         ),
         *(worker_child(settings, i) for i in range(settings.workers)),
         Child("ledger", [py, "-m", "agents.ledger", "--loglevel", "warning"], logs / "ledger.log", env),
-        Child("gateway", [py, "-m", "gateway"], logs / "gateway.log", env, settings.gateway_url),
+        Child("dp-budget", [py, "-m", "agents.dp_budget", "--loglevel", "warning"], logs / "dp-budget.log", env),
+        *(  # issue 9: one learner for the platform's routing priors, when the router is on
+            [Child("routing-priors", [py, "-m", "agents.priors", "--loglevel", "warning"], logs / "priors.log", env)]
+            if settings.routing_enabled
+            else []
+        ),
+        *gateway_children(settings, redis_url),
     ]
 
 
 WORKER_POOL = "agents"
+
+
+def gateway_children(settings: Settings, redis_url: str = "") -> list[Child]:
+    """The gateway replicas: "gateway", or with `gateways` = N > 1 "gateway-0".."gateway-<N-1>".
+
+    Replica i listens on gateway_port + i with its own instance id (its transactional.id: two
+    replicas sharing one would fence each other's transactions) and uses `redis_url` for the
+    rate limits and the memory window they share.
+    """
+    logs = settings.resolved_data_dir / "logs"
+    env = child_env(settings)
+    if redis_url:
+        env["LEDGERFLOW_REDIS_URL"] = redis_url
+    if settings.gateways == 1:
+        return [Child("gateway", [sys.executable, "-m", "gateway"], logs / "gateway.log", env, settings.gateway_url)]
+    out = []
+    for i in range(settings.gateways):
+        port = settings.gateway_port + i
+        own = {
+            **env,
+            "LEDGERFLOW_GATEWAY_PORT": str(port),
+            "LEDGERFLOW_GATEWAY_INSTANCE_ID": f"{settings.instance_id}-{i}",
+        }
+        url = f"http://{settings.gateway_host}:{port}"
+        out.append(Child(f"gateway-{i}", [sys.executable, "-m", "gateway"], logs / f"gateway-{i}.log", own, url))
+    return out
+
+
+def start_redis(settings: Settings) -> RedisConfig | None:
+    """With several gateways and no `redis_url`: a local redis-server on a free loopback port."""
+    if settings.gateways == 1 or settings.redis_url:
+        return None
+    import socket
+
+    from infra.redis import RedisConfig, RedisServerError, log_path, start
+
+    home = settings.resolved_data_dir / "redis"
+    home.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    cfg = RedisConfig(home=home, port=port)
+    try:
+        start(cfg)
+    except RedisServerError as exc:
+        raise PlatformError(str(exc)) from None
+    print(f"{'redis:':<12} {cfg.url}  (log: {log_path(cfg)}; shared by {settings.gateways} gateways)", flush=True)
+    return cfg
+
+
+def stop_redis(state: dict[str, object]) -> None:
+    """Stop the redis-server `up` started (its home and port are in the run state)."""
+    found = state.get("redis")
+    if isinstance(found, dict):
+        from infra.redis import RedisConfig, stop
+
+        stop(RedisConfig(home=Path(str(found["home"])), port=int(found["port"])))
 
 
 def worker_child(settings: Settings, i: int) -> Child:
@@ -279,10 +360,14 @@ def cmd_up(settings: Settings, demo_n: int, exit_after_demo: bool, poison: bool 
         ensure_topics(settings.bootstrap, Topics(settings.topic_prefix, settings.partitions))
     except Exception as exc:
         raise PlatformError(f"cannot create topics on {settings.bootstrap}: {exc}") from None
+    redis = start_redis(settings)
+    run_state: dict[str, object] = {"kafka_started": kafka_started}
+    if redis is not None:
+        run_state["redis"] = {"home": str(redis.home), "port": redis.port}
     sup = Supervisor(
-        children(settings),
+        children(settings, redis.url if redis is not None else settings.redis_url),
         state_file(settings),
-        {"kafka_started": kafka_started},
+        run_state,
         pools=[worker_pool(settings)],
         control_file=scale_file(settings),
     )
@@ -293,6 +378,7 @@ def cmd_up(settings: Settings, demo_n: int, exit_after_demo: bool, poison: bool 
         for c in sup.children:
             print(f"{c.name + ':':<12} {c.url}  (log: {c.log})", flush=True)
         print(f"clickhouse:  {settings.store_url} (SQL over {settings.projections_url})", flush=True)
+        print(f"portal:      {settings.projections_url}/portal/  (log in with `ledgerflow token`)", flush=True)
         print("ready. `ledgerflow demo` sends traffic; `ledgerflow status` shows lag; Ctrl-C stops.", flush=True)
         if demo_n:
             demo_mod.run(settings, demo_n, poison=poison)
@@ -301,6 +387,7 @@ def cmd_up(settings: Settings, demo_n: int, exit_after_demo: bool, poison: bool 
     finally:
         print("stopping ...", flush=True)
         sup.stop_all()
+        stop_redis(run_state)
         if kafka_started:
             from infra.kafka.runner import stop
 
@@ -312,13 +399,14 @@ def cmd_up(settings: Settings, demo_n: int, exit_after_demo: bool, poison: bool 
 def wait_ready(sup: Supervisor, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     pending = {c.name: c for c in sup.children}
-    paths = {"projections": "/readyz", "gateway": "/readyz"}  # agent workers: "/"
+    paths = {"projections": "/readyz", "gateway": "/readyz"}  # agent workers: "/"; gateway-i as gateway
     while pending and time.monotonic() < deadline:
         for name, c in list(pending.items()):
             if not c.alive:
                 tail = c.log.read_text(errors="replace").splitlines()[-15:] if c.log.exists() else []
                 raise PlatformError(f"{name} exited during start; its log {c.log} ends:\n  " + "\n  ".join(tail))
-            if not c.url or http_ok(c.url + paths.get(name, "/")):  # no HTTP face (the ledger): alive is ready
+            path = paths.get(name) or paths.get(name.rpartition("-")[0], "/")
+            if not c.url or http_ok(c.url + path):  # no HTTP face (the ledger): alive is ready
                 del pending[name]
         time.sleep(0.3)
     if pending:
@@ -353,6 +441,7 @@ def cmd_down(settings: Settings) -> int:
         cpid = child.get("pid")
         if pid_alive(cpid):
             os.kill(cpid, signal.SIGTERM)
+    stop_redis(state)
     if state.get("kafka_started"):
         from infra.kafka.runner import stop
 

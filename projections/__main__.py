@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-ms", type=int, default=200, help="longest wait before a partial batch is inserted")
     p.add_argument("--token-file", type=Path, help="the operator's read token (made, 0600, if missing)")
     p.add_argument("--api-keys-file", type=Path, help="JSON list of static keys [{key_id, tenant, sha256, roles}]")
+    p.add_argument(
+        "--allow-fault-injection", action="store_true", help="chaos tests: POST /faults/store-outage cuts the store"
+    )
     p.add_argument("--open", action="store_true", help="no authentication at all (a throwaway local store only)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
@@ -71,6 +74,7 @@ async def _main(args: argparse.Namespace) -> None:
         batch_ms=args.batch_ms,
         instance_id=args.instance_id,
         access=access_of(args),
+        fault_injection=args.allow_fault_injection,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

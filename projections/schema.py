@@ -83,9 +83,16 @@ def event_to_row(event: Event, topic: str, partition: int, offset: int) -> list[
     """Values for `columns_for(event.event_type)`, in that order."""
     env = event.envelope
     row: list[Any] = [getattr(env, c) for c in ENVELOPE_COLUMNS]
-    row.extend(getattr(event, f) for f in payload_fields(event.event_type))
+    row.extend(_column_value(getattr(event, f)) for f in payload_fields(event.event_type))
     row.extend((topic, partition, offset))
     return row
+
+
+def _column_value(value: Any) -> Any:
+    """An array of nested Avro records (PriceListPublished.prices) goes to an Array(Tuple(...)) column as tuples."""
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return [tuple(item.values()) for item in value]
+    return value
 
 
 def _b64(data: bytes | None) -> str | None:

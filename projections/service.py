@@ -39,7 +39,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import chdb
@@ -58,8 +58,12 @@ from domain.policy import (
     diff,
     fold_attributes,
 )
+from projections import billing
+from projections import dp as dp_read
 from projections.access import AccessDenied, ReadAccess, scoped_tenant
+from projections.faults import OutageClient, StoreOutage
 from projections.migrations import applied, migrate
+from projections.portal import Portal
 from projections.replay import BadReplayRequest, ReplayJob, TargetNotEmpty, idle_status, parse_request, target_check
 from projections.sink import Sink
 from projections.sqlguard import UnsafeQuery, prepare_read_query
@@ -76,9 +80,10 @@ MAX_QUERY_BYTES = 1 << 20  # SQL text only: this endpoint takes no insert data
 # client sends (wait_end_of_query, enable_http_compression, date_time_input_format, ...) is
 # a setting and is ignored: a readonly=1 session could not change it anyway.
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SINK_REBUILD_S = 2.0  # wait before a new consumer after a fatal client error
 _PUBLIC_PATHS = frozenset({"/ping", "/readyz"})
 # What a tenant's key may call; the handler scopes each to the key's tenant (projections/access.py).
-_TENANT_PATHS = frozenset({"/v1/usage", "/v1/policy/dry-run"})
+_TENANT_PATHS = frozenset({"/v1/usage", "/v1/policy/dry-run", *dp_read.PATHS, *billing.PATHS})
 USAGE_MAX_DAYS = 366
 
 _USAGE_SQL = """
@@ -399,6 +404,7 @@ class ProjectionService:
         sql_handles: int = 3,
         instance_id: str | None = None,
         access: ReadAccess | None = None,
+        fault_injection: bool = False,
     ) -> None:
         if run_sink and not bootstrap:
             raise ValueError("the sink needs a Kafka bootstrap (or run without the sink)")
@@ -431,6 +437,11 @@ class ProjectionService:
         # `python -m projections` entry point always passes a real one (see projections/access.py).
         self.access = access or ReadAccess.open()
         self._key_follower: StateFollower | None = None
+        # Chaos tests only (projections/faults.py): None unless the process allows injection.
+        self.outage: StoreOutage | None = StoreOutage() if fault_injection else None
+        self.sink_rebuilds = 0
+        self.dp: dp_read.DpReadSide | None = None  # DP queries (projections/dp.py); needs Kafka
+        self.portal = Portal(self.access, self.read_rows)  # issue 12: /portal pages, cookie sessions
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -448,33 +459,55 @@ class ProjectionService:
                     self.bootstrap, [self.topics.name("api-keys")], self.access.keys.apply, name="read-api-keys"
                 )
                 self._key_follower.start()
+            if self.bootstrap:
+                self.dp = dp_read.DpReadSide(self.bootstrap, self.topics, self.read_rows, group=self.group)
+                self.dp.start()
             if self.run_sink:
                 try:
                     ensure_topics(self.bootstrap, self.topics)
                 except Exception as exc:  # the sink still subscribes; topics may appear later
                     log.warning("could not ensure topics exist: %s", exc)
-                self.sink = Sink(
-                    self.bootstrap,
-                    self.group,
-                    self.topics,
-                    self.writer,
-                    batch_max=self.batch_max,
-                    batch_ms=self.batch_ms,
-                    consumer_config=self.consumer_config,
-                )
+                self.sink = self._new_sink()
                 self._thread = threading.Thread(target=self._sink_main, name="projection-sink", daemon=True)
                 self._thread.start()
         except Exception as exc:
             self.start_error = f"{type(exc).__name__}: {exc}"
             raise
 
+    def _new_sink(self) -> Sink:
+        assert self.writer is not None
+        return Sink(
+            self.bootstrap,
+            self.group,
+            self.topics,
+            cast(Client, OutageClient(self.writer, self.outage)) if self.outage else self.writer,
+            batch_max=self.batch_max,
+            batch_ms=self.batch_ms,
+            consumer_config=self.consumer_config,
+        )
+
     def _sink_main(self) -> None:
+        """Run the sink; rebuild it after a fatal client error (a fenced consumer cannot recover).
+
+        Rebuilding is safe by the sink's step (1): the new consumer resumes after what
+        ClickHouse holds, so nothing in flight is lost or landed twice.
+        """
         assert self.sink is not None
-        try:
-            self.sink.run(self._stop)
-        except Exception as exc:  # the sink never stops on data; this is a bug or a dead client
-            log.exception("projection sink stopped")
-            self.sink_error = f"{type(exc).__name__}: {exc}"
+        while not self._stop.is_set():
+            try:
+                self.sink.run(self._stop)
+                return
+            except Exception as exc:  # the sink never stops on data; a dead client or a bug
+                log.exception("projection sink stopped; rebuilding it in %.0fs", SINK_REBUILD_S)
+                self.sink_error = f"{type(exc).__name__}: {exc}"
+                self.sink_rebuilds += 1
+            if self._stop.wait(SINK_REBUILD_S):
+                return
+            try:
+                self.sink = self._new_sink()
+                self.sink_error = None
+            except Exception as exc:
+                log.warning("could not rebuild the sink yet: %s", exc)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the sink (its final flush and commit happen in its thread), then close stores."""
@@ -490,6 +523,8 @@ class ProjectionService:
                 log.warning("sink thread did not stop within %.0fs", timeout)
         if self._key_follower is not None:
             self._key_follower.close()
+        if self.dp is not None:
+            self.dp.close()
         if self.reader is not None:
             self.reader.close()
         if self._server_reader is not None:
@@ -519,6 +554,7 @@ class ProjectionService:
             sink = self.sink.status()
             sink["running"] = bool(self._thread and self._thread.is_alive())
             sink["error"] = self.sink_error
+            sink["rebuilds"] = self.sink_rebuilds
         return {
             "ready": ok,
             "reason": why,
@@ -528,6 +564,11 @@ class ProjectionService:
             "sql_endpoint": self.reader is not None,
             "sink": sink,
             "replay": self.replay_job.status() if self.replay_job else None,
+            "store_outage": (
+                {"remaining_s": round(self.outage.remaining, 3), "refused_calls": self.outage.refused_calls}
+                if self.outage
+                else None
+            ),
         }
 
     # --- replay -----------------------------------------------------------------------
@@ -657,6 +698,11 @@ class ProjectionService:
         app.router.add_delete("/replay", self._replay_cancel)
         app.router.add_post("/v1/policy/dry-run", self._dry_run)
         app.router.add_get("/v1/usage", self._usage)
+        if self.outage is not None:
+            app.router.add_post("/faults/store-outage", self._store_outage)
+        dp_read.register(app, lambda: self.dp)
+        billing.register(app, self.read_rows)  # issue 7: /v1/billing/export, tenant-scoped
+        self.portal.register(app)  # issue 12: /portal/*, every page scoped by scoped_tenant
         app.router.add_get("/", self._sql)
         app.router.add_post("/", self._sql)
         return app
@@ -666,6 +712,8 @@ class ProjectionService:
         """Authenticate every route but the health checks; operator-only routes refuse tenant keys."""
         if request.path in _PUBLIC_PATHS:
             return await handler(request)
+        if Portal.owns(request.path):  # a session cookie or a header credential; pages scope by tenant
+            return await self.portal.guard(request, handler)
         try:
             reader = self.access.authorize(request.headers)
             if not reader.operator and request.path not in _TENANT_PATHS:
@@ -771,6 +819,16 @@ class ProjectionService:
                 "days": rows,
             },
         )
+
+    async def _store_outage(self, request: web.Request) -> web.Response:
+        """Chaos tests: cut the sink off from the store for `?seconds=N` (operator only)."""
+        assert self.outage is not None
+        try:
+            left = self.outage.cut(float(request.query.get("seconds", "")))
+        except ValueError as exc:
+            return self._json(400, {"error": f"?seconds= must be a number of seconds: {exc}"})
+        log.warning("injected store outage: the sink cannot reach ClickHouse for %.1fs", left)
+        return self._json(202, {"outage_s": round(left, 3)})
 
     async def _replay_status(self, _request: web.Request) -> web.Response:
         job = self.replay_job

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
-from streams.topics import Topics
+from streams.topics import MEMORY_CONFIGS, Topics
 
 
 def admin(bootstrap: str) -> AdminClient:
@@ -25,6 +25,7 @@ def ensure_topics(bootstrap: str, topics: Topics, timeout: float = 30.0) -> list
         wanted.append((name, topics.partitions_of(name), spec.configs()))
         wanted.append((topics.dlq(name), 1, {"retention.ms": "-1"}))
     wanted.append((topics.redrives(), 1, {"cleanup.policy": "compact"}))
+    wanted.append((topics.memory(), 1, MEMORY_CONFIGS))
     return create_missing(bootstrap, wanted, timeout)
 
 

@@ -114,6 +114,9 @@ class TokensCharged(Event):
     price_list_version: str
     currency: str
     cost: Decimal
+    baseline_model: str | None = None
+    baseline_cost: Decimal | None = None
+    savings: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +215,7 @@ class RouteChosen(Event):
     candidates: list[RouteCandidate]
     chosen_model: str
     propensity: float
+    features: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +253,13 @@ class PriceListPublished(Event):
     prices: list[ModelPrice]
     author: str
     previous_version: str | None = None
+
+    @property
+    def price_key(self) -> str:
+        """Compaction key: the models priced and the version, so every version of a model's price is kept
+        (charges cite versions, and a price published ahead of its effective_from must not erase the one
+        in force)."""
+        return ",".join(sorted(p["model"] for p in self.prices)) + "@" + self.version
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,6 +333,34 @@ class BudgetThresholdCrossed(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class SavingsSnapshotted(Event):
+    day_start: datetime
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: Decimal
+    baseline_cost: Decimal
+    savings: Decimal
+    currency: str
+    source_partition: int
+    source_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class CostAnomalyDetected(Event):
+    hour_start: datetime
+    spend: Decimal
+    expected: Decimal
+    currency: str
+    score: float
+    threshold: float
+    detector: str
+    source_partition: int
+    source_offset: int
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerEntryChained(Event):
     chain_tenant: str
     seq: int
@@ -345,8 +384,21 @@ class LedgerCheckpointSigned(Event):
     signed_note: str
 
 
+class _DpBudgetKeyed:
+    """DP budget events are keyed by tenant/metric_set: one budget's events stay in one partition,
+    so its single owner (the DP budget agent) decides them one at a time, in log order."""
+
+    __slots__ = ()
+    tenant: str
+    metric_set: str
+
+    @property
+    def budget_key(self) -> str:
+        return f"{self.tenant}/{self.metric_set}"
+
+
 @dataclass(frozen=True, slots=True)
-class DpBudgetGranted(Event):
+class DpBudgetGranted(_DpBudgetKeyed, Event):
     metric_set: str
     epsilon: float
     delta: float
@@ -356,7 +408,37 @@ class DpBudgetGranted(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class DpQueryCharged(Event):
+class DpQueryRequested(_DpBudgetKeyed, Event):
+    query_id: str
+    metric_set: str
+    composition: str
+    epsilon: float
+    delta: float
+    query_sha256: str
+    query: str
+    requested_by: str
+    rho: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DpQueryRefused(_DpBudgetKeyed, Event):
+    query_id: str
+    metric_set: str
+    reason: str
+    detail: str
+    epsilon: float
+    delta: float
+    query_sha256: str
+    requested_by: str
+    epsilon_remaining: float
+    delta_remaining: float
+    rho: float | None = None
+    rho_remaining: float | None = None
+    repeat_of: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DpQueryCharged(_DpBudgetKeyed, Event):
     query_id: str
     metric_set: str
     epsilon: float
@@ -365,10 +447,12 @@ class DpQueryCharged(Event):
     requested_by: str
     epsilon_remaining: float
     delta_remaining: float
+    rho: float | None = None
+    rho_remaining: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class DpReleasePublished(Event):
+class DpReleasePublished(_DpBudgetKeyed, Event):
     query_id: str
     metric_set: str
     window_start: datetime
@@ -387,6 +471,16 @@ class RoutingPriorsPublished(Event):
     priors: str
     priors_sha256: str
     previous_version: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingRegretRecorded(Event):
+    priors_version: str
+    routed: int
+    explored: int
+    regret: float
+    cumulative_routed: int
+    cumulative_regret: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,12 +553,17 @@ EVENT_TYPES: dict[str, type[Event]] = {
         BudgetSettled,
         BudgetReleased,
         BudgetThresholdCrossed,
+        SavingsSnapshotted,
+        CostAnomalyDetected,
         LedgerEntryChained,
         LedgerCheckpointSigned,
         DpBudgetGranted,
+        DpQueryRequested,
         DpQueryCharged,
+        DpQueryRefused,
         DpReleasePublished,
         RoutingPriorsPublished,
+        RoutingRegretRecorded,
         FeedbackReceived,
         MemoryWritten,
         MemoryErased,

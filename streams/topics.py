@@ -52,7 +52,41 @@ CATALOGUE: tuple[TopicSpec, ...] = (
     TopicSpec("policy-shadow", ("PolicyShadowDiverged",)),
     TopicSpec("ledger", ("LedgerEntryChained",), derived=True),
     TopicSpec("ledger-checkpoints", ("LedgerCheckpointSigned",), derived=True),
+    # issue 7 (accounting). Every price version is kept (key: models@version): charges cite versions.
+    TopicSpec("price-lists", ("PriceListPublished",), compacted=True, partitions=1, keyed_by="price_key"),
+    TopicSpec("budgets", ("BudgetSet",), compacted=True, partitions=1, keyed_by="budget_id"),
+    TopicSpec("budget-holds", ("BudgetReserved", "BudgetSettled", "BudgetReleased", "BudgetThresholdCrossed")),
+    TopicSpec("savings-snapshots", ("SavingsSnapshotted",), derived=True),
+    TopicSpec("cost-anomalies", ("CostAnomalyDetected",), derived=True),
+    # Sizes and hashes of memory turns, and erasures: facts (the content lives on `memory()`).
+    TopicSpec("memory-facts", ("MemoryWritten", "MemoryErased")),
+    # issue 9 (routing). The priors topic keeps the newest priors per algorithm (what a gateway
+    # loads at start); every version stays reconstructible by replaying the facts it was learned from.
+    TopicSpec("routes", ("RouteChosen",)),
+    TopicSpec(
+        "routing-priors", ("RoutingPriorsPublished",), derived=True, compacted=True, partitions=1, keyed_by="algorithm"
+    ),
+    TopicSpec("routing-regret", ("RoutingRegretRecorded",), derived=True),
+    # issue 8 (differential privacy): keyed tenant/metric_set, so one budget's grants and query
+    # requests are in one partition, decided one at a time by its one owner (agents/dp_budget.py),
+    # which writes each decision to the same partition number of dp-decisions.
+    TopicSpec("dp-budget-log", ("DpBudgetGranted", "DpQueryRequested"), keyed_by="budget_key"),
+    TopicSpec("dp-decisions", ("DpQueryCharged", "DpQueryRefused"), derived=True, keyed_by="budget_key"),
+    TopicSpec("dp-releases", ("DpReleasePublished",), keyed_by="budget_key"),
 )
+
+# The memory state topic holds turn content sealed with per-session data keys, and the keys:
+# compacted (tombstones erase), one partition (one follower sees a session's key before use and
+# a read-your-writes barrier is one offset). Small segments and a low dirty ratio make the
+# cleaner drop tombstoned records soon; the content is unreadable at once anyway (key gone).
+MEMORY_CONFIGS = {
+    "cleanup.policy": "compact",
+    "retention.ms": "-1",
+    "segment.ms": "600000",
+    "min.cleanable.dirty.ratio": "0.1",
+    "delete.retention.ms": "60000",
+    "min.insync.replicas": "1",
+}
 
 
 class Topics:
@@ -99,6 +133,10 @@ class Topics:
     def redrives(self) -> str:
         """Compacted topic recording which dead-lettered source records were re-driven."""
         return self.prefix + "dlq-redrives"
+
+    def memory(self) -> str:
+        """Compacted state topic of sealed memory turns and session keys (raw records, not Avro facts)."""
+        return self.prefix + "memory"
 
     def with_dlqs(self) -> list[str]:
         return self.all() + [self.dlq(t) for t in self.all()]

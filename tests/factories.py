@@ -19,8 +19,11 @@ from streams.events import (
     BudgetSet,
     BudgetSettled,
     BudgetThresholdCrossed,
+    CostAnomalyDetected,
     DpBudgetGranted,
     DpQueryCharged,
+    DpQueryRefused,
+    DpQueryRequested,
     DpReleasePublished,
     Envelope,
     Event,
@@ -40,6 +43,8 @@ from streams.events import (
     RouteCandidate,
     RouteChosen,
     RoutingPriorsPublished,
+    RoutingRegretRecorded,
+    SavingsSnapshotted,
     SubjectErasureRequested,
     TenantTotalsUpdated,
     TokensCharged,
@@ -73,6 +78,9 @@ def charge(tenant: str = "acme", cost: str = "0.000123450000", prompt: int = 10,
         price_list_version="v1",
         currency="USD",
         cost=Decimal(cost),
+        baseline_model="sim-large",
+        baseline_cost=Decimal(cost) * 10,
+        savings=Decimal(cost) * 9,
     )
 
 
@@ -210,6 +218,7 @@ def route(tenant: str = "acme") -> RouteChosen:
         candidates=candidates,
         chosen_model="sim-small",
         propensity=0.625,
+        features={"bias": 1.0, "len_log": 0.42, "h7": -0.5},
     )
 
 
@@ -345,6 +354,38 @@ def budget_threshold(tenant: str = "acme") -> BudgetThresholdCrossed:
     )
 
 
+def savings_snapshot(tenant: str = "acme") -> SavingsSnapshotted:
+    return SavingsSnapshotted(
+        envelope=envelope("SavingsSnapshotted", tenant),
+        day_start=_MONTH,
+        model="sim-small",
+        requests=3,
+        prompt_tokens=30,
+        completion_tokens=60,
+        cost=Decimal("0.000370350000"),
+        baseline_cost=Decimal("0.003703500000"),
+        savings=Decimal("0.003333150000"),
+        currency="USD",
+        source_partition=2,
+        source_offset=41,
+    )
+
+
+def cost_anomaly(tenant: str = "acme") -> CostAnomalyDetected:
+    return CostAnomalyDetected(
+        envelope=envelope("CostAnomalyDetected", tenant),
+        hour_start=_MONTH,
+        spend=Decimal("12.345678901234"),
+        expected=Decimal("0.5"),
+        currency="USD",
+        score=0.9999,
+        threshold=0.999,
+        detector="river.anomaly.GaussianScorer(window_size=168, grace_period=24)",
+        source_partition=1,
+        source_offset=99,
+    )
+
+
 def ledger_entry(tenant: str = "acme") -> LedgerEntryChained:
     audit_id = str(uuid7())
     return LedgerEntryChained(
@@ -403,6 +444,41 @@ def dp_charge(tenant: str = "acme") -> DpQueryCharged:
     )
 
 
+def dp_request(tenant: str = "acme") -> DpQueryRequested:
+    query = json.dumps({"kind": "requests_per_model_per_day", "epsilon": "0.1"}, sort_keys=True)
+    return DpQueryRequested(
+        envelope=envelope("DpQueryRequested", tenant),
+        query_id=str(uuid7()),
+        metric_set="usage",
+        composition="zcdp",
+        epsilon=0.0,
+        delta=0.0,
+        query_sha256=_sha(query),
+        query=query,
+        requested_by="key-analyst-1",
+        rho=0.005,
+    )
+
+
+def dp_refusal(tenant: str = "acme") -> DpQueryRefused:
+    return DpQueryRefused(
+        envelope=envelope("DpQueryRefused", tenant),
+        query_id=str(uuid7()),
+        metric_set="usage",
+        reason="repeat",
+        detail="the same query was charged as q-1; its release is the answer",
+        epsilon=0.1,
+        delta=0.0,
+        query_sha256=_sha("q"),
+        requested_by="key-analyst-1",
+        epsilon_remaining=0.05,
+        delta_remaining=0.0,
+        rho=0.005,
+        rho_remaining=0.001,
+        repeat_of="q-1",
+    )
+
+
 def dp_release(tenant: str = "acme") -> DpReleasePublished:
     return DpReleasePublished(
         envelope=envelope("DpReleasePublished", tenant),
@@ -427,6 +503,18 @@ def priors(tenant: str = "acme") -> RoutingPriorsPublished:
         trained_until=_AT,
         priors=body,
         priors_sha256=_sha(body),
+    )
+
+
+def regret(tenant: str = "acme") -> RoutingRegretRecorded:
+    return RoutingRegretRecorded(
+        envelope=envelope("RoutingRegretRecorded", tenant),
+        priors_version="pr8",
+        routed=40,
+        explored=3,
+        regret=0.12,
+        cumulative_routed=900,
+        cumulative_regret=2.5,
     )
 
 
@@ -507,12 +595,17 @@ BUILDERS: dict[str, Callable[[], Event]] = {
     "BudgetSettled": budget_settled,
     "BudgetReleased": budget_released,
     "BudgetThresholdCrossed": budget_threshold,
+    "SavingsSnapshotted": savings_snapshot,
+    "CostAnomalyDetected": cost_anomaly,
     "LedgerEntryChained": ledger_entry,
     "LedgerCheckpointSigned": checkpoint,
     "DpBudgetGranted": dp_grant,
     "DpQueryCharged": dp_charge,
+    "DpQueryRequested": dp_request,
+    "DpQueryRefused": dp_refusal,
     "DpReleasePublished": dp_release,
     "RoutingPriorsPublished": priors,
+    "RoutingRegretRecorded": regret,
     "FeedbackReceived": feedback,
     "MemoryWritten": memory_written,
     "MemoryErased": memory_erased,

@@ -102,6 +102,8 @@ def _expected_type(avro: Any) -> str:
             return f"Array({_expected_type(avro['items'])})"
         if avro["type"] == "map":
             return f"Map(String, {_expected_type(avro['values'])})"
+        if avro["type"] == "record":  # nested records (PriceListPublished.prices): named tuples
+            return "Tuple(" + ", ".join(f"{f['name']} {_expected_type(f['type'])}" for f in avro["fields"]) + ")"
         return _expected_type(avro["type"])
     return _AVRO_TO_CH[avro]
 

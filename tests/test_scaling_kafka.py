@@ -25,6 +25,7 @@ from tests import factories
 from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.kafka
+CHARGE_TABLES = ("tenant-totals", "savings-rollups", "cost-anomalies")  # agents co-partitioned with the charges
 CODEC = Codec()
 
 
@@ -180,10 +181,12 @@ def test_two_workers_split_partitions_then_fold_across_added_partitions(
             # (b) add a partition to the charges topic and its co-partitioned changelog, restart
             # the workers with the new count (Faust checks source == changelog partitions and
             # only reads new partitions after a metadata refresh), then fold on old and new ones.
-            changelog = f"{w.group}-tenant-totals-state-changelog"
-            assert changelog in admin(kafka_bootstrap).list_topics(timeout=10).topics
+            # Every agent reading the charges keeps a co-partitioned table: all of them grow.
+            changelogs = [f"{w.group}-{t}-state-changelog" for t in CHARGE_TABLES]
+            existing = admin(kafka_bootstrap).list_topics(timeout=10).topics
+            assert all(c in existing for c in changelogs), sorted(t for t in existing if "changelog" in t)
             grown = topics.partitions + 1
-            add_partitions(kafka_bootstrap, {source: grown, changelog: grown})
+            add_partitions(kafka_bootstrap, {source: grown, **dict.fromkeys(changelogs, grown)})
             w.stop()
             w.start(2, grown)
             desc = wait_split(w, source, grown)

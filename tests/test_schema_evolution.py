@@ -74,6 +74,9 @@ def test_issue_3_catalogue_is_complete() -> None:
         *("DpReleasePublished", "RoutingPriorsPublished", "FeedbackReceived", "MemoryWritten"),
         *("MemoryErased", "ApiKeyIssued", "ApiKeyRevoked", "SubjectErasureRequested", "TenantTotalsUpdated"),
         *("PolicyAttributesSet", "PolicyShadowDiverged"),  # issue 5
+        *("SavingsSnapshotted", "CostAnomalyDetected"),  # issue 7
+        *("DpQueryRequested", "DpQueryRefused"),  # issue 8
+        "RoutingRegretRecorded",  # issue 9
     }
     assert set(SCHEMAS) == wanted == set(EVENT_TYPES) == set(factories.BUILDERS)
 

@@ -17,8 +17,8 @@ served by the test. On every write-side surface that takes an id or could name a
 The read side (`projections/service.py`, `projections/access.py`) is checked at the end: only
 the operator's token runs SQL; a tenant's key with a read role reaches fixed endpoints scoped
 to its own tenant.
-No memory routes exist yet in the gateway (`/v1/memory/...`), so there is nothing of memory
-to try here.
+Memory (`/v1/memory/{session}`) is tried with the same credential kinds through the real
+broker in `tests/test_memory_isolation.py`.
 """
 
 from __future__ import annotations
