@@ -57,6 +57,12 @@ class KeyStore:
         elif isinstance(event, ApiKeyRevoked):
             self.revoke(event.key_id)
 
+    def active(self, key_id: str) -> bool:
+        """Whether `key_id` is still issued and unexpired (sessions opened with it end otherwise)."""
+        digest = self._hash_of.get(key_id)
+        found = self._by_hash.get(digest) if digest is not None else None
+        return found is not None and (found.expires_at is None or found.expires_at > datetime.now(UTC))
+
     def lookup(self, secret: str) -> Principal | None:
         # Looking up by digest compares hashes, never the secret, so timing reveals nothing of it.
         found = self._by_hash.get(hashlib.sha256(secret.encode()).hexdigest())

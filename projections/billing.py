@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -181,6 +182,8 @@ def register(app: web.Application, read: ReadRows) -> None:
         loop = asyncio.get_running_loop()
         try:
             if request.query.get("detail") in ("1", "true"):
+                if fmt != "csv":
+                    return _json(400, {"error": "detail=1 lists every charge as CSV only: drop format=json"})
                 params = {"tenant": tenant, "since": _ch_time(since), "until": _ch_time(until)}
                 rows = await loop.run_in_executor(None, read, DETAIL_SQL, params)
                 return web.Response(text=detail_csv(rows), content_type="text/csv")
@@ -189,7 +192,8 @@ def register(app: web.Application, read: ReadRows) -> None:
             return _json(503, {"error": f"reading the charges failed: {exc}"})
         if fmt == "json":
             return web.Response(body=orjson.dumps(inv.to_json()), content_type="application/json")
-        name = f"{tenant}-{since.date().isoformat()}.csv"
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", tenant)  # a tenant name may hold quotes or semicolons
+        name = f"{safe}-{since.date().isoformat()}.csv"
         return web.Response(
             text=inv.to_csv(),
             content_type="text/csv",

@@ -320,6 +320,9 @@ class Portal:
         if request.path == LOGIN:
             return await handler(request)
         reader = self.sessions.get(request.cookies.get(COOKIE))
+        if reader is not None and not reader.operator and not self.access.keys.active(reader.who):
+            self.sessions.drop(request.cookies.get(COOKIE))  # the key was revoked or expired since login
+            reader = None
         if reader is None and presented_secret(request.headers) is not None:
             try:
                 reader = self.access.authorize(request.headers)

@@ -501,13 +501,13 @@ class ProjectionService:
                 log.exception("projection sink stopped; rebuilding it in %.0fs", SINK_REBUILD_S)
                 self.sink_error = f"{type(exc).__name__}: {exc}"
                 self.sink_rebuilds += 1
-            if self._stop.wait(SINK_REBUILD_S):
-                return
-            try:
-                self.sink = self._new_sink()
-                self.sink_error = None
-            except Exception as exc:
-                log.warning("could not rebuild the sink yet: %s", exc)
+            while not self._stop.wait(SINK_REBUILD_S):  # a closed sink is never run again
+                try:
+                    self.sink = self._new_sink()
+                    self.sink_error = None
+                    break
+                except Exception as exc:
+                    log.warning("could not rebuild the sink yet: %s", exc)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the sink (its final flush and commit happen in its thread), then close stores."""

@@ -251,6 +251,7 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, log: Path | N
         if time.monotonic() > deadline:
             tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
             raise AssertionError(f"{what}: not reached in {timeout:.0f} s\n{tail}")
+        time.sleep(0.05)
 
 
 def reconcile(

@@ -300,13 +300,9 @@ async def test_zcdp_budget_and_reallocation_report(rig: Rig, http: TestClient[An
         parameters={"d": rig.svc.database},
     ).result_rows[0][0]
     status, got = await ask(http, doc)
-    if projected:
-        assert status == 200 and got["mechanism"] == "discrete_gaussian"
-        assert [r[0] for r in got["result"]["rows"]] == ["<0", "[0,0.01)", ">=0.01"]
-    else:  # until the accounting migration adds the column: refused before anything is spent
-        assert status == 500 and "savings are not projected yet" in got["error"]
-        assert rig.svc.dp is not None
-        assert not [b for b in rig.svc.dp.budget_list("cache") if b.metric_set == "savings" and b.charged]
+    assert projected, "migration 0007 projects tokens_charged.savings"
+    assert status == 200 and got["mechanism"] == "discrete_gaussian"
+    assert [r[0] for r in got["result"]["rows"]] == ["<0", "[0,0.01)", ">=0.01"]
     # a zcdp budget on the usage metric set: Gaussian noise, rho accounting, refusal in rho terms
     await grant(rig, "zc", 1.0, delta=1e-6, composition="zcdp")
     doc = body("zc")

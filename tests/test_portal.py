@@ -213,6 +213,20 @@ async def test_logout_ends_the_session_on_the_server(http: TestClient[Any, Any],
     assert replayed.status == 303
 
 
+async def test_revoking_the_key_ends_its_open_sessions(
+    http: TestClient[Any, Any], read_side: ProjectionService
+) -> None:
+    """A session is only as good as the key it was opened with: revoked (or expired) → logged out."""
+    keys = read_side.access.keys
+    keys.apply(issued("acme", "lf_portal_revoke_me", ["admin"]))
+    sid = await login(http, "lf_portal_revoke_me")
+    assert (await http.get("/portal/", headers=cookie(sid), allow_redirects=False)).status == 200
+    assert keys.revoke("issued-acme-admin")
+    resp = await http.get("/portal/", headers=cookie(sid), allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"] == LOGIN
+    keys.apply(issued("acme", ADMIN_SECRET["acme"], ["admin"]))  # the module's acme admin key, as before
+
+
 async def test_an_expired_session_is_refused(http: TestClient[Any, Any], read_side: ProjectionService) -> None:
     sessions = read_side.portal.sessions
     clock, original = Clock(), sessions._clock

@@ -311,7 +311,7 @@ async def test_read_side_sql_refuses_everyone_but_the_operator(
     assert resp.status == status
     text = await resp.text()
     assert says in text and "DB::Exception" in text
-    assert "acme" not in text.split("key")[0] or status == 403  # no data rows leak in the error
+    assert "globex" not in text  # no data rows leak in the error (only the caller's own tenant is named)
 
 
 @pytest.mark.parametrize("path", ["/status", "/replay/status"])
