@@ -1,62 +1,33 @@
-"""Agent: anomalies in a tenant's hourly spend (CostAnomalyDetected), from TokensCharged (domain.anomaly).
+"""Agent: anomalies in a tenant's hourly spend (CostAnomalyDetected), from TokensCharged.
 
-I/O only: decode, look up the tenant's state, call the pure `domain.anomaly.fold`, store the
-new state in a changelog-backed table, and send the derived event. Poison records are skipped
-(the tenant-totals agent dead-letters them, once).
+The pure fold is `domain.anomaly.fold`; the I/O is the shared charge-fold shape
+(`agents/charge_folds.py`). The open hour changes with every charge, so the state is stored
+every time, not only when an anomaly is emitted.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import faust
-from mode import CrashingSupervisor
 
+from agents.charge_folds import register_charge_fold
 from domain.anomaly import HourlySpend, fold
-from streams.codec import Codec, PoisonEvent
-from streams.events import TokensCharged
+from streams.codec import Codec
 from streams.topics import Topics
 
-log = logging.getLogger(__name__)
 AGENT_NAME = "cost-anomalies"
 
 
 def register(app: faust.App, topics: Topics, codec: Codec) -> Any:
-    source_name = topics.name("token-charges")
-    source = app.topic(source_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    derived = app.topic(topics.name("cost-anomalies"), key_serializer="raw", value_serializer="raw")
-    # Keys and values use the app's default JSON serializer (value_type=dict would make Faust
-    # look for a Record's from_data during changelog recovery and never finish recovering).
-    table = app.Table(f"{AGENT_NAME}-state", partitions=topics.partitions)
-
-    # CrashingSupervisor: if the agent dies the whole worker exits, so the process
-    # supervisor restarts it, instead of a worker that lives on with a dead agent.
-    @app.agent(source, name=AGENT_NAME, concurrency=1, supervisor_strategy=CrashingSupervisor)
-    async def cost_anomalies(stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
-            msg = event.message
-            try:
-                charge = codec.decode(msg.value)
-                if not isinstance(charge, TokensCharged):
-                    raise PoisonEvent("wrong-topic", f"{charge.event_type} on {source_name}")
-            except PoisonEvent as exc:
-                # Skipped, not dead-lettered: the tenant-totals agent dead-letters the records of
-                # token-charges, so each poison record has one dead letter and a re-drive is not doubled.
-                log.warning("%s: skipping %s record at %s/%s", AGENT_NAME, exc.reason, msg.partition, msg.offset)
-                continue
-            stored = table.get(charge.tenant)
-            state = HourlySpend.from_json(stored) if stored else None
-            try:
-                new, out = fold(state, charge, msg.partition, msg.offset)
-            except ValueError as exc:  # a valid event the fold refuses (a currency change): totals dead-letters it
-                log.warning("%s: fold refused %s/%s: %s", AGENT_NAME, msg.partition, msg.offset, exc)
-                continue
-            table[charge.tenant] = new.to_json()  # the open hour changes with every charge
-            if out is None:
-                continue
-            # Produced at once, like the other agents' outputs; a redelivered closing charge
-            # re-emits the same event id (derived from the charge and the hour), which downstream collapses.
-            await event.send(derived, key=charge.tenant.encode(), value=codec.encode(out), headers=[])
-
-    return cost_anomalies
+    return register_charge_fold(
+        app,
+        topics,
+        codec,
+        name=AGENT_NAME,
+        derived_topic="cost-anomalies",
+        key_of=lambda charge: charge.tenant,
+        load=HourlySpend.from_json,
+        fold=fold,
+        store_every_charge=True,
+    )
