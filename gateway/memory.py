@@ -3,7 +3,12 @@
 Where things live, and why:
 
 * **Facts** (`MemoryWritten`, `MemoryErased` on the `memory-facts` topic) are immutable and kept
-  forever, so they carry only a hash and sizes: content never enters the fact log.
+  forever, so they carry only sizes, a keyed digest and a pseudonym: content never enters the
+  fact log. The digest is an HMAC under the session's data key (it checks the store against the
+  log while the key exists, and confirms nothing once an erase has shredded the key: a plain
+  hash of a short turn could be brute-forced forever). The session id a client chose may itself
+  be personal data ("alice@example.com"), so the facts carry `Sealer.pseudonym` of it, a keyed
+  hash under a key derived from the KEK: stable across replicas, not reversible from the log.
 * **Content** lives on the compacted `memory` state topic (`Topics.memory()`, one partition):
   one record per turn, keyed `[tenant, session, index]`, sealed with AES-GCM under a per-session
   data key, the record key as associated data (a record copied to another session or index does
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import logging
 import os
 import re
@@ -123,6 +129,16 @@ class Sealer:
         if len(kek) != 32:
             raise ValueError("the memory key-encryption key must be 32 bytes")
         self._kek = AESGCM(kek)
+        self._pseudonym_key = hmac.new(kek, b"ledgerflow memory session pseudonym v1", hashlib.sha256).digest()
+
+    def pseudonym(self, tenant: str, session: str) -> str:
+        """What the facts record instead of the client's session id (which may name a person)."""
+        return "s_" + hmac.new(self._pseudonym_key, orjson.dumps([tenant, session]), hashlib.sha256).hexdigest()[:32]
+
+    @staticmethod
+    def digest(key: bytes, content: str) -> str:
+        """Keyed digest of a turn's content under its session's data key: meaningless once shredded."""
+        return hmac.new(key, content.encode(), hashlib.sha256).hexdigest()
 
     @staticmethod
     def new_key() -> tuple[bytes, bytes]:
@@ -333,12 +349,17 @@ class HotWindow(Protocol):
 class LocalWindow:
     """One replica: the fold is the window; a write is readable once `sync()` saw it.
 
-    Indices come from the fold under a per-session lock, which is exact with one writer.
+    Indices come from the fold under a per-session lock, which is exact with one writer. A write
+    Kafka committed but the fold has not yet seen (its `sync()` timed out) still answers 201, not
+    503: it is stored, and a client retrying a 503 would store it twice. Until the fold catches up,
+    `_issued` remembers the session's next index and data key, so the next write neither reuses
+    the index (which would overwrite the turn on the compacted topic) nor mints a second key.
     """
 
     def __init__(self, log_: MemoryLog, sync_timeout: float = 2.0) -> None:
         self.log = log_
         self._sync_timeout = sync_timeout
+        self._issued: dict[tuple[str, str], tuple[int, tuple[bytes, bytes]]] = {}
 
     async def allocate(self, tenant: str, session: str, count: int = 1) -> tuple[int, tuple[bytes, bytes]]:
         indices = self.log.indices(tenant, session)
@@ -346,10 +367,20 @@ class LocalWindow:
         if key is None:
             key = Sealer.new_key()
             indices = []  # turns of an erased incarnation do not count
-        return (indices[-1] + 1 if indices else 0), key
+        first = indices[-1] + 1 if indices else 0
+        issued = self._issued.get((tenant, session))
+        if issued is not None:  # an earlier write is committed but not folded yet
+            first, key = max(first, issued[0]), issued[1]
+        self._issued[(tenant, session)] = (first + count, key)
+        return first, key
 
     async def stored(self, tenant: str, session: str, turn: Turn) -> None:
-        await self.log.sync(self._sync_timeout)
+        try:
+            await self.log.sync(self._sync_timeout)
+        except PublishFailed as exc:  # committed: answer it; the fold shows it shortly
+            log.warning("memory: a committed turn is not in the fold yet: %s", exc)
+            return
+        self._issued.pop((tenant, session), None)
 
     async def turns(self, tenant: str, session: str, last: int) -> list[Turn]:
         return self.log.turns(tenant, session)[-last:]
@@ -358,7 +389,11 @@ class LocalWindow:
         return None
 
     async def erased(self, tenant: str, session: str) -> None:
-        await self.log.sync(self._sync_timeout)
+        self._issued.pop((tenant, session), None)
+        try:
+            await self.log.sync(self._sync_timeout)
+        except PublishFailed as exc:  # the tombstones are committed: the erase happened
+            log.warning("memory: a committed erase is not in the fold yet: %s", exc)
 
     async def aclose(self) -> None:
         return None
@@ -591,10 +626,10 @@ class MemoryFabric:
                 records.append((topic, rk, Sealer.seal(rk, kid, key, turn), []))
                 fact = MemoryWritten(
                     envelope=self._envelope(principal, "MemoryWritten", request_id, trace_parent),
-                    session_id=session,
+                    session_id=self.log.sealer.pseudonym(tenant, session),
                     turn_index=index,
                     role=role,
-                    content_sha256=hashlib.sha256(content.encode()).hexdigest(),
+                    content_sha256=Sealer.digest(key, content),
                     chars=len(content),
                     request_id=request_id,
                 )
@@ -627,7 +662,7 @@ class MemoryFabric:
             records += [(topic, turn_record_key(tenant, session, i), None, []) for i in indices]
             fact = MemoryErased(
                 envelope=self._envelope(principal, "MemoryErased", None, trace_parent),
-                session_id=session,
+                session_id=self.log.sealer.pseudonym(tenant, session),
                 reason=reason,
                 turns_erased=readable,
                 erased_by=principal.key_id,

@@ -135,10 +135,10 @@ def aggregates(spec: QuerySpec, read_rows: ReadRows) -> Aggregates:
         "since": spec.window_start.strftime("%Y-%m-%d %H:%M:%S"),
         "until": spec.window_end.strftime("%Y-%m-%d %H:%M:%S"),
         "k": spec.max_requests_per_unit,
-        "models": "[" + ",".join("'" + m.replace("\\", "\\\\").replace("'", "\\'") + "'" for m in spec.models) + "]",
+        "models": list(spec.models),  # bound by the client's formatting, never spliced by hand
         "currency": spec.currency,
         "cost_max": str(spec.cost_max),
-        "edges": "[" + ",".join(str(e) for e in spec.savings_edges) + "]",
+        "edges": list(spec.savings_edges),
     }
     rows = read_rows(_SQL[spec.kind], params)
     if spec.kind == "requests_per_model_per_day":
@@ -447,13 +447,15 @@ def register(app: web.Application, get: Callable[[], DpReadSide | None]) -> None
             tenant = _scoped(request)
             near = float(request.query.get("near", "0.8"))
             unused = float(request.query.get("unused", "0.2"))
+            if not (0.0 <= near <= 1.0 and 0.0 <= unused <= 1.0):  # also refuses nan and inf
+                raise ValueError("out of range")
             found = side().budget_list(tenant)
         except DpRefused as exc:
             return reply(exc.status, exc.body)
         except AccessDenied as exc:
             return reply(exc.status, {"error": exc.message})
         except ValueError:
-            return reply(400, {"error": "near and unused are fractions, e.g. near=0.8&unused=0.2"})
+            return reply(400, {"error": "near and unused are fractions between 0 and 1, e.g. near=0.8&unused=0.2"})
         return reply(200, {"tenant": tenant, **reallocation(found, near, unused)})
 
     app.router.add_post(PATHS[0], query)

@@ -45,6 +45,7 @@ from urllib.parse import urlparse
 import chdb
 import orjson
 from aiohttp import web
+from clickhouse_connect.driver.binding import format_bind_value
 from clickhouse_connect.driver.client import Client
 
 from domain.policy import (
@@ -608,8 +609,8 @@ class ProjectionService:
 
     def read_rows(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         """Rows of one parameterised read query, on a read-only handle (never the sink's client)."""
-        if self.reader is not None:  # the engine binds text, as the ClickHouse HTTP interface does
-            text = {k: str(v) for k, v in params.items()}
+        if self.reader is not None:  # the engine binds escaped text, as the ClickHouse HTTP interface does:
+            text = {k: format_bind_value(v) for k, v in params.items()}  # the client's own formatting
             found = self.reader.execute(sql, "JSONEachRow", self.database, text)
             return [orjson.loads(line) for line in found.body.splitlines() if line]
         if not self.migrated.is_set():

@@ -319,6 +319,9 @@ async def test_zcdp_budget_and_reallocation_report(rig: Rig, http: TestClient[An
     report = orjson.loads(await r.read())
     assert [x["metric_set"] for x in report["unused"]] == ["savings"]
     assert report["near_exhaustion"] == [] or report["near_exhaustion"][0]["metric_set"] == "usage"
+    for bad in ("nan", "inf", "1.5", "-0.1", "lots"):
+        r = await http.get("/v1/dp/reallocation", params={"tenant": "cache", "near": bad}, headers=AUTH)
+        assert r.status == 400 and "between 0 and 1" in (await r.json())["error"], bad
 
 
 async def test_a_decision_the_client_gave_up_on_is_still_released_once(rig: Rig, http: TestClient[Any, Any]) -> None:

@@ -10,6 +10,7 @@ prepends the window and appends the new turns.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -158,6 +159,11 @@ async def test_turns_are_logged_sealed_rebuilt_after_restart_and_shredded_on_era
     written = [CODEC.decode(m.value()) for m in facts]
     assert all(isinstance(e, MemoryWritten) and e.tenant == "acme" for e in written)
     assert [e.turn_index for e in written] == [0, 1, 2]  # type: ignore[attr-defined]
+    # the facts (kept forever) name the session only by a keyed pseudonym, and digest the content
+    # under the session's data key: no plain hash of a short turn to brute-force after an erase
+    [pseudonym] = {e.session_id for e in written}  # type: ignore[attr-defined]
+    assert pseudonym.startswith("s_") and "s-1" not in pseudonym
+    assert written[0].content_sha256 != hashlib.sha256(b"my secret plan is blue").hexdigest()  # type: ignore[attr-defined]
     every_fact = read_all(kafka_bootstrap, topics.all(), expect=3)
     state = read_all(kafka_bootstrap, [topics.memory()], expect=6)
     for m in [*every_fact, *state]:
@@ -181,7 +187,8 @@ async def test_turns_are_logged_sealed_rebuilt_after_restart_and_shredded_on_era
         assert (await again.json())["turn_index"] == 0  # a new incarnation of the session
     erased = [CODEC.decode(m.value()) for m in read_all(kafka_bootstrap, [topics.name("memory-facts")], expect=5)]
     [fact] = [e for e in erased if isinstance(e, MemoryErased)]
-    assert (fact.session_id, fact.turns_erased, fact.erased_by, fact.tenant) == ("s-1", 3, "key-acme", "acme")
+    assert (fact.session_id, fact.turns_erased, fact.erased_by, fact.tenant) == (pseudonym, 3, "key-acme", "acme")
+    assert two.log.sealer.pseudonym("globex", "s-1") != pseudonym  # the same id in another tenant is another session
 
     # crypto-shredding: the sealed turns are still on the uncompacted topic, but no key opens them
     records = read_all(kafka_bootstrap, [topics.memory()], expect=12)
@@ -191,6 +198,27 @@ async def test_turns_are_logged_sealed_rebuilt_after_restart_and_shredded_on_era
     assert [t.content for t in three.log.turns("acme", "s-1")] == ["fresh"]
     kid, _ = three.log.key_of("acme", "s-1") or (b"", b"")
     assert Sealer.sealed_kid(sealed_before[0].value() or b"") != kid
+
+
+@pytest.mark.kafka
+async def test_a_committed_turn_the_fold_has_not_seen_yet_is_201_and_the_next_takes_the_next_index(
+    replicas: Callable[..., Any], kafka_bootstrap: str, topics: Topics
+) -> None:
+    """A 503 after the commit would make the client store the turn twice; a reused index would
+    overwrite it on the compacted topic. Here the fold is stopped, so every sync times out."""
+    one = await replicas("stalled")
+    one.window._sync_timeout = 0.2  # type: ignore[union-attr]
+    await asyncio.to_thread(one.log.close)  # the fold stops: Kafka commits, the replica never sees it
+    async with TestClient(one.app()) as client:
+        for n, text in enumerate(["first", "second"]):
+            resp = await client.post("/v1/memory/s-9", json={"role": "user", "content": text}, headers=auth("acme"))
+            assert resp.status == 201, await resp.text()
+            assert (await resp.json())["turn_index"] == n
+    records = read_all(kafka_bootstrap, [topics.memory()], expect=4)
+    keyed = [m for m in records if m.key() == key_record_key("acme", "s-9")]
+    assert len({Sealer(KEK).unwrap(m.key(), m.value() or b"") for m in keyed}) == 1  # one data key, re-sent
+    fresh = await replicas("caught-up")
+    assert [t.content for t in fresh.log.turns("acme", "s-9")] == ["first", "second"]
 
 
 @pytest.mark.kafka

@@ -338,3 +338,22 @@ def test_load_or_create_token_makes_a_private_file_once(tmp_path: Path) -> None:
     first = load_or_create_token(path)
     assert len(first) >= 32 and (path.stat().st_mode & 0o777) == 0o600
     assert load_or_create_token(path) == first
+
+
+def test_read_rows_binds_values_as_the_client_does_quotes_backslashes_lists_and_decimals(
+    service: ProjectionService,
+) -> None:
+    """The embedded reader binds escaped text like the HTTP interface; hand-built or str() text
+    broke on a quote, a backslash or a tab, and arrays were spliced by hand (the DP queries)."""
+    params: dict[str, Any] = {
+        "s": "a'b\\c\td",
+        "names": ["x'y", "z\\w", "]"],
+        "edges": [Decimal("-1.5"), Decimal("0"), Decimal("2.25")],
+    }
+    [row] = service.read_rows(
+        "SELECT {s:String} AS s, {names:Array(String)} AS names, "
+        "toString({edges:Array(Decimal(38, 12))}) AS edges, length({names:Array(String)}) AS n",
+        params,
+    )
+    assert (row["s"], row["names"], int(row["n"])) == ("a'b\\c\td", ["x'y", "z\\w", "]"], 3)
+    assert row["edges"] == "[-1.5,0,2.25]"
