@@ -1,8 +1,12 @@
 """The projection sink and replay through the real broker into chDB (issue 10, Performance).
 
 Run: .venv/bin/python bench/bench_sink.py [--events 1000000] [--bootstrap 127.0.0.1:19292]
-     [--row-events 200000] [--fresh-rate 5000] [--fresh-seconds 20] [--fresh-batch-ms 200,1000]
-     [--skip-replay]
+     [--row-events 200000] [--fresh-rate 5000] [--fresh-seconds 20] [--fresh-sinks 5000/200,20000/200]
+     [--sink-batches 5000/200,20000/200] [--skip-replay] [--baseline DIR]
+
+`--baseline DIR`: DIR holds another checkout (e.g. `git archive HEAD | tar -x -C DIR`); its
+`projections/sink.py` and `avro_block.py` are loaded beside this tree's and every sink,
+replay and freshness row is measured for both, alternately, on the same records.
 
 Needs a running broker; creates its own topics under a unique prefix (`bench-sink-<hex>.`),
 its own chDB directory (a temporary one, or --chdb DIR), and deletes the topics and groups at
@@ -25,8 +29,8 @@ machine even where the absolute figures do not:
    into a fresh database: rows/s from its start to done (migrations and the end-offset
    capture included), then `check` against the sink's database (must be equal).
 6. Freshness: a separate producer process sends `--fresh-rate` events/s for `--fresh-seconds`
-   with `occurred_at` = the moment of sending, while one sink (batch_max 5000, each
-   `--fresh-batch-ms`) runs in a thread; each
+   with `occurred_at` = the moment of sending, while one sink (each `--fresh-sinks`
+   batch_max/batch_ms) runs in a thread; each
    row's `_ingested_at` (set by ClickHouse when the insert lands) minus its `occurred_at` is
    its produced → visible time; p50/p95/max over all rows.
 
@@ -55,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from confluent_kafka import Consumer, Producer
 
+import projections.replay as replay_module
 from projections.migrations import migrate
 from projections.replay import ReplayJob, ReplayRequest, check, known_tables
 from projections.schema import DEAD_LETTERS, event_tables
@@ -74,6 +79,23 @@ SINK_FETCH = {
     "fetch.max.bytes": 32 * 1024 * 1024,
     "fetch.wait.max.ms": 100,
 }
+
+
+def load_baseline(tree: Path) -> type[Sink]:
+    """The Sink class of another checkout, loaded beside ours (its avro_block too; the rest shared)."""
+    import types
+
+    ab = types.ModuleType("baseline_avro_block")
+    sys.modules[ab.__name__] = ab
+    src = (tree / "projections" / "avro_block.py").read_text()
+    exec(compile(src, str(tree / "projections" / "avro_block.py"), "exec"), ab.__dict__)
+    sk = types.ModuleType("baseline_sink")
+    sys.modules[sk.__name__] = sk
+    src = (tree / "projections" / "sink.py").read_text()
+    src = src.replace("from projections import avro_block\n", "import baseline_avro_block as avro_block\n")
+    exec(compile(src, str(tree / "projections" / "sink.py"), "exec"), sk.__dict__)
+    cls: type[Sink] = sk.Sink
+    return cls
 
 
 def build(i: int, now: datetime | None = None) -> Event:
@@ -169,8 +191,8 @@ def fresh_database(url: str, name: str) -> Any:
     return client
 
 
-def steady_producer(bootstrap: str, prefix: str, partitions: int, rate: int, seconds: float) -> None:
-    """(In a child process) `rate` events/s for `seconds`, occurred_at = when each is sent."""
+def steady_producer(bootstrap: str, prefix: str, partitions: int, rate: int, seconds: float, sent: Any) -> None:
+    """(In a child process) `rate` events/s for `seconds`, occurred_at = when each is sent; `sent` gets the count."""
     topics = Topics(prefix=prefix, partitions=partitions)
     codec = Codec()
     p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
@@ -188,6 +210,7 @@ def steady_producer(bootstrap: str, prefix: str, partitions: int, rate: int, sec
         p.poll(0)
         time.sleep(0.002)
     p.flush(30)
+    sent.value = i
 
 
 def main() -> None:
@@ -198,12 +221,16 @@ def main() -> None:
     ap.add_argument("--row-events", type=int, default=200_000, help="records for the row path (0: skip)")
     ap.add_argument("--fresh-rate", type=int, default=5000)
     ap.add_argument("--fresh-seconds", type=float, default=20.0)
-    ap.add_argument("--fresh-batch-ms", default="200,1000", help="sink batch_ms values to measure freshness at")
+    ap.add_argument("--fresh-sinks", default="20000/200", help="batch_max/batch_ms sinks to measure freshness of")
     ap.add_argument("--skip-replay", action="store_true")
-    ap.add_argument("--sink-batches", default="5000/200,20000/1000,50000/1000", help="batch_max/batch_ms runs")
+    ap.add_argument("--sink-batches", default="5000/200,20000/200", help="batch_max/batch_ms runs")
     ap.add_argument("--chdb", default=None, help="chDB directory (default: a temporary one, removed)")
+    ap.add_argument("--baseline", type=Path, default=None, help="another checkout to measure side by side")
     args = ap.parse_args()
     n = args.events
+    impls: list[tuple[str, type[Sink]]] = [("", Sink)]
+    if args.baseline is not None:
+        impls = [("baseline ", load_baseline(args.baseline)), ("", Sink)]
     prefix = f"bench-sink-{uuid.uuid4().hex[:8]}."
     topics = Topics(prefix=prefix, partitions=args.partitions)
     fresh_topic_sets: list[Topics] = []
@@ -221,30 +248,38 @@ def main() -> None:
             secs = bare_loop(args.bootstrap, topics, n, tuned)
             key = "bare" if tuned else "bare (librdkafka default fetch)"
             results[key] = n / secs
-            print(f"{key:42s} {n / secs:>12,.0f} events/s  ({secs:.2f} s)")
+            print(f"{key:48s} {n / secs:>12,.0f} events/s  ({secs:.2f} s)")
 
-        for spec in args.sink_batches.split(","):
+        live_db, live_client = "", None
+        specs = args.sink_batches.split(",")
+        for k, spec in enumerate(specs):
             batch_max, batch_ms = (int(x) for x in spec.split("/"))
-            label = f"sink fast path, {batch_max}/{batch_ms}ms"
-
-            db = f"bench_{uuid.uuid4().hex[:8]}"
-            client = fresh_database(url, db)
-            group = f"bench-sink-{uuid.uuid4().hex[:8]}"
-            groups.append(group)
-            sink = Sink(args.bootstrap, group, topics, client, batch_max=batch_max, batch_ms=batch_ms)
-            secs = run_sink(sink, n)
-            status = sink.status()
-            sink.close()
-            counts = table_counts(client)
-            assert sum(counts.values()) == n, counts
-            assert status["fast_rows"] == n, status
-            results[label] = n / secs
-            print(
-                f"{label:42s} {n / secs:>12,.0f} events/s  ({secs:.2f} s, {status['batches']} inserts, "
-                f"{status['fast_fallbacks']} refused, {n / secs / results['bare']:.0%} of bare)"
-            )
-            live_db = db
-            live_client = client
+            # alternate who goes first, and drop each database after its run: background merges
+            # of an earlier run's parts must not weigh on the next one
+            for name, cls in impls if k % 2 == 0 else impls[::-1]:
+                label = f"{name}sink fast path, {batch_max}/{batch_ms}ms"
+                db = f"bench_{uuid.uuid4().hex[:8]}"
+                client = fresh_database(url, db)
+                group = f"bench-sink-{uuid.uuid4().hex[:8]}"
+                groups.append(group)
+                sink = cls(args.bootstrap, group, topics, client, batch_max=batch_max, batch_ms=batch_ms)
+                secs = run_sink(sink, n)
+                status = sink.status()
+                sink.close()
+                counts = table_counts(client)
+                assert sum(counts.values()) == n, counts
+                assert status["fast_rows"] == n, status
+                results[label] = n / secs
+                print(
+                    f"{label:48s} {n / secs:>12,.0f} events/s  ({secs:.2f} s, {status['batches']} inserts, "
+                    f"{status['fast_fallbacks']} refused, {n / secs / results['bare']:.0%} of bare, "
+                    f"load {os.getloadavg()[0]:.1f})"
+                )
+                if not name and k == len(specs) - 1:
+                    live_db, live_client = db, client
+                else:
+                    client.command(f"DROP DATABASE IF EXISTS {db} SYNC")
+                    client.close()
 
         if args.row_events:
             m = min(args.row_events, n)
@@ -257,87 +292,95 @@ def main() -> None:
             sink.close()
             results["row path"] = m / secs
             print(
-                f"{'sink row path (fast=False), 5000/200ms':42s} {m / secs:>12,.0f} events/s  ({secs:.2f} s over "
+                f"{'sink row path (fast=False), 5000/200ms':48s} {m / secs:>12,.0f} events/s  ({secs:.2f} s over "
                 f"{m:,}, {m / secs / results['bare']:.0%} of bare)"
             )
             client.command(f"DROP DATABASE IF EXISTS {db} SYNC")
             client.close()
 
         if not args.skip_replay:
-            into = f"bench_replay_{uuid.uuid4().hex[:8]}"
-            job = ReplayJob(
-                ReplayRequest(into, tuple(known_tables())), store_url=url, bootstrap=args.bootstrap, topics=topics
-            )
-            groups.append(job.group)
-            t0 = time.perf_counter()
-            status = job.run()
-            secs = time.perf_counter() - t0
-            rows = int(status["rows"]) + int(status["dead_letters"])
-            assert rows == n, status
-            results["replay"] = n / secs
-            print(
-                f"{'replay (ReplayJob, all tables)':42s} {n / secs:>12,.0f} events/s  ({secs:.2f} s end to end, "
-                f"consuming at {status['rate_per_s']:,.0f} offsets/s)"
-            )
+            assert live_client is not None
 
             def run_sql(sql: str) -> str:
                 return bytes(live_client.raw_query(sql, fmt="TabSeparated")).decode()
 
-            report = check(run_sql, live_db, into)
-            print(f"replay --check against the sink's database: {'equal' if report.equal else 'DIFFERENT'}")
-            assert report.equal, report.render()
+            for name, cls in impls:
+                into = f"bench_replay_{uuid.uuid4().hex[:8]}"
+                job = ReplayJob(
+                    ReplayRequest(into, tuple(known_tables())), store_url=url, bootstrap=args.bootstrap, topics=topics
+                )
+                groups.append(job.group)
+                replay_module.Sink = cls  # type: ignore[misc]
+                try:
+                    t0 = time.perf_counter()
+                    status = job.run()
+                    secs = time.perf_counter() - t0
+                finally:
+                    replay_module.Sink = Sink  # type: ignore[misc]
+                rows = int(status["rows"]) + int(status["dead_letters"])
+                assert rows == n, status
+                label = f"{name}replay"
+                results[label] = n / secs
+                print(
+                    f"{name + 'replay (ReplayJob, all tables)':48s} {n / secs:>12,.0f} events/s  ({secs:.2f} s end to "
+                    f"end, consuming at {status['rate_per_s']:,.0f} offsets/s, load {os.getloadavg()[0]:.1f})"
+                )
+                report = check(run_sql, live_db, into)
+                print(f"{name}replay --check against the sink's database: {'equal' if report.equal else 'DIFFERENT'}")
+                assert report.equal, report.render()
 
-        # freshness, per batch_ms (the flush-by-age bound)
-        for batch_ms in [int(x) for x in args.fresh_batch_ms.split(",") if x]:
-            ftopics = Topics(prefix=f"{prefix}fresh{batch_ms}.", partitions=args.partitions)
-            ensure_topics(args.bootstrap, ftopics)
-            fresh_topic_sets.append(ftopics)
-            db = f"bench_{uuid.uuid4().hex[:8]}"
-            client = fresh_database(url, db)
-            group = f"bench-fresh-{uuid.uuid4().hex[:8]}"
-            groups.append(group)
-            sink = Sink(args.bootstrap, group, ftopics, client, batch_max=5000, batch_ms=batch_ms)
-            stop = threading.Event()
-            runner = threading.Thread(target=sink.run, args=(stop,), daemon=True)
-            runner.start()
-            sink.assigned.wait(30)
-            ctx = mp.get_context("spawn")
-            proc = ctx.Process(
-                target=steady_producer,
-                args=(args.bootstrap, ftopics.prefix, args.partitions, args.fresh_rate, args.fresh_seconds),
-            )
-            proc.start()
-            proc.join()
-            want = int(args.fresh_rate * args.fresh_seconds)
-            deadline = time.monotonic() + 60
-            while sink.rows_inserted < want and time.monotonic() < deadline:
-                time.sleep(0.2)
-            stop.set()
-            runner.join(30)
-            tables = sorted(set(event_tables().values()))
-            union = " UNION ALL ".join(
-                f"SELECT dateDiff('millisecond', occurred_at, _ingested_at) AS ms FROM {t}" for t in tables
-            )
-            (cnt, p50, p95, p99, mx), *_ = client.query(
-                f"SELECT count(), quantileExact(0.5)(ms), quantileExact(0.95)(ms), quantileExact(0.99)(ms), max(ms) "
-                f"FROM ({union})"
-            ).result_rows
-            print(
-                f"freshness, batch_ms {batch_ms}, {args.fresh_rate:,}/s for {args.fresh_seconds:.0f} s ({cnt:,} rows): "
-                f"produced → visible p50 {p50} ms, p95 {p95} ms, p99 {p99} ms, max {mx} ms"
-            )
-            client.close()
+        # freshness: produced → visible at a steady rate
+        for spec in [x for x in args.fresh_sinks.split(",") if x]:
+            batch_max, batch_ms = (int(x) for x in spec.split("/"))
+            for name, cls in impls:
+                ftopics = Topics(prefix=f"{prefix}fresh{len(fresh_topic_sets)}.", partitions=args.partitions)
+                ensure_topics(args.bootstrap, ftopics)
+                fresh_topic_sets.append(ftopics)
+                db = f"bench_{uuid.uuid4().hex[:8]}"
+                client = fresh_database(url, db)
+                group = f"bench-fresh-{uuid.uuid4().hex[:8]}"
+                groups.append(group)
+                sink = cls(args.bootstrap, group, ftopics, client, batch_max=batch_max, batch_ms=batch_ms)
+                stop = threading.Event()
+                runner = threading.Thread(target=sink.run, args=(stop,), daemon=True)
+                runner.start()
+                sink.assigned.wait(30)
+                ctx = mp.get_context("spawn")
+                sent = ctx.Value("l", 0)
+                proc = ctx.Process(
+                    target=steady_producer,
+                    args=(args.bootstrap, ftopics.prefix, args.partitions, args.fresh_rate, args.fresh_seconds, sent),
+                )
+                proc.start()
+                proc.join()
+                want = int(sent.value)
+                deadline = time.monotonic() + 60
+                while sink.rows_inserted < want and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                stop.set()
+                runner.join(30)
+                tables = sorted(set(event_tables().values()))
+                union = " UNION ALL ".join(
+                    f"SELECT dateDiff('millisecond', occurred_at, _ingested_at) AS ms FROM {t}" for t in tables
+                )
+                (cnt, p50, p95, p99, mx), *_ = client.query(
+                    f"SELECT count(), quantileExact(0.5)(ms), quantileExact(0.95)(ms), quantileExact(0.99)(ms), "
+                    f"max(ms) FROM ({union})"
+                ).result_rows
+                print(
+                    f"{name}freshness, {batch_max}/{batch_ms}ms, {args.fresh_rate:,}/s for {args.fresh_seconds:.0f} s "
+                    f"({cnt:,} rows): produced → visible p50 {p50} ms, p95 {p95} ms, p99 {p99} ms, max {mx} ms, "
+                    f"load {os.getloadavg()[0]:.1f}"
+                )
+                client.close()
         print()
-        for k, v in results.items():
-            if not k.startswith("bare"):
-                print(f"{k:42s} {v / results['bare']:.2f} x bare loop")
-        if "row path" in results:
-            ratio = (
-                results["sink fast path, 5000/200ms"] / results["row path"]
-                if "sink fast path, 5000/200ms" in results
-                else 0.0
-            )
-            print(f"{'fast path vs row path (5000/200ms)':42s} {ratio:.2f} x")
+        for label, v in results.items():
+            if not label.startswith("bare"):
+                print(f"{label:48s} {v / results['bare']:.2f} x bare loop")
+        for label, v in results.items():
+            ours = label.removeprefix("baseline ")
+            if ours != label and ours in results:
+                print(f"{ours + ': new vs baseline':48s} {results[ours] / v:.2f} x")
     finally:
         try:
             client_admin = admin(args.bootstrap)

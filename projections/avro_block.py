@@ -37,8 +37,9 @@ costs a decode):
   `Variant(T, Tuple())`: ClickHouse reads any index other than T's as NULL, so without the
   third branch a corrupted index 2 would land a NULL; now it shows as `Tuple()` (refused),
   and an index past 2 or negative makes ClickHouse fail the block;
-- alignment: the suffix must read back as this run's topic and partition and an offset
-  within the run. A record with trailing or missing bytes shifts every later field, so its
+- alignment: the suffix must read back as the block's topic, one of its partitions and an
+  offset within that partition's run (a block may hold the runs of several partitions, one
+  writer schema). A record with trailing or missing bytes shifts every later field, so its
   suffix does not parse back (ClickHouse does not check that a block ends where its size
   says, so this check is what catches a record of the wrong length).
 
@@ -220,6 +221,8 @@ def _value_checks(name: str, avro: Any, ch_type: str, expr: str) -> list[str]:
         elif values not in ("int", "long", "double", "boolean"):
             raise Unsupported(f"{name}: map of {values}")
         return checks
+    if avro == "int" and ch_type == "UInt32":  # ClickHouse would read a negative int as 2**32 - n
+        return [f"{expr} < 2147483648"]
     if avro in ("int", "long", "double", "boolean", "float"):
         return []
     if isinstance(avro, dict) and avro.get("logicalType") == "timestamp-micros" and avro.get("type") == "long":
@@ -291,11 +294,13 @@ def plan(writer: Writer, table_types: Mapping[str, str], sync: bytes | None = No
         avro_fields.append({"name": name, "type": avro})
         structure.append(f"{name} {table_types[name]}")
         exprs[name] = name
+    # alignment: each row's coordinates are one of the block's runs (a partition and its range)
+    run = "indexOf({lf_partitions:Array(UInt16)}, _partition)"
     checks += [
         "_topic = {lf_topic:String}",
-        "_partition = {lf_partition:UInt16}",
-        "_offset >= {lf_first:UInt64}",
-        "_offset <= {lf_last:UInt64}",
+        f"{run} > 0",
+        f"_offset >= arrayElement({{lf_firsts:Array(UInt64)}}, {run})",
+        f"_offset <= arrayElement({{lf_lasts:Array(UInt64)}}, {run})",
     ]
     unknown = [c for c in columns if c not in exprs]
     if unknown:
@@ -352,29 +357,65 @@ def _uvarint(n: int) -> bytes:
     return bytes(out)
 
 
+@dataclass(frozen=True)
+class Run:
+    """One partition's records in a block: their offsets (ascending) and single-object bytes."""
+
+    partition: int
+    offsets: Sequence[int]
+    values: Sequence[bytes]
+
+
 def block(p: Plan, topic: str, partition: int, offsets: Sequence[int], values: Sequence[bytes]) -> bytes:
     """A whole Avro container file: `p.header`, one block of the records' bodies + suffixes."""
-    if len(offsets) != len(values):
-        raise ValueError("one offset per record")
-    parts: list[bytes] = [b""] * (2 * len(values))
-    parts[0::2] = [v[HEADER_LEN:] for v in values]
-    parts[1::2] = suffixes(topic, partition, offsets)
+    return block_of_runs(p, topic, [Run(partition, offsets, values)])
+
+
+def block_of_runs(p: Plan, topic: str, runs: Sequence[Run]) -> bytes:
+    """One container file holding the runs of several partitions of `topic` (one writer): one insert."""
+    parts: list[bytes] = []
+    count = 0
+    for r in runs:
+        if len(r.offsets) != len(r.values):
+            raise ValueError("one offset per record")
+        chunk: list[bytes] = [b""] * (2 * len(r.values))
+        chunk[0::2] = [v[HEADER_LEN:] for v in r.values]
+        chunk[1::2] = suffixes(topic, r.partition, r.offsets)
+        parts += chunk
+        count += len(r.values)
     body = b"".join(parts)
-    return b"".join((p.header, varint(len(values)), varint(len(body)), body, p.sync))
+    return b"".join((p.header, varint(count), varint(len(body)), body, p.sync))
+
+
+def token(topic: str, spans: Sequence[tuple[int, int, int]]) -> str:
+    """The deduplication token of a block of (partition, first, last) runs of `topic`.
+
+    One run: `topic-partition-first-last` (issue 10's token); several: those joined by `+`,
+    in partition order, so the same runs always give the same token.
+    """
+    return "+".join(f"{topic}-{p}-{first}-{last}" for p, first, last in sorted(spans))
 
 
 def parameters(topic: str, partition: int, first: int, last: int, token: str | None = None) -> dict[str, Any]:
-    """The INSERT's parameters: the run's coordinates (checked per row) and its deduplication token.
+    """The INSERT's parameters for one run (see `parameters_of_runs`)."""
+    return parameters_of_runs(topic, [(partition, first, last)], token)
 
-    The token rides in the statement's SETTINGS clause, not as a client setting: chDB's client
-    applies those with SET before and after every call (extra engine calls per insert).
+
+def parameters_of_runs(topic: str, spans: Sequence[tuple[int, int, int]], tok: str | None = None) -> dict[str, Any]:
+    """The INSERT's parameters: the runs' coordinates (checked per row) and the deduplication token.
+
+    `spans` are (partition, first, last), one per partition. The token rides in the
+    statement's SETTINGS clause, not as a client setting: chDB's client applies those with
+    SET before and after every call (extra engine calls per insert).
     """
+    if len({s[0] for s in spans}) != len(spans):
+        raise ValueError("one run per partition in a block")
     return {
         "lf_topic": topic,
-        "lf_partition": partition,
-        "lf_first": first,
-        "lf_last": last,
-        "lf_token": token if token is not None else f"{topic}-{partition}-{first}-{last}",
+        "lf_partitions": [s[0] for s in spans],
+        "lf_firsts": [s[1] for s in spans],
+        "lf_lasts": [s[2] for s in spans],
+        "lf_token": tok if tok is not None else token(topic, spans),
     }
 
 

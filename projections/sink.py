@@ -10,10 +10,12 @@ that read group lag. The numbered steps below each state the guarantee they prov
     below it is read again, nothing above it was inserted (see 2), so nothing is doubled or
     skipped, whatever Kafka's committed offset says. No row at all → Kafka's committed
     offset, else earliest.
-(2) A batch is a run of consecutive records of ONE topic-partition going to ONE table,
-    flushed at `batch_max` rows or `batch_ms` age. A record bound for another table (a
-    poison record amid good ones) first flushes the run before it, so inserts land in offset
-    order and the max in (1) is always a prefix boundary: every record ≤ max is in ClickHouse.
+(2) A run is consecutive records of ONE topic-partition going to ONE table, complete at
+    `batch_max` rows, at `batch_ms` age, or sooner when the inserter is idle (see Threading).
+    A record bound for another table (a poison record amid good ones) first completes the run
+    before it. Complete runs go to ONE inserter thread as jobs, in order, and it runs them one
+    at a time, in that order: a partition's inserts land in offset order, so the max in (1)
+    is always a prefix boundary: every record ≤ max is in ClickHouse.
 (3) Every record is validated, by ClickHouse or by the Codec (fast path below). A PoisonEvent,
     or an event whose type does not belong on its topic, becomes a DeadLetter: produced to
     `<topic>.dlq` (idempotent producer, flushed before the insert, so the DLQ topic has it
@@ -21,9 +23,21 @@ that read group lag. The numbered steps below each state the guarantee they prov
     again) and a `dead_letters` row. The sink never stops on a bad record.
 (4) The insert carries `insert_deduplication_token = topic-partition-first-last` and the
     tables keep a non-replicated deduplication window, so re-sending the same batch after an
-    insert whose outcome is unknown (timeout, crash) is dropped by ClickHouse, not doubled.
-(5) The Kafka offset (last+1) is committed synchronously only after the insert succeeded; a
-    failed commit is logged and ignored, (1) makes it harmless.
+    insert whose outcome is unknown (timeout) is dropped by ClickHouse, not doubled.
+    One fast insert may hold the runs of SEVERAL partitions of one topic (same table, same
+    writer schema: one Avro block, fewer inserts). Why that is still exactly-once: (a) the
+    block is one INSERT ... SELECT below `min_insert_block_size_rows`, so ClickHouse lands all
+    of its runs or none; (b) jobs run one at a time in submission order and a partition has at
+    most one run per job, so per partition the landed records are still a prefix and (1)'s
+    max(_offset) is exact per partition, whatever other partitions shared its blocks; (c) the
+    token names every run (`t-p-first-last` joined by `+`, partition order), so a retry of the
+    same block is dropped, and a different block can never carry the same token; (d) after a
+    crash nothing is retried: each partition restarts after its own max (1), and the new
+    process cuts new blocks only from records above it, so no record is sent twice whatever
+    the old blocks' shape was.
+(5) The Kafka offsets (last+1) are committed synchronously only after the inserts holding
+    them landed (the driver commits what the inserter reports landed, several partitions per
+    call); a failed commit is logged and ignored, (1) makes it harmless.
 
 The fast path (`projections/avro_block.py`): a record whose header names a writer schema of
 an event type that belongs on its topic is not decoded here. A run of such records (one
@@ -50,12 +64,27 @@ it decides from the table, the offset and (with `since`) the envelope's time rea
 record's first bytes, and sends a record to the Codec when only decoding can tell (it might
 be a dead letter that `dead_letters` wants). Any other callable sees every record decoded.
 
-Back-pressure: a failed insert pauses that partition (no more fetching, so memory stays at
-one run plus at most one poll's records), keeps the run, retries with capped exponential
-backoff and resumes when the insert succeeds. Other partitions keep flowing.
+Back-pressure: a failed insert is retried as it is (same block, same token) with capped
+exponential backoff, and while it fails every partition is paused (no more fetching, so memory
+stays at what is held) and the inserter takes nothing new; all resume when an insert lands.
+One insert at a time means one failing insert holds up every partition behind it (with one
+store, when one insert cannot land, the others would not either). When the inserter falls
+behind (`queue_max` rows queued), the driver stops consuming until it catches up.
 
-Threading: a Sink is driven by one thread (`run` or the test's `poll_once` calls);
-`status()` may be called from any thread.
+Threading: a Sink is driven by one thread (`run` or the test's `poll_once` calls); `status()`
+may be called from any thread. The inserter is a second, daemon thread (it dies with the
+process: a SIGKILL loses what it held, and (1) reads it again). It owns the store and the DLQ
+producer while the sink runs; the driver owns the consumer (commits included). Why a thread:
+chDB releases the GIL while ClickHouse works, so consuming overlaps inserting. Adaptive
+batching: a run completes after `linger_s` (20 ms) when the inserter has nothing queued
+(a quiet sink lands records at once), otherwise it grows until the inserter is free or the
+run is full or `batch_ms` old (a busy sink makes fewer, bigger inserts). On revoke and on
+close every queued insert gets one more attempt before the partitions move (the next owner's
+step 1 must see all we will ever land); inserts given up then, and every later one sharing a
+partition with them, are dropped, and a partition still ours goes back to step 1. On a lost
+assignment nothing queued is attempted (only the insert in flight finishes). If the inserter
+thread dies (a bug, not a refusal), nothing more is committed and `poll_once` raises
+SinkError: the service builds a new sink, which resumes by (1).
 """
 
 from __future__ import annotations
@@ -71,9 +100,10 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import OperationalError
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from projections import avro_block
+from projections.metrics import SinkHooks
 from projections.schema import (
     DEAD_LETTER_COLUMNS,
     DEAD_LETTERS,
@@ -84,6 +114,7 @@ from projections.schema import (
     table_for,
 )
 from projections.store import LockedStore
+from streams import telemetry
 from streams.codec import HEADER_LEN, Codec, PoisonEvent
 from streams.deadletter import DeadLetter
 from streams.topics import Topics
@@ -96,6 +127,8 @@ _MAX_RUN = 200_000  # a fast run stays one ClickHouse insert block (min_insert_b
 _OCCURRED_AT = ENVELOPE_COLUMNS.index("occurred_at")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TRANSIENT = (OperationalError, ConnectionError, TimeoutError, OSError)  # not the data's fault: retry as is
+_LINGER_S = 0.02  # an idle inserter takes runs this old (freshness); a busy one lets them grow (throughput)
+_BUSY_POLL_S = 0.02  # longest consume() wait while runs wait for a busy inserter
 
 RecordFilter = Callable[[str, Sequence[str], Sequence[Any]], bool]
 """`keep(table, columns, row)`: False = the record is consumed but not landed (see module doc).
@@ -210,6 +243,8 @@ class _Partition:
     next_offset: int = -1  # lowest offset still wanted; anything below is a redelivery and is dropped
     run: _Run | None = None
     backlog: deque[_Record | _FastSeg] = field(default_factory=deque)  # consumed, not yet in a run
+    due: deque[_Run] = field(default_factory=deque)  # complete runs, in offset order, not yet submitted
+    rewind: bool = False  # inserts were given up: go back to step 1 (ClickHouse, else Kafka's commit)
     paused: bool = False
     unresolved: bool = False  # ClickHouse could not be asked where to resume (step 1 pending)
     committed: int = -1  # last offset we committed to Kafka
@@ -226,11 +261,168 @@ class _Partition:
     def pending_rows(self) -> int:
         # list() copies in one C call: status() reads this from another thread while the driver appends
         queued = sum(len(b.offsets) if type(b) is _FastSeg else 1 for b in list(self.backlog))
-        return (self.run.size() if self.run else 0) + queued
+        return (self.run.size() if self.run else 0) + queued + sum(r.size() for r in list(self.due))
 
 
 class SinkError(RuntimeError):
-    """An insert or DLQ produce failed; the batch is kept and retried."""
+    """An insert or DLQ produce failed (the batch is kept and retried), or the sink cannot go on."""
+
+
+@dataclass
+class _Job:
+    """One insert for the inserter thread: runs of one table, landed together or not at all (4).
+
+    A fast job holds runs of one route (one topic, one writer schema) from distinct
+    partitions, sent as one Avro block; a row job holds one partition's row run.
+    """
+
+    runs: list[tuple[_Partition, _Run]]
+    route: _Route | None
+    token: str
+    rows: int
+
+
+class _Inserter:
+    """The thread that runs the sink's inserts, one at a time, in submission order.
+
+    Why a thread: chDB (and clickhouse-connect's HTTP client) release the GIL while ClickHouse
+    works, so the driver keeps consuming while a block is written. Why one, in order: each
+    partition's runs must land in offset order (step 2), which a FIFO of jobs keeps across
+    partitions without any per-partition bookkeeping. The head job stays at the head until it
+    lands (`attempt` True) or, in final mode (a rebalance or close), after one failed attempt,
+    when it is given up ("dropped") together with every later job that shares a partition with
+    it, so no partition ever lands a run after a gap. An exception out of `attempt` (a bug,
+    not a refusal) ends the thread and is kept in `error`; the driver raises it.
+    """
+
+    def __init__(
+        self, attempt: Callable[[_Job], bool | list[_Job]], backoff: Callable[[int], float], name: str
+    ) -> None:
+        self._attempt = attempt
+        self._backoff = backoff
+        self._cv = threading.Condition()
+        self._queue: deque[_Job] = deque()  # the head is the job in flight (or being retried)
+        self._done: deque[_Job] = deque()  # landed, not yet committed by the driver
+        self._dropped: list[_Job] = []  # given up in final mode: their partitions go back to step 1
+        self._gap: set[tuple[str, int]] = set()  # partitions with a dropped job (final mode)
+        self.rows = 0  # rows queued or in flight
+        self.failures = 0  # consecutive failed attempts of the head job
+        self.busy = False
+        self.error: BaseException | None = None
+        self._final = False
+        self._stop = False
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)  # dies with the process
+        self._thread.start()
+
+    def _main(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._queue and not self._stop:
+                        self._cv.wait()
+                    if not self._queue:
+                        return
+                    job = self._queue[0]
+                    if self._final and self._gap.intersection((p.topic, p.partition) for p, _ in job.runs):
+                        self._drop_head(job)  # after a gap in one of its partitions: never land it
+                        continue
+                    self.busy = True
+                run = job.runs[0][1]
+                with telemetry.batch_span(  # issue 11: one span per insert, linked to its records' requests
+                    "sink.insert", table=run.table, values=(r.values for _, r in job.runs),
+                    rows=(r.rows for _, r in job.runs), columns=run.columns,
+                ):  # fmt: skip
+                    result = self._attempt(job)
+                with self._cv:
+                    self.busy = False
+                    if result is True:
+                        self._queue.popleft()
+                        self.rows -= job.rows
+                        self._done.append(job)
+                        self.failures = 0
+                    elif result is False:
+                        self.failures += 1
+                        if self._final:
+                            self._drop_head(job)
+                        else:
+                            self._cv.wait(self._backoff(self.failures))  # close/settle wake it early
+                    else:  # refused block: its decoded runs take its place, in order
+                        self._queue.popleft()
+                        self._queue.extendleft(reversed(result))
+                        self.rows += sum(j.rows for j in result) - job.rows
+                    self._cv.notify_all()
+        except BaseException as exc:
+            log.exception("sink inserter stopped: %s", exc)
+            with self._cv:
+                self.error = exc
+                self.busy = False
+                self._cv.notify_all()
+
+    def _drop_head(self, job: _Job) -> None:
+        self._queue.popleft()
+        self.rows -= job.rows
+        self._dropped.append(job)
+        self._gap.update((p.topic, p.partition) for p, _ in job.runs)
+        self._cv.notify_all()
+
+    def _gone(self) -> bool:
+        return self.error is not None or not self._thread.is_alive()
+
+    def submit(self, jobs: list[_Job]) -> None:
+        with self._cv:
+            self._queue.extend(jobs)
+            self.rows += sum(j.rows for j in jobs)
+            self._cv.notify_all()
+
+    def waiting(self) -> int:
+        """Jobs queued behind the one in flight."""
+        with self._cv:
+            return max(0, len(self._queue) - (1 if self.busy else 0))
+
+    def wait_rows_below(self, limit: int, timeout: float) -> bool:
+        """Back-pressure: wait until fewer than `limit` rows are queued; False if still not."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self.rows < limit or self.failures > 0 or self._gone(), timeout)
+
+    def settle(self, drop_waiting: bool = False) -> None:
+        """Final mode until the queue is empty: every job gets one attempt (none if `drop_waiting`).
+
+        With `drop_waiting` only the job in flight may still land (it cannot be interrupted).
+        """
+        with self._cv:
+            self._final = True
+            if drop_waiting:
+                for job in list(self._queue)[1 if self.busy else 0 :]:
+                    self._queue.remove(job)
+                    self.rows -= job.rows
+                    self._dropped.append(job)
+                    self._gap.update((p.topic, p.partition) for p, _ in job.runs)
+            self._cv.notify_all()
+            self._cv.wait_for(lambda: not self._queue or self._gone())
+            self._final = False
+            self._gap.clear()
+
+    def take(self) -> tuple[list[_Job], list[_Job]]:
+        """(landed, given up) since the last call: the driver commits the first, rewinds the second."""
+        with self._cv:
+            done, self._done = list(self._done), deque()
+            dropped, self._dropped = self._dropped, []
+            return done, dropped
+
+    def pending(self) -> int:
+        """Rows queued, in flight, or landed and not yet committed."""
+        with self._cv:
+            return self.rows + sum(j.rows for j in self._done)
+
+    def empty(self) -> bool:
+        with self._cv:
+            return not self._queue and not self._done and not self._dropped
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cv:
+            self._stop = self._final = True
+            self._cv.notify_all()
+        self._thread.join(timeout)
 
 
 class Sink:
@@ -268,6 +460,9 @@ class Sink:
         self.group = group
         self.batch_max = max(1, min(batch_max, _MAX_RUN))
         self.batch_s = max(1, batch_ms) / 1000.0
+        self.linger_s = min(self.batch_s, _LINGER_S)
+        # back-pressure: no more consuming while this many rows wait for (or are in) the inserter
+        self.queue_max = min(_MAX_RUN, max(4 * self.batch_max, 40_000))
         self.max_backoff = max_backoff
         self.consumer_name = f"projections-sink:{group}"
         self._store = store if isinstance(store, LockedStore) else LockedStore(store)
@@ -304,7 +499,7 @@ class Sink:
         # counters (read by /status)
         self.rows_inserted = 0
         self.dead_lettered = 0
-        self.refused = 0  # consumed but refused by `keep`
+        self._refused = [0, 0]  # consumed but refused by `keep`: [by the driver, by the inserter's fallback]
         self.batches = 0
         self.insert_failures = 0
         self.fast_rows = 0  # rows landed by the fast path (of rows_inserted)
@@ -312,7 +507,9 @@ class Sink:
         self.commit_failures = 0
         self.last_insert_at: datetime | None = None
         self.last_error: str | None = None
+        self.hooks = SinkHooks()  # issue 11: the service puts its metrics here (called after each insert)
         self.assigned = threading.Event()  # set once the group gave us an assignment
+        self._inserter = _Inserter(self._attempt, self._backoff_s, f"sink-inserter:{group}")
         self._consumer.subscribe(
             self.subscribed, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -365,33 +562,51 @@ class Sink:
         self.assigned.set()
 
     def _retry_unresolved(self) -> None:
-        """Step 1 for partitions whose resume point ClickHouse could not give at assignment."""
+        """Step 1 for partitions whose resume point is not known: ClickHouse could not give it at
+        assignment, or inserts were given up (a rebalance or close while ClickHouse failed).
+
+        A partition ClickHouse holds nothing of resumes from the group's committed offset,
+        else from the beginning, as a fresh assignment would (commits only follow inserts).
+        """
         todo = [p for p in self._parts.values() if p.unresolved and p.retry_at <= time.monotonic()]
         for p in todo:
             try:
-                resume = self.resume_offsets(p.topic, [p.partition])
-                if p.partition in resume:
-                    self._consumer.seek(TopicPartition(p.topic, p.partition, resume[p.partition]))
-                    p.next_offset = resume[p.partition]
+                target = self.resume_offsets(p.topic, [p.partition]).get(p.partition)
+                if target is None and p.rewind:
+                    committed = self._consumer.committed([p.tp], timeout=10)[0].offset
+                    target = committed if committed >= 0 else OFFSET_BEGINNING
+                if target is not None:
+                    self._consumer.seek(TopicPartition(p.topic, p.partition, target))
+                    p.next_offset = max(target, -1)
             except Exception as exc:
                 self._backoff(p, f"resume offsets: {exc}")
                 continue
-            p.unresolved = False
+            p.unresolved = p.rewind = False
             p.backlog.clear()
+            p.run = None
+            p.due.clear()
+            p.failures = 0
             self._resume(p)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Hand over cleanly: land what we hold. If that fails the next owner resumes from
-        # ClickHouse anyway (step 1), so dropping the buffered records is safe.
+        # Hand over cleanly: land what we hold, one attempt per insert, before the partitions
+        # move (the next owner's step 1 must see everything we will ever land). What fails is
+        # dropped: the next owner resumes from ClickHouse anyway (step 1).
         for tp in partitions:
             p = self._parts.get((tp.topic, tp.partition))
             if p is not None and not p.unresolved:
                 self._drain(p, final=True)
+        self._submit()
+        self._inserter.settle()
+        self._landed()
         self._forget(consumer, partitions)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Another member may own them already: no flush, no commit; step 1 covers the rest.
+        # Another member may own them already: no flush, no commit, and nothing queued may land
+        # later (only the insert in flight, which cannot be stopped; step 1 covers the rest).
+        self._inserter.settle(drop_waiting=True)
         self._forget(consumer, partitions)
+        self._landed()
 
     def _forget(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         with self._lock:
@@ -462,148 +677,237 @@ class Sink:
         self._routes[(topic, header)] = route
         return route
 
-    def _drain(self, p: _Partition, final: bool = False) -> bool:
-        """Move backlog records into runs, flushing as runs fill or change table (step 2).
+    def _drain(self, p: _Partition, final: bool = False, idle: bool = False) -> None:
+        """Move backlog records into runs; a run is complete when full or when the next record
+        needs another run (step 2), and is then due for the inserter (`_submit`).
 
-        Returns False when an insert failed (the partition is then paused, nothing lost).
+        A partial run is due once `batch_ms` old, or `linger_s` old when the inserter is `idle`
+        (nothing queued): a quiet sink inserts at once (freshness) while a busy one lets its
+        runs grow until the inserter is free (fewer, bigger inserts). `final` ships everything.
         """
         backlog = p.backlog
-        while True:
-            while backlog:
-                item = backlog[0]
-                run = p.run
-                if isinstance(item, _FastSeg):
-                    # a fast run holds one writer schema of one table: anything else ends it
-                    if run is not None and run.route is not item.route:
-                        if not self._flush(p):
-                            return False
-                        continue
-                    if run is None:
-                        run = _Run(item.route.table, item.route.plan.columns, item.offsets[0], 0, time.monotonic())
-                        run.route = item.route
-                        p.run = run
-                    room = self.batch_max - len(run.offsets)
-                    if len(item.offsets) <= room:
-                        run.offsets += item.offsets
-                        run.keys += item.keys
-                        run.values += item.values
-                        backlog.popleft()
-                    else:  # the run fills up: take what fits, the rest waits for the next run
-                        run.offsets += item.offsets[:room]
-                        run.keys += item.keys[:room]
-                        run.values += item.values[:room]
-                        del item.offsets[:room], item.keys[:room], item.values[:room]
-                    run.last = run.offsets[-1]
-                    if len(run.offsets) >= self.batch_max and not self._flush(p):
-                        return False
-                    continue
-                rec = item
-                # (2) a run never mixes tables: inserts land in offset order, so (1)'s max is a prefix.
-                if run is not None and (run.route is not None or run.table != rec.table):
-                    if not self._flush(p):
-                        return False
+        while backlog:
+            item = backlog[0]
+            run = p.run
+            if isinstance(item, _FastSeg):
+                # a fast run holds one writer schema of one table: anything else ends it
+                if run is not None and run.route is not item.route:
+                    self._ship(p)
                     continue
                 if run is None:
-                    run = p.run = _Run(rec.table, rec.columns, rec.offset, rec.offset, time.monotonic())
-                run.rows.append(rec.row)
-                run.last = rec.offset
-                if rec.dead is not None:
-                    run.dead.append(rec.dead)
-                backlog.popleft()
-                if len(run.rows) >= self.batch_max and not self._flush(p):
-                    return False
-            if p.run is not None and (final or time.monotonic() - p.run.started >= self.batch_s):
-                if not self._flush(p):
-                    return False
-                if backlog:
-                    continue  # a refused fast run came back decoded: drain it too
-            return True
+                    run = _Run(item.route.table, item.route.plan.columns, item.offsets[0], 0, time.monotonic())
+                    run.route = item.route
+                    p.run = run
+                room = self.batch_max - len(run.offsets)
+                if len(item.offsets) <= room:
+                    run.offsets += item.offsets
+                    run.keys += item.keys
+                    run.values += item.values
+                    backlog.popleft()
+                else:  # the run fills up: take what fits, the rest waits for the next run
+                    run.offsets += item.offsets[:room]
+                    run.keys += item.keys[:room]
+                    run.values += item.values[:room]
+                    del item.offsets[:room], item.keys[:room], item.values[:room]
+                run.last = run.offsets[-1]
+                if len(run.offsets) >= self.batch_max:
+                    self._ship(p)
+                continue
+            rec = item
+            # (2) a run never mixes tables: inserts land in offset order, so (1)'s max is a prefix.
+            if run is not None and (run.route is not None or run.table != rec.table):
+                self._ship(p)
+                continue
+            if run is None:
+                run = p.run = _Run(rec.table, rec.columns, rec.offset, rec.offset, time.monotonic())
+            run.rows.append(rec.row)
+            run.last = rec.offset
+            if rec.dead is not None:
+                run.dead.append(rec.dead)
+            backlog.popleft()
+            if len(run.rows) >= self.batch_max:
+                self._ship(p)
+        if p.run is not None:
+            age = time.monotonic() - p.run.started
+            if final or age >= self.batch_s or (idle and age >= self.linger_s):
+                self._ship(p)
 
-    def _flush(self, p: _Partition) -> bool:
-        run = p.run
-        if run is None:
-            return True
-        token = f"{p.topic}-{p.partition}-{run.first}-{run.last}"
+    def _ship(self, p: _Partition) -> None:
+        if p.run is not None:
+            p.due.append(p.run)
+            p.run = None
+
+    def _submit(self) -> None:
+        """Hand the due runs to the inserter as jobs, wave by wave (group commit).
+
+        Called when the inserter has nothing queued (or on revoke and close), so whatever came
+        due while it was busy goes in as few inserts as possible: a partition's adjacent due
+        runs for the same route (or table) are one contiguous run, and within a wave the fast
+        runs of one route (one topic, one writer schema) from several partitions share one
+        block, up to `_MAX_RUN` rows (fewer inserts: each costs ClickHouse a new part); see (4)
+        for why such a block is still exactly-once. A partition's k-th due run goes in a job
+        submitted before its (k+1)-th, so each partition's inserts keep offset order (2).
+        """
+        parts = [p for p in self._parts.values() if p.due]
+        for p in parts:
+            _coalesce(p.due)
+        jobs: list[_Job] = []
+        while parts:
+            groups: dict[int, list[tuple[_Partition, _Run]]] = {}
+            for p in parts:
+                run = p.due.popleft()
+                if run.route is None:
+                    jobs.append(self._job([(p, run)]))
+                else:
+                    groups.setdefault(id(run.route), []).append((p, run))
+            for runs in groups.values():
+                chunk: list[tuple[_Partition, _Run]] = []
+                size = 0
+                for pr in runs:
+                    if chunk and size + pr[1].size() > _MAX_RUN:
+                        jobs.append(self._job(chunk))
+                        chunk, size = [], 0
+                    chunk.append(pr)
+                    size += pr[1].size()
+                jobs.append(self._job(chunk))
+            parts = [p for p in parts if p.due]
+        if jobs:
+            self._inserter.submit(jobs)
+
+    def _job(self, runs: list[tuple[_Partition, _Run]]) -> _Job:
+        topic = runs[0][0].topic
+        token = avro_block.token(topic, [(p.partition, r.first, r.last) for p, r in runs])
+        return _Job(runs, runs[0][1].route, token, sum(r.size() for _, r in runs))
+
+    # --- in the inserter thread: steps 3-4 ---------------------------------------------------
+
+    def _attempt(self, job: _Job) -> bool | list[_Job]:
+        """(3)+(4) One try at `job`: True when it landed, False when it failed (retried), or the
+        runs that replace a fast block ClickHouse refused (decoded by the Codec)."""
+        fast = job.route is not None
+        started = time.perf_counter()
+        if fast and any(r.first < p.slow_until for p, r in job.runs):
+            # Submitted before a block of one of its partitions was refused (a poison storm, see
+            # `_fall_back`): decode it now rather than have ClickHouse refuse one block after another.
+            return self._fall_back(job, None)
+        if fast:
+            plan, data, params = self._fast_block(job)  # outside the try: a bug here is not a refusal
         try:
-            if run.route is not None:
-                self._insert_fast(p, run, token)
+            if fast:
+                self._store.call(lambda c: avro_block.insert_block(c, plan, data, params))
             else:
+                p, run = job.runs[0]
                 if run.dead and not run.dlq_sent and self._produce_dlq:
                     self._produce_dead_letters(p.topic, run.dead)  # (3) DLQ topic first, acknowledged
                     run.dlq_sent = True
-                # (4) one insert per run; a retry of the same run carries the same token → deduplicated
-                self._store.insert(run.table, run.rows, run.columns, settings={"insert_deduplication_token": token})
+                # (4) one insert per job; a retry of the same job carries the same token → deduplicated
+                self._store.insert(run.table, run.rows, run.columns, settings={"insert_deduplication_token": job.token})
         except Exception as exc:
-            if run.route is not None and not isinstance(exc, _TRANSIENT):
-                self._fall_back(p, run, exc)
-                return True
+            if fast and not isinstance(exc, _TRANSIENT):
+                return self._fall_back(job, exc)
             self.insert_failures += 1
-            log.warning("insert of %s into %s failed (%d rows), pausing: %s", token, run.table, run.size(), exc)
-            self._backoff(p, f"insert {token}: {exc}")
+            table = job.runs[0][1].table
+            log.warning("insert of %s into %s failed (%d rows), pausing: %s", job.token, table, job.rows, exc)
+            self.last_error = f"insert {job.token}: {exc}"
             return False
-        # (5) only now tell Kafka; a failed commit is harmless, (1) resumes from ClickHouse
-        self._commit(p, run.last + 1)
-        if run.table == DEAD_LETTERS:
-            self.dead_lettered += len(run.rows)
+        if job.runs[0][1].table == DEAD_LETTERS:
+            self.dead_lettered += job.rows
         else:
-            self.rows_inserted += run.size()
-            if run.route is not None:
-                self.fast_rows += run.size()
+            self.rows_inserted += job.rows
+            if fast:
+                self.fast_rows += job.rows
+        dead = [d.reason for _, r in job.runs for d in r.dead]
+        first, seconds = job.runs[0], time.perf_counter() - started
+        self.hooks.landed(first[0].topic, first[1].table, job.rows, seconds, fast, dead)
         self.batches += 1
         self.last_insert_at = datetime.now(UTC)
-        p.run = None
-        p.failures = 0
-        p.last_error = None
         return True
 
-    def _insert_fast(self, p: _Partition, run: _Run, token: str) -> None:
-        """(3)+(4) for a fast run: one Avro block, checked and landed by ClickHouse, or refused whole."""
-        assert run.route is not None
-        plan = run.route.plan
-        data = avro_block.block(plan, p.topic, p.partition, run.offsets, run.values)
-        params = avro_block.parameters(p.topic, p.partition, run.first, run.last, token)
-        self._store.call(lambda c: avro_block.insert_block(c, plan, data, params))
+    def _fast_block(self, job: _Job) -> tuple[avro_block.Plan, bytes, dict[str, Any]]:
+        """A fast job's Avro block (every run's records, one writer schema) and INSERT parameters."""
+        assert job.route is not None
+        plan = job.route.plan
+        topic = job.runs[0][0].topic
+        runs = [avro_block.Run(p.partition, r.offsets, r.values) for p, r in job.runs]
+        params = avro_block.parameters_of_runs(topic, [(p.partition, r.first, r.last) for p, r in job.runs], job.token)
+        return plan, avro_block.block_of_runs(plan, topic, runs), params
 
-    def _fall_back(self, p: _Partition, run: _Run, exc: Exception) -> None:
-        """ClickHouse refused a fast run: nothing of it landed. Decode it and put it back in front.
+    def _fall_back(self, job: _Job, exc: Exception | None) -> list[_Job]:
+        """ClickHouse refused a fast block (`exc`; None: not tried, see `_attempt`): nothing of it
+        landed. Decode it; its row runs replace it.
 
         The decoded records go through the row path: poison becomes dead letters with the
-        Codec's reason, valid records land, in offset order (2), with tokens of their own runs.
+        Codec's reason, valid records land, in offset order (2), with tokens of their own runs,
+        before any later job (they take the refused job's place at the head of the queue).
         """
-        self.fast_fallbacks += 1
-        detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        log.info(
-            "fast insert of %s[%d] %d-%d refused, decoding its %d records: %s",
-            p.topic, p.partition, run.first, run.last, run.size(), detail,
-        )  # fmt: skip
-        decoded: list[_Record] = []
-        for offset, key, value in zip(run.offsets, run.keys, run.values, strict=True):
-            rec = self._decode_value(p.topic, p.partition, offset, key, value)
-            if self._keep is not None and not self._keep(rec.table, rec.columns, rec.row):
-                self.refused += 1
-                continue
-            decoded.append(rec)
-        if not any(r.dead for r in decoded):
+        detail = ""
+        if exc is not None:
+            self.fast_fallbacks += 1
+            detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            log.info("fast insert of %s refused, decoding its %d records: %s", job.token, job.rows, detail)
+        out: list[_Job] = []
+        any_dead = False
+        for p, run in job.runs:
+            cur: _Run | None = None
+            for offset, key, value in zip(run.offsets, run.keys, run.values, strict=True):
+                rec = self._decode_value(p.topic, p.partition, offset, key, value)
+                if self._keep is not None and not self._keep(rec.table, rec.columns, rec.row):
+                    self._refused[1] += 1
+                    continue
+                if cur is None or cur.table != rec.table or len(cur.rows) >= self.batch_max:
+                    if cur is not None:
+                        out.append(self._job([(p, cur)]))
+                    cur = _Run(rec.table, rec.columns, rec.offset, rec.offset, run.started)
+                cur.rows.append(rec.row)
+                cur.last = rec.offset
+                if rec.dead is not None:
+                    cur.dead.append(rec.dead)
+                    any_dead = True
+            if cur is not None:
+                out.append(self._job([(p, cur)]))
+            if exc is not None:
+                # Where one refusal is, more are likely (a bad producer, a poison storm): a refused
+                # block costs an extra ClickHouse call, so what the driver has read of the partition
+                # and its next batch_max records take the Codec path (queued blocks included).
+                p.slow_until = max(p.slow_until, p.next_offset + self.batch_max)
+        if exc is not None and not any_dead:
             # Every record was valid: a check stricter than the Codec (a non-canonical id, a
             # time near the bound...) or a fast path that cannot read this table. Correct
             # either way, but slow if it repeats, so say so.
-            log.warning("fast path refused a run of valid records (%s[%d] %d-%d): %s", p.topic, p.partition,
-                        run.first, run.last, detail)  # fmt: skip
-        p.run = None
-        p.backlog.extendleft(reversed(decoded))
-        # Where one refusal is, more are likely (a bad producer, a poison storm): a refused run
-        # costs an extra ClickHouse call, so the next batch_max records take the Codec path.
-        p.slow_until = max(p.slow_until, p.next_offset + self.batch_max)
+            log.warning("fast path refused a block of valid records (%s): %s", job.token, detail)
+        return out
 
-    def _commit(self, p: _Partition, offset: int) -> None:
+    # --- back in the driver: step 5 and back-pressure -----------------------------------------
+
+    def _landed(self) -> None:
+        """(5) Commit what the inserter landed; send partitions of given-up inserts back to step 1."""
+        done, dropped = self._inserter.take()
+        offsets: dict[tuple[str, int], int] = {}
+        for job in done:
+            for p, run in job.runs:
+                key = (p.topic, p.partition)
+                if self._parts.get(key) is p:
+                    offsets[key] = max(offsets.get(key, -1), run.last + 1)
+        if offsets:
+            self._commit([self._parts[k] for k in offsets], list(offsets.values()))
+        for job in dropped:
+            for p, _run in job.runs:
+                if self._parts.get((p.topic, p.partition)) is p and not p.unresolved:
+                    log.warning("inserts into %s[%d] given up: resuming from ClickHouse", p.topic, p.partition)
+                    p.unresolved = p.rewind = p.paused = True
+                    p.retry_at = 0.0
+                    self._consumer.pause([p.tp])
+
+    def _commit(self, parts: list[_Partition], offsets: list[int]) -> None:
+        """(5) only after the inserts holding these offsets; a failed commit is harmless, (1) resumes."""
+        tps = [TopicPartition(p.topic, p.partition, o) for p, o in zip(parts, offsets, strict=True)]
         try:
-            self._consumer.commit(offsets=[TopicPartition(p.topic, p.partition, offset)], asynchronous=False)
-            p.committed = offset
+            self._consumer.commit(offsets=tps, asynchronous=False)
+            for p, o in zip(parts, offsets, strict=True):
+                p.committed = max(p.committed, o)
         except KafkaException as exc:
             self.commit_failures += 1
-            log.info(
-                "offset commit %s[%d]@%d failed (ClickHouse stays authoritative): %s", p.topic, p.partition, offset, exc
-            )
+            log.info("offset commit %s failed (ClickHouse stays authoritative): %s", tps, exc)
 
     def _commit_idle(self, p: _Partition, now: float) -> None:
         """Commit past transaction markers once a partition is idle, so group lag reaches 0.
@@ -612,15 +916,17 @@ class Sink:
         it, so `last + 1` stays one short of the end. When everything delivered has landed,
         the consumer's position is the right commit point (it only adds skipped non-data offsets).
         """
-        if p.run or p.backlog or p.paused or p.unresolved or now < p.idle_check_at:
+        if p.run or p.backlog or p.due or p.paused or p.unresolved or now < p.idle_check_at:
             return
         p.idle_check_at = now + 1.0
+        if not self._inserter.empty():
+            return
         try:
             position = self._consumer.position([p.tp])[0].offset
         except KafkaException:
             return
         if position >= 0 and position > p.committed:
-            self._commit(p, position)
+            self._commit([p], [position])
 
     def _produce_dead_letters(self, topic: str, dead: list[DeadLetter]) -> None:
         if self._producer is None:
@@ -642,10 +948,16 @@ class Sink:
             raise SinkError(f"dead letters to {dlq} not acknowledged: {left} pending, errors {errors[:3]}")
 
     def _backoff(self, p: _Partition, error: str) -> None:
-        """Back-pressure: pause the partition (stop fetching it) and schedule a retry."""
+        """Step 1 failed: keep the partition paused and ask ClickHouse again later."""
         p.failures += 1
         p.last_error = self.last_error = error
-        p.retry_at = time.monotonic() + min(self.max_backoff, _BACKOFF_BASE * 2 ** (p.failures - 1))
+        p.retry_at = time.monotonic() + self._backoff_s(p.failures)
+        self._pause(p)
+
+    def _backoff_s(self, failures: int) -> float:
+        return float(min(self.max_backoff, _BACKOFF_BASE * 2 ** (failures - 1)))
+
+    def _pause(self, p: _Partition) -> None:
         if not p.paused:
             self._consumer.pause([p.tp])
             p.paused = True
@@ -655,18 +967,48 @@ class Sink:
             self._consumer.resume([p.tp])
             p.paused = False
 
+    def _pressure(self) -> None:
+        """Back-pressure: while the inserter's head insert fails (ClickHouse slow or unreachable),
+        every partition is paused (no fetching: memory stays at what is held); when an insert
+        lands again they resume and drain."""
+        failing = self._inserter.failures > 0
+        for p in self._parts.values():
+            if failing:
+                p.last_error = self.last_error
+                self._pause(p)
+            elif p.paused and not p.unresolved:
+                self._resume(p)
+
     # --- driving -----------------------------------------------------------------------
 
     def poll_once(self, timeout: float = 0.1) -> int:
-        """One round: retry stalled partitions, consume, flush aged runs. Returns records consumed."""
-        now = time.monotonic()
+        """One round: commit what landed, retry stalled partitions, consume, hand due runs to the
+        inserter. Returns records consumed; raises SinkError when the inserter died."""
+        inserter = self._inserter
+        if inserter.error is not None:
+            self.last_error = f"inserter: {inserter.error!r}"
+            raise SinkError(f"the sink's inserter thread failed: {inserter.error!r}") from inserter.error
+        self._landed()
         self._retry_unresolved()
-        for p in list(self._parts.values()):
-            if p.paused and not p.unresolved and p.retry_at <= now and self._drain(p, final=True):
-                self._resume(p)
-        deadlines = [p.run.started + self.batch_s for p in self._parts.values() if p.run and not p.paused]
-        wait = min([timeout, *(d - now for d in deadlines)])
-        msgs = self._consumer.consume(num_messages=min(_POLL_BATCH, self.batch_max * 2), timeout=max(0.0, wait))
+        self._pressure()
+        if inserter.waiting() == 0:
+            self._submit()
+        due = sum(r.size() for p in self._parts.values() for r in p.due)
+        if inserter.rows + due >= self.queue_max and not inserter.failures:
+            # the inserter is behind: consume nothing until it catches up (while it fails, every
+            # partition is paused instead, and consume() below only serves the group's callbacks)
+            if inserter.wait_rows_below(max(self.queue_max - due, 1), timeout) and inserter.waiting() == 0:
+                self._submit()
+            return 0
+        now = time.monotonic()
+        runs = [p.run for p in self._parts.values() if p.run and not p.paused]
+        wait = timeout
+        if due:
+            wait = min(wait, _BUSY_POLL_S)  # be back when the inserter is free
+        if runs:
+            due_by = min(r.started for r in runs) + (self.linger_s if inserter.waiting() == 0 else self.batch_s)
+            wait = min(wait, max(due_by - now, 0.0), _BUSY_POLL_S)
+        msgs = self._consumer.consume(num_messages=min(_POLL_BATCH, self.batch_max * 2), timeout=wait)
         parts, routes, fast, keep_fast = self._parts, self._routes, self._fast, self._keep_fast
         for msg in msgs:
             err = msg.error()
@@ -699,7 +1041,7 @@ class Sink:
                 if route is not None:
                     verdict = keep_fast is None or keep_fast.fast(route.table, topic, partition, offset, value)
                     if verdict is False:
-                        self.refused += 1  # no row: cannot move (1)'s max, and is refused again on a re-read
+                        self._refused[0] += 1  # no row: cannot move (1)'s max, and is refused again on a re-read
                         continue
                     if verdict:
                         backlog = part.backlog
@@ -713,14 +1055,24 @@ class Sink:
                         continue
             rec = self._decode(msg)
             if self._keep is not None and not self._keep(rec.table, rec.columns, rec.row):
-                self.refused += 1
+                self._refused[0] += 1
                 continue
             part.backlog.append(rec)
+        idle = inserter.waiting() == 0
         for p in list(self._parts.values()):
             if not p.paused and (p.backlog or p.run is not None):
-                self._drain(p)
+                self._drain(p, idle=idle)
+        if inserter.waiting() == 0:
+            self._submit()
+        now = time.monotonic()
+        for p in list(self._parts.values()):
             self._commit_idle(p, now)
         return len(msgs)
+
+    @property
+    def refused(self) -> int:
+        """Records consumed but refused by `keep` (no row, no dead letter)."""
+        return self._refused[0] + self._refused[1]
 
     def _reached_end(self, msg: Message) -> None:
         """The fetcher reached the partition's end: every record below it was delivered before this event."""
@@ -750,7 +1102,8 @@ class Sink:
             self.close()
 
     def pending_rows(self) -> int:
-        return sum(p.pending_rows() for p in list(self._parts.values()))
+        """Rows consumed and not yet landed and committed (in runs, queued or being inserted)."""
+        return sum(p.pending_rows() for p in list(self._parts.values())) + self._inserter.pending()
 
     def positions(self) -> dict[tuple[str, int], int]:
         """(topic, partition) → how far the sink has read each assigned partition (next offset wanted).
@@ -771,13 +1124,21 @@ class Sink:
         return out
 
     def close(self) -> None:
-        """Final flush (one attempt per partition) and commit, then leave the group."""
+        """Final flush (one attempt per insert) and commit, stop the inserter, leave the group.
+
+        After the inserter died nothing more is inserted or committed (step 1 covers it).
+        """
         if self._closed:
             return
         self._closed = True
-        for p in list(self._parts.values()):
-            if not p.unresolved:
-                self._drain(p, final=True)
+        if self._inserter.error is None:
+            for p in list(self._parts.values()):
+                if not p.unresolved:
+                    self._drain(p, final=True)
+            self._submit()
+            self._inserter.settle()
+            self._landed()
+        self._inserter.stop()
         try:
             self._consumer.close()  # leaves the group so a successor is assigned at once
         except (KafkaException, RuntimeError) as exc:
@@ -793,7 +1154,8 @@ class Sink:
             "group": self.group,
             "assigned": sorted(f"{p.topic}[{p.partition}]" for p in parts),
             "paused": sorted(f"{p.topic}[{p.partition}]" for p in parts if p.paused),
-            "pending_rows": sum(p.pending_rows() for p in parts),
+            "pending_rows": sum(p.pending_rows() for p in parts) + self._inserter.pending(),
+            "inserter_failing": self._inserter.failures > 0,
             "rows_inserted": self.rows_inserted,
             "dead_lettered": self.dead_lettered,
             "refused": self.refused,
@@ -805,6 +1167,25 @@ class Sink:
             "last_insert_at": self.last_insert_at.isoformat() if self.last_insert_at else None,
             "last_error": self.last_error,
         }
+
+
+def _coalesce(due: deque[_Run]) -> None:
+    """Merge adjacent runs of one partition that go the same way (they are contiguous), up to _MAX_RUN."""
+    out: list[_Run] = []
+    for run in due:
+        prev = out[-1] if out else None
+        same_way = prev is not None and prev.route is run.route and prev.table == run.table
+        if prev is None or not same_way or prev.size() + run.size() > _MAX_RUN or prev.dlq_sent or run.dlq_sent:
+            out.append(run)
+        else:
+            prev.offsets += run.offsets
+            prev.keys += run.keys
+            prev.values += run.values
+            prev.rows += run.rows
+            prev.dead += run.dead
+            prev.last = run.last
+    due.clear()
+    due.extend(out)
 
 
 def _knows(codec: Codec, header: bytes) -> bool:

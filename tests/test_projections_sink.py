@@ -94,7 +94,7 @@ def produce_events(bootstrap: str, topics: Topics, events: Sequence[Event]) -> N
 def counts(client: Client) -> dict[str, int]:
     tables = [table_for(t) for t in ("RequestReceived", "PolicyDecided", "TokensCharged", "AuditRecorded")]
     tables += [table_for("TenantTotalsUpdated"), DEAD_LETTERS]
-    return {t: int(client.command(f"SELECT count() FROM {t}")) for t in tables}
+    return {t: int(str(client.command(f"SELECT count() FROM {t}"))) for t in tables}
 
 
 def expected_counts(events: Sequence[Event], dead: int = 0) -> dict[str, int]:
