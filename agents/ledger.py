@@ -18,9 +18,13 @@ reach Kafka independently of the offset commit). Here every batch is ONE transac
    rebuilt and the consumer rewinds to the committed offsets.
 
 The chain heads are state derived from the log, and the log is where they come back from:
-when a partition is assigned, its heads are rebuilt from the ledger topic (read_committed),
-so a restarted or rebalanced worker continues exactly where the committed log ends. Single
-writer per chain: the audit topic is keyed by tenant, one partition has one owner.
+each transaction also writes a snapshot of every chain head it changed to a compacted topic
+(`Topics.ledger_heads()`), committed with the entries, and when a partition is assigned its
+heads are restored from those snapshots plus the ledger entries written after them (a
+transaction or two), checked against each other; without a usable snapshot they are rebuilt
+from the partition's whole ledger history (read_committed). Either way a restarted or
+rebalanced worker continues exactly where the committed log ends. Single writer per chain:
+the audit topic is keyed by tenant, one partition has one owner.
 """
 
 from __future__ import annotations
@@ -35,15 +39,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from agents.metrics import AgentMetrics
 from domain.checkpoint import SigningKey, generate_key, load_signing_key_file, save_key_pair
-from domain.ledger import ChainHead
-from domain.ledger_replay import LOGGED_ENTRY_FIELDS, LoggedEntry, resume
+from domain.ledger import ChainHead, ChainState
+from domain.ledger_replay import LOGGED_ENTRY_FIELDS, LoggedEntry, resume, resume_from
+from streams import telemetry
+from streams.admin import create_missing
 from streams.codec import Codec, PoisonEvent
 from streams.deadletter import DeadLetter
 from streams.events import AuditRecorded, LedgerEntryChained
 from streams.log_scan import AvroDecodeError, RecordReaders, scan_to_end
+from streams.metrics import serve
 from streams.topics import Topics
 
 AGENT_NAME = "audit-ledger"
@@ -58,6 +67,7 @@ class LedgerConfig:
     every_s: float = 10.0
     batch_max: int = 2000
     poll_s: float = 0.2
+    snapshots: bool = True  # write and read chain-head snapshots (off: every assignment reads the whole history)
 
 
 def load_or_create_key(path: Path, name: str) -> SigningKey:
@@ -76,9 +86,41 @@ def load_or_create_key(path: Path, name: str) -> SigningKey:
     return load_signing_key_file(path)
 
 
+SNAPSHOT_FORMAT = "ledgerflow.ledger-head/1"
+
+
 @dataclass
 class _Partition:
     heads: dict[str, ChainHead] = field(default_factory=dict)
+    # a ledger offset at or below every entry this worker writes to the partition from now on:
+    # what a snapshot records as where to read the log's tail from
+    ledger_from: int = 0
+    dirty: set[str] = field(default_factory=set)  # chains changed by the open transaction
+    resnapshot: set[str] = field(default_factory=set)  # chains whose committed snapshot is stale
+
+
+@dataclass(frozen=True)
+class Restore:
+    """How a partition's heads came back on assignment (kept for tests and logs)."""
+
+    partition: int
+    mode: str  # "snapshot" (snapshots + the log's tail) or "full" (the whole history)
+    reason: str  # why a full rebuild ("no snapshot", "stale snapshot of acme: ..."), else ""
+    snapshots_read: int
+    entries_read: int
+    chains: int
+    entries: int
+
+
+def snapshot_record(head: ChainHead, partition: int, ledger_from: int) -> bytes:
+    """The compacted snapshot of one chain head: its ChainState and where the log's tail starts."""
+    doc = {
+        "format": SNAPSHOT_FORMAT,
+        "partition": partition,
+        "ledger_from": ledger_from,
+        "head": head.state().to_json(),
+    }
+    return orjson.dumps(doc)
 
 
 class LedgerWorker:
@@ -94,6 +136,10 @@ class LedgerWorker:
         self.ledger = topics.name("ledger")
         self.checkpoints = topics.name("ledger-checkpoints")
         self.dead = topics.dlq(self.source)
+        self.heads_topic = topics.ledger_heads()
+        if config.snapshots:
+            snapshot_configs = {"cleanup.policy": "compact", "retention.ms": "-1", "min.insync.replicas": "1"}
+            create_missing(bootstrap, [(self.heads_topic, topics.partitions_of(self.source), snapshot_configs)])
         self._consumer = Consumer(
             {
                 "bootstrap.servers": bootstrap,
@@ -122,14 +168,18 @@ class LedgerWorker:
             }
         )
         self._producer.init_transactions(60)
+        self.metrics = AgentMetrics()  # issue 11: served by main() at --metrics-port
+        self.batches = self.metrics.batches(AGENT_NAME, group)
         self._parts: dict[int, _Partition] = {}
+        self._first_offset: dict[int, int | None] = {}  # partition -> offset of the open transaction's first entry
+        self.restores: list[Restore] = []
         self.chained = 0
 
     # -- assignment -------------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
-            self._parts[tp.partition] = _Partition(self._rebuild(tp.partition))
+            self._parts[tp.partition] = self._restore(tp.partition)
         consumer.incremental_assign(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -137,14 +187,37 @@ class LedgerWorker:
             self._parts.pop(tp.partition, None)
         consumer.incremental_unassign(partitions)
 
-    def _rebuild(self, partition: int) -> dict[str, ChainHead]:
-        """Every chain head of one audit partition, from the committed entries in the ledger topic.
+    def _restore(self, partition: int) -> _Partition:
+        """The heads of one audit partition: from their snapshots and the ledger's tail after
+        them when those fit together, else from the partition's whole history."""
+        started = time.monotonic()
+        found: _Partition | None = None
+        reason = "snapshots off"
+        if self._config.snapshots:
+            found, restore = self._from_snapshots(partition)
+            reason = restore.reason
+        if found is None:
+            found, restore = self._rebuild(partition, reason)
+        part = found
+        self.restores.append(restore)
+        log.info(
+            "ledger partition %d: %s restore (%s) of %d chains, %d entries: %d snapshots and %d entries read in %.2f s",
+            partition, restore.mode, restore.reason or "-", restore.chains, restore.entries,
+            restore.snapshots_read, restore.entries_read, time.monotonic() - started,
+        )  # fmt: skip
+        return part
 
-        Entries are streamed and read as plain Avro records (`streams.log_scan`), not events:
-        a rebuild reads the partition's whole history, and decoding events was most of its cost.
-        """
-        by_tenant: dict[str, list[LoggedEntry]] = {}
-        for msg in scan_to_end(self._bootstrap, [self.ledger], 120.0, partitions={partition}):
+    def _read_entries(self, partition: int, start: int | None = None) -> tuple[list[LoggedEntry], int, int]:
+        """Committed entries of the ledger partition (from `start`), of chains of this audit
+        partition: (entries, entries read, the partition's end offset)."""
+        ends: dict[tuple[str, int], int] = {}
+        found: list[LoggedEntry] = []
+        read = 0
+        starts = None if start is None else {partition: start}
+        for msg in scan_to_end(
+            self._bootstrap, [self.ledger], 120.0, partitions={partition}, start=starts, ends_seen=ends
+        ):
+            read += 1
             value = msg.value()
             try:
                 record = self._entries.read(value)
@@ -158,23 +231,97 @@ class LedgerWorker:
             except (PoisonEvent, AvroDecodeError):
                 continue  # never ours: `audit verify` reports it
             if entry.source_partition == partition:
-                by_tenant.setdefault(entry.chain_tenant, []).append(entry)
-        heads = {tenant: ChainHead.from_state(resume(tenant, entries)) for tenant, entries in by_tenant.items()}
-        log.info(
-            "ledger partition %d: %d chains, %d entries", partition, len(heads), sum(h.size for h in heads.values())
-        )
-        return heads
+                found.append(entry)
+        return found, read, ends.get((self.ledger, partition), 0)
+
+    def _rebuild(self, partition: int, reason: str) -> tuple[_Partition, Restore]:
+        """Every chain head of one audit partition, from the committed entries in the ledger topic.
+
+        Entries are streamed and read as plain Avro records (`streams.log_scan`), not events:
+        a rebuild reads the partition's whole history, and decoding events was most of its cost.
+        Every head is snapshotted in the next transaction, so the next restore reads a tail only.
+        """
+        entries, read, end = self._read_entries(partition)
+        by_tenant: dict[str, list[LoggedEntry]] = {}
+        for entry in entries:
+            by_tenant.setdefault(entry.chain_tenant, []).append(entry)
+        heads = {tenant: ChainHead.from_state(resume(tenant, found)) for tenant, found in by_tenant.items()}
+        part = _Partition(heads, ledger_from=end, resnapshot=set(heads))
+        return part, Restore(partition, "full", reason, 0, read, len(heads), sum(h.size for h in heads.values()))
+
+    def _from_snapshots(self, partition: int) -> tuple[_Partition | None, Restore]:
+        """The heads from the partition's committed snapshots plus the ledger entries written
+        after the newest of them; (None, why) when there is none or they do not fit the log.
+
+        Sound because a snapshot commits in the transaction of the entries it covers, and
+        every transaction snapshots each chain it changed: the newest snapshots' `ledger_from`
+        is at or below the first entry no snapshot covers. The tail is still checked: an entry
+        beyond a snapshot must continue it (a stale snapshot, or one of another log, falls
+        back to the full rebuild), and chains a tail extends are snapshotted again.
+        """
+        snaps: dict[str, tuple[ChainState, int]] = {}
+        n = 0
+        for msg in scan_to_end(self._bootstrap, [self.heads_topic], 120.0, partitions={partition}):
+            n += 1
+            value = msg.value()
+            if value is None:
+                continue
+            try:
+                doc = orjson.loads(value)
+                if doc.get("format") != SNAPSHOT_FORMAT or doc.get("partition") != partition:
+                    raise ValueError(f"not a {SNAPSHOT_FORMAT} snapshot of partition {partition}")
+                state = ChainState.from_json(doc["head"])
+                snaps[state.tenant] = (state, int(doc["ledger_from"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                return None, Restore(partition, "full", f"unreadable snapshot: {exc}", n, 0, 0, 0)
+        if not snaps:
+            return None, Restore(partition, "full", "no snapshot", n, 0, 0, 0)
+        tail_from = max(f for _, f in snaps.values())
+        entries, read, end = self._read_entries(partition, tail_from)
+        if tail_from > end:
+            reason = f"snapshot tail starts at {tail_from}, beyond the ledger's end {end}"
+            return None, Restore(partition, "full", reason, n, read, 0, 0)
+        by_tenant: dict[str, list[LoggedEntry]] = {}
+        for entry in entries:
+            by_tenant.setdefault(entry.chain_tenant, []).append(entry)
+        heads = {tenant: ChainHead.from_state(state) for tenant, (state, _) in snaps.items()}
+        extended: set[str] = set()
+        for tenant, tail in by_tenant.items():
+            snap = snaps.get(tenant)
+            if snap is None:
+                if tail[0].seq != 0:
+                    return None, Restore(partition, "full", f"entries of {tenant} without a snapshot", n, read, 0, 0)
+                state = resume(tenant, tail)
+            else:
+                resumed = resume_from(snap[0], tail)
+                if resumed is None:
+                    return None, Restore(partition, "full", f"stale snapshot of {tenant}", n, read, 0, 0)
+                state = resumed
+            if snap is None or state.size != snap[0].size:
+                extended.add(tenant)
+                heads[tenant] = ChainHead.from_state(state)
+        part = _Partition(heads, ledger_from=end, resnapshot=extended)
+        return part, Restore(partition, "snapshot", "", n, read, len(heads), sum(h.size for h in heads.values()))
 
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        self._consumer.subscribe([self.source], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        self.subscribe()
         try:
             while not stop.is_set():
                 self.step()
+                self.batches.sample_lag(self._consumer)
         finally:
-            self._consumer.close()
-            self._producer.flush(10)
+            self.close()
+
+    def subscribe(self) -> None:
+        """Join the group; partitions come (and heads are restored) in the following steps."""
+        self._consumer.subscribe([self.source], on_assign=self._on_assign, on_revoke=self._on_revoke)
+
+    def close(self) -> None:
+        """Leave the group (its partitions move at once) and flush what is left."""
+        self._consumer.close()
+        self._producer.flush(10)
 
     def step(self) -> int:
         """One batch in one transaction; the number of records consumed."""
@@ -182,24 +329,73 @@ class LedgerWorker:
         if not msgs:
             self._checkpoint_quiet_chains()
             return 0
+        # issue 11: one span per transaction, linked to the requests of its records
+        with telemetry.batch_span(AGENT_NAME, topic=self.source, headers=(m.headers() for m in msgs)):
+            return self._transact(msgs)
+
+    def _transact(self, msgs: list[Message]) -> int:
+        started = time.perf_counter()
         # heads as they were before this batch touched them (None: the batch made the chain),
         # copied on first touch, so an abort undoes exactly what the batch did
         undo: dict[tuple[int, str], ChainHead | None] = {}
         try:
+            self._first_offset.clear()
             self._producer.begin_transaction()
             fold = self._fold
             for msg in msgs:
                 fold(msg, undo)
+            self._write_snapshots(undo)
             self._producer.send_offsets_to_transaction(
                 self._consumer.position(self._consumer.assignment()), self._consumer.consumer_group_metadata(), 30
             )
             self._producer.commit_transaction(60)
         except KafkaException as exc:
             log.warning("ledger transaction failed, rewinding: %s", exc)
+            self.batches.aborted()
             self._abort(undo)
             return 0
+        self._snapshots_committed()
+        self.batches.committed(len(msgs), started)
         self.chained += len(msgs)
         return len(msgs)
+
+    def _write_snapshots(self, undo: dict[tuple[int, str], ChainHead | None]) -> None:
+        """Into the open transaction: a snapshot of every chain it changed, and of every chain
+        whose committed snapshot is stale (after a restore). They commit with the entries."""
+        if not self._config.snapshots:
+            return
+        wanted: dict[int, set[str]] = {}
+        for p, tenant in undo:
+            wanted.setdefault(p, set()).add(tenant)
+        for p, held in self._parts.items():
+            if held.resnapshot:
+                wanted.setdefault(p, set()).update(held.resnapshot)
+        produce = self._producer.produce
+        for p, tenants in wanted.items():
+            part = self._parts.get(p)
+            if part is None:
+                continue
+            for tenant in sorted(tenants):
+                head = part.heads.get(tenant)
+                if head is not None:
+                    value = snapshot_record(head, p, part.ledger_from)
+                    produce(self.heads_topic, key=tenant.encode(), value=value, partition=p)
+
+    def _snapshots_committed(self) -> None:
+        """After a commit: stale snapshots are replaced, and the next snapshots may start the
+        tail at this transaction's first entry (nothing of ours comes before it any more)."""
+        if not self._config.snapshots:
+            return
+        self._producer.poll(0)  # serves the first-entry delivery reports (commit flushed them)
+        for p, part in self._parts.items():
+            part.resnapshot.clear()
+            first = self._first_offset.get(p)
+            if first is not None:
+                part.ledger_from = max(part.ledger_from, first)
+
+    def _on_first_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            self._first_offset[msg.partition() or 0] = msg.offset()
 
     def _usable(self, msg: Message) -> bool:
         err = msg.error()
@@ -253,7 +449,17 @@ class LedgerWorker:
             return
         if entry is None:
             return  # already chained (cannot happen under transactions; kept for replays)
-        self._producer.produce(self.ledger, key=tenant.encode(), value=self._codec.encode(entry), partition=partition)
+        if partition in self._first_offset:
+            self._producer.produce(
+                self.ledger, key=tenant.encode(), value=self._codec.encode(entry), partition=partition,
+                headers=telemetry.trace_headers(entry.envelope.trace_parent),
+            )  # fmt: skip
+        else:  # the transaction's first entry here: its offset is where the next snapshots' tail starts
+            self._first_offset[partition] = None
+            self._producer.produce(
+                self.ledger, key=tenant.encode(), value=self._codec.encode(entry), partition=partition,
+                headers=telemetry.trace_headers(entry.envelope.trace_parent), on_delivery=self._on_first_delivery,
+            )  # fmt: skip
         if head.due(audit.envelope.occurred_at, self._config.every_n, self._config.every_s):
             self._sign(head, partition)
 
@@ -276,17 +482,22 @@ class LedgerWorker:
             return
         undo: dict[tuple[int, str], ChainHead | None] = {}
         try:
+            self._first_offset.clear()
             self._producer.begin_transaction()
             for p, tenant in due:
                 head = self._parts[p].heads[tenant]
                 undo[(p, tenant)] = head.copy()
                 self._sign(head, p)
+            self._write_snapshots(undo)
             self._producer.commit_transaction(60)
         except KafkaException as exc:
             log.warning("ledger checkpoint transaction failed: %s", exc)
             self._abort(undo)
+            return
+        self._snapshots_committed()
 
     def _dead_letter(self, msg: Message, reason: str, detail: str) -> None:
+        self.batches.count("dead_letter")
         letter = DeadLetter(
             reason, detail, msg.topic() or self.source, msg.partition() or 0, msg.offset() or 0,
             AGENT_NAME, datetime.now(UTC), msg.key(), msg.value(),
@@ -301,9 +512,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m agents.ledger")
     parser.add_argument("--loglevel", default="info")
+    parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
+    parser.add_argument("--metrics-host", default="127.0.0.1")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.loglevel.upper(), format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
     settings = load()
+    telemetry.start("ledger", settings, level=args.loglevel.upper())
     config = LedgerConfig(
         key=load_or_create_key(settings.ledger_key_path, settings.ledger_origin),
         origin=settings.ledger_origin,
@@ -313,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     topics = Topics(settings.topic_prefix, settings.partitions)
     worker = LedgerWorker(settings.bootstrap, f"{settings.worker_id}-ledger", topics, config)
+    serve(worker.metrics.registry, args.metrics_host, args.metrics_port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

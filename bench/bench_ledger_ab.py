@@ -18,7 +18,8 @@ version's own tree (`--old` PATH, or this checkout), runs:
    `verify_log(jobs=N)` where it exists;
 3. `from_log` of one tenant (what `audit prove` reads) and `prove` of 50 entries of that
    chain: the first proof (which builds the tree, in both) and the mean of the other 49;
-4. the worker's head rebuild of all 3 partitions (`LedgerWorker._rebuild`).
+4. the worker's head rebuild of all 3 partitions (`LedgerWorker._rebuild`; with chain-head
+   snapshots `_restore`, what a restarted worker does, and the full rebuild beside it).
 The child prints one JSON line (wall and CPU seconds of each step); this script prints a
 table of medians, each row with B/A.
 """
@@ -116,7 +117,13 @@ with tempfile.TemporaryDirectory() as tmp:
     out["prove_next_cpu"] /= 49
     out["chain_size"] = size
     rb = LedgerWorker(bootstrap, prefix + "rb", topics, LedgerConfig(key=key, origin="ledgerflow.bench"))
-    heads = timed("rebuild", lambda: [rb._rebuild(p) for p in range(3)])
+    if hasattr(rb, "_restore"):  # chain-head snapshots: what a restarted worker reads; then the full rebuild
+        heads = timed("rebuild", lambda: [rb._restore(p).heads for p in range(3)])
+        out["restore_read"] = sum(r.entries_read + r.snapshots_read for r in rb.restores)
+        full = timed("rebuild_full", lambda: [rb._rebuild(p, "bench")[0].heads for p in range(3)])
+        assert sum(h.size for part in full for h in part.values()) == n
+    else:
+        heads = timed("rebuild", lambda: [rb._rebuild(p) for p in range(3)])
     assert sum(h.size for part in heads for h in part.values()) == n
 print(json.dumps(out))
 """
@@ -131,7 +138,9 @@ ROWS = [
     ("from_log_one_tenant", "from_log of one tenant (what `audit prove` reads)", "{:.2f} s"),
     ("prove_first", "prove, first of 50 on that chain (builds its tree)", "{:.4f} s"),
     ("prove_next", "prove, each of the other 49", "{:.6f} s"),
-    ("rebuild", "worker head rebuild, all 3 partitions", "{:.2f} s"),
+    ("rebuild", "worker head restore on assignment, all 3 partitions", "{:.2f} s"),
+    ("restore_read", "  records read by it (snapshots + ledger tail)", "{:,.0f}"),
+    ("rebuild_full", "worker full head rebuild (no snapshot), all 3 partitions", "{:.2f} s"),
 ]
 
 
@@ -164,6 +173,7 @@ def main() -> None:
                     topics = make_topics(args.bootstrap, f"bench-ledger-ab-{run}-{side}{rnd}-")
                     created += [topics.name(k) for k in ("audit", "ledger", "ledger-checkpoints")]
                     created.append(topics.dlq(topics.name("audit")))
+                    created.append(topics.ledger_heads())  # the new worker's snapshots (absent for the old)
                     groups += [f"{topics.prefix}g", f"{topics.prefix}rb"]
                     produce_audits(args.bootstrap, topics.name("audit"), encoded)
                     started = time.perf_counter()

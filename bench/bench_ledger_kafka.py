@@ -249,7 +249,7 @@ class TimedWorker(LedgerWorker):
         self.first_batch = 0
         self.spent_final: dict[str, float] = {}
         self.last = 0.0
-        self.batches = 0
+        self.n_batches = 0
         self.cpu_thread0 = 0.0
         self.cpu_proc0 = 0.0
         self.cpu_thread = 0.0
@@ -264,7 +264,7 @@ class TimedWorker(LedgerWorker):
                 self.cpu_thread0, self.cpu_proc0 = time.thread_time(), _proc_cpu()
                 self.spent.clear()
             else:
-                self.batches += 1
+                self.n_batches += 1
                 self.last = now
                 self.cpu_thread, self.cpu_proc = time.thread_time() - self.cpu_thread0, _proc_cpu() - self.cpu_proc0
         if self.chained >= self.target:
@@ -316,13 +316,13 @@ def run_worker(
         worker.run(stop)
     finally:
         watchdog.cancel()
-    if worker.first is None or worker.chained < n or not worker.batches:
-        raise RuntimeError(f"worker chained {worker.chained} of {n} records in {worker.batches + 1} batches")
+    if worker.first is None or worker.chained < n or not worker.n_batches:
+        raise RuntimeError(f"worker chained {worker.chained} of {n} records in {worker.n_batches + 1} batches")
     return ChainRun(
         batch_max,
         worker.chained - worker.first_batch,
         worker.last - worker.first,
-        worker.batches,
+        worker.n_batches,
         worker.cpu_thread,
         worker.cpu_proc,
         group,
@@ -441,6 +441,7 @@ def main() -> None:
         topics = make_topics(args.bootstrap, f"bench-ledger-{run_id}-{tag}-")
         created.extend([*(topics.name(k) for k in ("audit", "ledger", "ledger-checkpoints"))])
         created.append(topics.dlq(topics.name("audit")))
+        created.append(topics.ledger_heads())
         return topics
 
     try:
@@ -570,7 +571,7 @@ def main() -> None:
             args.bootstrap, f"{topics.prefix}rebuild", topics, LedgerConfig(key=key, origin="ledgerflow.bench")
         )
         try:
-            secs_rb, heads = timed(lambda: [rb._rebuild(p) for p in range(PARTITIONS)])
+            secs_rb, heads = timed(lambda: [rb._restore(p).heads for p in range(PARTITIONS)])
         finally:
             rb._consumer.close()
         assert sum(h.size for part in heads for h in part.values()) == n

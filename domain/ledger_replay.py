@@ -118,3 +118,67 @@ def resume(
         checkpoint_size=checkpointed,
         pending_since=pending,
     )
+
+
+def resume_from(snapshot: ChainState, entries: Iterable[LedgerEntryChained | LoggedEntry]) -> ChainState | None:
+    """The chain head after `snapshot` and the log's `entries` written after it (log order), or
+    None when the two do not fit together (the snapshot is stale or not of this log).
+
+    Entries the snapshot already covers are skipped, except that the one at seq size - 1, if
+    present, must carry the snapshot's last hash; the first entry beyond the snapshot must be
+    seq `size` linked to that hash, and the rest continue as in `resume` (stopping at the first
+    entry that does not extend the chain). A head rebuilt this way reads only the log's tail.
+    """
+    tenant = snapshot.tenant
+    size = snapshot.size
+    last_hash = snapshot.last_hash
+    frontier = list(snapshot.frontier)
+    offsets = dict(snapshot.offsets)
+    last_event_id = snapshot.last_event_id
+    last_occurred_at = snapshot.last_occurred_at
+    pending = snapshot.pending_since
+    sha256 = hashlib.sha256
+    seen: set[tuple[int, str]] = set()
+    extended = False
+    for raw in entries:
+        e = raw if type(raw) is LoggedEntry else LoggedEntry.of(raw)  # type: ignore[arg-type]
+        if e.chain_tenant != tenant:
+            continue
+        twin = (e.seq, e.entry_hash)
+        if twin in seen:
+            continue
+        seen.add(twin)
+        if e.seq < size:
+            if e.seq == size - 1 and not extended and e.entry_hash != last_hash:
+                return None  # the log's entry at the snapshot's head is another one
+            continue
+        if e.seq != size or e.prev_hash != last_hash:
+            if not extended:
+                return None  # entries between the snapshot and this tail were not read
+            break
+        partition = e.source_partition
+        offsets[partition] = max(offsets.get(partition, -1), e.source_offset)
+        h = sha256(b"\x00" + entry_bytes(e.chain_tenant, e.seq, e.prev_hash, e.audit_event_id, e.audit_sha256)).digest()
+        carry = size
+        while carry & 1:
+            h = sha256(b"\x01" + frontier.pop() + h).digest()
+            carry >>= 1
+        frontier.append(h)
+        size += 1
+        last_hash = e.entry_hash
+        last_event_id = e.event_id
+        last_occurred_at = e.occurred_at
+        if pending is None:
+            pending = e.occurred_at
+        extended = True
+    return ChainState(
+        tenant=tenant,
+        size=size,
+        last_hash=last_hash,
+        frontier=tuple(frontier),
+        offsets=offsets,
+        last_event_id=last_event_id,
+        last_occurred_at=last_occurred_at,
+        checkpoint_size=snapshot.checkpoint_size,
+        pending_since=pending,
+    )

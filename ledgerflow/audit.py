@@ -17,12 +17,15 @@ A chain's Merkle tree is built once per `Chain` and kept for every proof asked o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import sys
+import time
 from collections.abc import Collection, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -36,16 +39,18 @@ from domain.ledger import (
     audit_canonical_bytes_from_row,
     build_consistency_proof_file,
     build_inclusion_proof_file,
+    check_checkpoint_event,
     check_consistency_file,
     check_proof_file,
     tree_of,
     verify_chain,
 )
 from domain.ledger_replay import collapse_redeliveries
-from domain.merkle import MerkleTree
+from domain.merkle import MerkleTree, frontier_root
 from ledgerflow.settings import Settings
 from streams.codec import Codec, PoisonEvent
-from streams.events import AuditRecorded, Envelope, LedgerCheckpointSigned, LedgerEntryChained
+from streams.events import AuditRecorded, Envelope, LedgerCheckpointSigned, LedgerEntryChained, LedgerVerified
+from streams.ids import uuid7
 from streams.log_scan import AvroDecodeError, RecordReaders, scan_to_end
 from streams.topics import Topics
 
@@ -186,6 +191,149 @@ def from_store(client: Any, tenant: str | None = None) -> dict[str, Chain]:
     return chains
 
 
+# --- verifying in ClickHouse -----------------------------------------------------------------
+#
+# The canonical bytes of entries and audit records, built by ClickHouse from the projection's
+# columns and hashed there (SHA256 in C++), byte for byte what domain.ledger builds with orjson
+# (tests/test_ledger_verify_sql.py holds the two together). Strings are JSON-escaped for `"`
+# and `\`; a value holding a control character (which orjson writes as an escape) is not
+# rebuilt here: its row counts as unverified and the chain goes to the Python verifier.
+
+
+def _js(col: str) -> str:
+    return f"""concat('"', replaceAll(replaceAll({col}, '\\\\', '\\\\\\\\'), '"', '\\\\"'), '"')"""
+
+
+def _jsn(col: str) -> str:
+    return f"if(isNull({col}), 'null', {_js(f'assumeNotNull({col})')})"
+
+
+_AUDIT_CANON = (
+    "concat('{\"action\":', " + _js("action") + ", ',\"actor\":', " + _js("actor") + ", ',\"details\":{', "
+    "arrayStringConcat(arrayMap((k, v) -> concat(" + _js("k") + ", ':', " + _js("v") + "), "
+    "mapKeys(mapSort(details)), mapValues(mapSort(details))), ','), "
+    '\'},"envelope":{"causation_id":\', '
+    + _jsn("causation_id")
+    + ", ',\"correlation_id\":', "
+    + _js("correlation_id")
+    + ", ',\"event_id\":', "
+    + _js("event_id")
+    + ", ',\"event_type\":', "
+    + _js("toString(event_type)")
+    + ", ',\"occurred_at\":\"', formatDateTime(occurred_at, '%Y-%m-%dT%H:%i:%S.%fZ'), "
+    '\'","producer":\', ' + _js("toString(producer)") + ", ',\"schema_version\":', toString(schema_version), "
+    "',\"tenant\":', " + _js("toString(tenant)") + ", ',\"trace_parent\":', " + _jsn("trace_parent") + ", "
+    "'},\"outcome\":', " + _js("toString(outcome)") + ", ',\"subject\":', " + _js("subject") + ", '}')"
+)
+_ENTRY_CANON = (
+    "concat('{\"audit_event_id\":', "
+    + _js("audit_event_id")
+    + ", ',\"audit_sha256\":', "
+    + _js("audit_sha256")
+    + ", ',\"chain_tenant\":', "
+    + _js("chain_tenant")
+    + ', \',"format":"ledgerflow.ledger-entry/1","prev_hash":\', '
+    + _js("prev_hash")
+    + ", ',\"seq\":', toString(seq), '}')"
+)
+_CONTROL = "match({0}, '[\\\\x00-\\\\x1f]')"
+
+
+def _sql_verify_query(where: str) -> str:
+    """Per chain: is every row sound (seq 0..n-1 once each, hashes, links, tenant, its one audit
+    record), its last hash, and its Merkle leaf hashes in seq order (hex, 64 per leaf)."""
+    audit_canon = _AUDIT_CANON
+    return f"""
+WITH a AS (
+    SELECT tenant, event_id, groupUniqArray(if({_CONTROL.format("c")}, '', lower(hex(SHA256(c))))) AS hashes
+    FROM (SELECT tenant, event_id, {audit_canon} AS c FROM audit_recorded {where})
+    GROUP BY tenant, event_id
+), e AS (
+    SELECT toString(tenant) AS t, seq, entry_hash, prev_hash, audit_event_id, audit_sha256, chain_tenant,
+        {_ENTRY_CANON} AS data,
+        lagInFrame(entry_hash, 1, repeat('0', 64)) OVER (PARTITION BY tenant ORDER BY seq
+            ROWS BETWEEN 1 PRECEDING AND CURRENT ROW) AS before
+    FROM ledger_entry_chained {where}
+)
+SELECT t, count() AS n, min(seq) AS lo, max(seq) AS hi, uniqExact(seq) AS distinct_seq,
+    countIf(NOT (lower(hex(SHA256(data))) = entry_hash AND NOT {_CONTROL.format("data")} AND chain_tenant = t
+        AND prev_hash = before AND length(a.hashes) = 1 AND a.hashes[1] = audit_sha256)) AS unsound,
+    arrayStringConcat(arrayMap(x -> x.2, arraySort(x -> x.1, groupArray((seq, hex(SHA256(concat(char(0), data))))))))
+        AS leaves
+FROM e LEFT JOIN a ON a.tenant = e.t AND a.event_id = e.audit_event_id
+GROUP BY t
+ORDER BY t
+SETTINGS join_use_nulls = 0
+"""
+
+
+def verify_store_sql(client: Any, key: VerifierKey, tenant: str | None = None) -> tuple[list[VerifyReport], list[str]]:
+    """`verify(from_store(client, tenant), key)`, with the hashing done by ClickHouse.
+
+    ClickHouse rebuilds and hashes every entry and audit record and checks seq, links and
+    audit hashes per row; Python then folds the leaf hashes into the Merkle tree and checks
+    each signed checkpoint. A chain with any unsound row (or a checkpoint that does not
+    check) is verified again by the Python verifier, which finds and names its first bad
+    seq, so reports are those of `verify`. Returns (reports, the tenants handed to Python).
+    """
+    where, params = ("WHERE tenant = {t:String}", {"t": tenant}) if tenant is not None else ("", {})
+    result = client.query(_sql_verify_query(where), parameters=params)
+    cps: dict[str, list[LedgerCheckpointSigned]] = {}
+    cp_result = client.query(
+        f"SELECT * FROM ledger_checkpoint_signed {where} ORDER BY tenant, tree_size", parameters=params
+    )
+    for row in cp_result.result_rows:
+        cp = _checkpoint_from_row(dict(zip(cp_result.column_names, row, strict=True)))
+        cps.setdefault(cp.tenant, []).append(cp)
+    reports: dict[str, VerifyReport] = {}
+    slow: list[str] = []
+    for t, n, lo, hi, distinct, unsound, leaves_hex in result.result_rows:
+        report = None
+        if unsound == 0 and lo == 0 and hi == n - 1 and distinct == n:
+            report = _sound_chain(t, int(n), bytes.fromhex(leaves_hex), cps.get(t, []), key)
+        if report is None:
+            slow.append(t)
+        else:
+            reports[t] = report
+    slow.extend(t for t in cps if t not in reports and t not in slow)
+    for t in slow:
+        reports.update((r.tenant or "", r) for r in verify(from_store(client, t), key))
+    return [reports[t] for t in sorted(reports)], sorted(slow)
+
+
+def _sound_chain(
+    tenant: str, n: int, leaves: bytes, checkpoints: list[LedgerCheckpointSigned], key: VerifierKey
+) -> VerifyReport | None:
+    """The OK report of a chain whose rows ClickHouse found sound, if its Merkle roots match
+    every checkpoint (signature checked); None for anything else (Python then says why)."""
+    by_size: dict[int, list[LedgerCheckpointSigned]] = {}
+    for cp in checkpoints:
+        by_size.setdefault(cp.tree_size, []).append(cp)
+    if any(size > n or size == 0 for size in by_size):
+        return None
+    sha256 = hashlib.sha256
+    frontier: list[bytes] = []
+    checked = 0
+    for size in range(n):
+        h = leaves[32 * size : 32 * size + 32]
+        carry = size
+        while carry & 1:
+            h = sha256(b"\x01" + frontier.pop() + h).digest()
+            carry >>= 1
+        frontier.append(h)
+        due = by_size.get(size + 1)
+        if due:
+            root = frontier_root(frontier).hex()
+            for cp in due:
+                if check_checkpoint_event(cp, key) is not None or cp.chain_tenant != tenant or cp.root_hash != root:
+                    return None
+                checked += 1
+    return VerifyReport(
+        ok=True, tenant=tenant, entries_checked=n, checkpoints_checked=checked, size=n,
+        root_hash=frontier_root(frontier).hex(),
+    )  # fmt: skip
+
+
 def _checkpoint_from_row(row: dict[str, Any]) -> LedgerCheckpointSigned:
     env = Envelope(**{f.name: row[f.name] for f in dataclasses.fields(Envelope)})
     payload = {f.name: row[f.name] for f in dataclasses.fields(LedgerCheckpointSigned) if f.name != "envelope"}
@@ -232,6 +380,102 @@ def verify_log(settings: Settings, key: VerifierKey, tenant: str | None = None, 
     for t in split:
         out.extend(verify(from_log(settings, t), key))
     return sorted(out, key=lambda r: r.tenant or "")
+
+
+# --- verification results as facts ---------------------------------------------------------
+
+VERIFY_PRODUCER = "cli:audit-verify"
+SOURCES = {"log": "log", "store": "clickhouse"}  # --source name -> LedgerVerified.source
+
+
+@dataclass(frozen=True)
+class VerifyRun:
+    """One source checked in one `audit verify` run: its reports and how long it took."""
+
+    source: str  # "log" | "clickhouse"
+    reports: list[VerifyReport]
+    duration_ms: int
+    verifier: str = "python"
+    by_python: tuple[str, ...] = ()  # tenants the ClickHouse verifier handed to Python (a chain it found unsound)
+
+
+def key_fingerprint(key: VerifierKey) -> str:
+    """Hex SHA-256 of the verifier key text (`name+id+key`): names the key a result was checked with."""
+    return hashlib.sha256(key.to_vkey().encode("utf-8")).hexdigest()
+
+
+def verification_events(
+    runs: Iterable[VerifyRun], key: VerifierKey, tenant: str | None, run_id: str | None = None
+) -> list[LedgerVerified]:
+    """One LedgerVerified per chain per source; the run's events share one correlation id."""
+    correlation = run_id or str(uuid7())
+    fingerprint, key_id = key_fingerprint(key), key.key_id_hex
+    now = datetime.now(UTC)
+    out = []
+    for run in runs:
+        for r in run.reports:
+            owner = r.tenant or ""
+            eid = str(uuid7())
+            env = Envelope(
+                event_id=eid, event_type="LedgerVerified", schema_version=LedgerVerified.SCHEMA_VERSION,
+                tenant=owner, occurred_at=now, correlation_id=correlation, producer=VERIFY_PRODUCER,
+            )  # fmt: skip
+            out.append(
+                LedgerVerified(
+                    envelope=env,
+                    chain_tenant=owner,
+                    scope="all" if tenant is None else "tenant",
+                    source=run.source,
+                    ok=r.ok,
+                    entries_checked=r.entries_checked,
+                    checkpoints_checked=r.checkpoints_checked,
+                    root_hash=r.root_hash,
+                    duration_ms=run.duration_ms,
+                    key_fingerprint=fingerprint,
+                    key_id=key_id,
+                    verifier="python" if owner in run.by_python else run.verifier,
+                    first_bad_seq=None if r.ok else r.bad_seq,
+                    reason=None if r.ok else r.reason,
+                )
+            )
+    return out
+
+
+def record_verifications(settings: Settings, events: list[LedgerVerified]) -> None:
+    """Publish the results in one transaction (the sink lands them in `ledger_verifications`)."""
+    if not events:
+        return
+    from ledgerflow.admin import publish  # here: `audit check` imports nothing of the platform
+
+    publish(settings, list(events))
+
+
+def run_verify(
+    settings: Settings,
+    key: VerifierKey,
+    source: str,
+    tenant: str | None = None,
+    jobs: int = 1,
+    client: Any = None,
+    verifier: str = "clickhouse",
+) -> VerifyRun:
+    """Verify one source (`log` or `store`), timed; `client` overrides the read-side ClickHouse client.
+
+    The store is verified by ClickHouse itself (`verify_store_sql`) unless `verifier` is
+    "python"; the log always by Python.
+    """
+    started = time.monotonic()
+    by_python: list[str] = []
+    if source == "log":
+        reports, verifier = verify_log(settings, key, tenant, jobs), "python"
+    else:
+        client = client if client is not None else read_client(settings)
+        if verifier == "clickhouse":
+            reports, by_python = verify_store_sql(client, key, tenant)
+        else:
+            reports = verify(from_store(client, tenant), key)
+    took = round((time.monotonic() - started) * 1000)
+    return VerifyRun(SOURCES[source], reports, took, verifier, tuple(by_python))
 
 
 def prove(chains: dict[str, Chain], tenant: str, seq: int) -> dict[str, Any]:
@@ -302,6 +546,18 @@ def add_parser(sub: Any) -> None:
     v.add_argument(
         "--jobs", type=int, default=1, help="read and verify the log's partitions in this many processes (default 1)"
     )
+    v.add_argument(
+        "--verifier",
+        choices=["clickhouse", "python"],
+        default="clickhouse",
+        help="who recomputes the ClickHouse copy: ClickHouse itself (default; an unsound chain is re-checked "
+        "in Python to name its first bad seq) or Python",
+    )
+    v.add_argument(
+        "--no-record",
+        action="store_true",
+        help="a dry check: do not record the results as LedgerVerified events (the portal shows the last recorded)",
+    )
     p = asub.add_parser("prove", help="write self-contained inclusion proofs, one file per entry")
     p.add_argument("entries", metavar="TENANT:SEQ", nargs="+", help="one or more; one log read and tree per tenant")
     p.add_argument("--out", type=Path, help="proof file, for a single entry (default: proof-TENANT-SEQ.json)")
@@ -327,11 +583,13 @@ def cmd(settings: Settings, args: Any) -> int:
         key = public_key(settings, args.key)
         failed = False
         sources = ["log", "store"] if args.source == "both" else [args.source]
+        runs = []
         for source in sources:
-            if source == "log":
-                reports = verify_log(settings, key, args.tenant, args.jobs)
-            else:
-                reports = verify(from_store(read_client(settings), args.tenant), key)
+            run = run_verify(
+                settings, key, source, args.tenant, args.jobs, verifier=getattr(args, "verifier", "clickhouse")
+            )
+            runs.append(run)
+            reports = run.reports
             if not reports:
                 print(f"{source}: no ledger entries" + (f" for {args.tenant}" if args.tenant else ""))
             for r in reports:
@@ -343,6 +601,10 @@ def cmd(settings: Settings, args: Any) -> int:
                 else:
                     failed = True
                     print(f"{source}: {r.tenant}: BAD at seq {r.bad_seq}: {r.reason}")
+        if not args.no_record:
+            events = verification_events(runs, key, args.tenant)
+            record_verifications(settings, events)
+            print(f"recorded {len(events)} LedgerVerified event(s)" if events else "nothing to record")
         return 1 if failed else 0
     if args.audit_command == "prove":
         return _prove_cmd(settings, args.entries, args.out)

@@ -50,9 +50,13 @@ def scan_to_end(
     *,
     partitions: Collection[int] | None = None,
     keys: Collection[bytes] | None = None,
+    start: Mapping[int, int] | None = None,
+    ends_seen: dict[tuple[str, int], int] | None = None,
 ) -> Iterator[Message]:
     """Every committed record of `topics` (read_committed), from the start to the end offsets
     seen now, partition by partition in offset order; with `keys`, only records with one of them.
+    `start` (partition -> offset) reads only from there on (a tail); `ends_seen`, if given, is
+    filled with the end offset taken as the end of each (topic, partition), read or empty.
 
     Raises TimeoutError when the end is not reached within `timeout` seconds (callers rebuild
     or verify state from the result and must not take a prefix for the whole).
@@ -79,6 +83,10 @@ def scan_to_end(
                 if partitions is not None and p not in partitions:
                     continue
                 low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+                if ends_seen is not None:
+                    ends_seen[(topic, p)] = high
+                if start is not None and p in start:
+                    low = max(low, start[p])
                 if high > low:
                     ends[(topic, p)] = high
                     assign.append(TopicPartition(topic, p, low))

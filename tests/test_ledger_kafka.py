@@ -8,6 +8,8 @@ restarted leaves no duplicate seq and no gap.
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import os
 import signal
@@ -22,15 +24,19 @@ from typing import Any
 
 import pytest
 from clickhouse_connect.driver.client import Client
+from confluent_kafka import Producer
 
+from agents.ledger import LedgerConfig, LedgerWorker, load_or_create_key, snapshot_record
 from domain.checkpoint import load_verifier_key_file, open_checkpoint
-from domain.ledger import LedgerEntry, audit_canonical_bytes
+from domain.ledger import ChainHead, LedgerEntry, audit_canonical_bytes
+from domain.ledger_replay import resume
 from ledgerflow import audit
 from ledgerflow.settings import Settings, load
 from streams.admin import read_to_end
 from streams.codec import Codec
 from streams.events import AuditRecorded, Envelope, LedgerEntryChained
 from streams.ids import uuid7
+from streams.log_scan import scan_to_end
 from streams.topics import Topics
 from tests.conftest import REPO, free_port
 from tests.kafka_helpers import read_all
@@ -135,6 +141,7 @@ def fields(entries: list[Any]) -> list[LedgerEntry]:
     return [LedgerEntry.of(e) for e in entries]
 
 
+@pytest.mark.timeout(600)  # the whole auditor's path in one broker run (the default 300 s is tight on a busy box)
 def test_chain_verify_tamper_and_offline_proof(
     kafka_bootstrap: str,
     topics: Topics,
@@ -175,6 +182,7 @@ def test_chain_verify_tamper_and_offline_proof(
     )
     from_store = {r.tenant: r for r in audit.verify(audit.from_store(store), key)}
     assert all(r.ok for r in from_store.values()) and from_store["acme"].root_hash == reports["acme"].root_hash
+    passing = [audit.run_verify(settings, key, "store", client=store), audit.run_verify(settings, key, "log")]
 
     # an offline proof from the log, checked with nothing but the file and the public key
     doc = audit.prove(audit.from_log(settings, "acme"), "acme", 17)
@@ -216,6 +224,64 @@ def test_chain_verify_tamper_and_offline_proof(
     # ...while the log still verifies
     assert all(r.ok for r in audit.verify(audit.from_log(settings), key))
 
+    # verification results are facts: the passing runs and a tampered one land rows in ledger_verifications
+    tampered = audit.run_verify(settings, key, "store", "acme", client=store)
+    run_ok, run_bad = str(uuid7()), str(uuid7())
+    audit.record_verifications(settings, audit.verification_events(passing, key, None, run_id=run_ok))
+    audit.record_verifications(settings, audit.verification_events([tampered], key, "acme", run_id=run_bad))
+    # the command line: a --no-record check publishes nothing, a recorded one its one row
+    args = argparse.Namespace(audit_command="verify", tenant="globex", source="log", key=None, jobs=1, no_record=True)
+    assert audit.cmd(settings, args) == 0
+    assert audit.cmd(settings, argparse.Namespace(**{**vars(args), "no_record": False})) == 0
+    run_until(sink, lambda: int(str(store.command("SELECT count() FROM ledger_verifications"))) == 6, timeout=60)
+    for _ in range(10):  # a row the --no-record run published would arrive about now
+        sink.poll_once(0.1)
+    cols = (
+        "correlation_id, tenant, chain_tenant, scope, source, ok, entries_checked, checkpoints_checked, "
+        "root_hash, first_bad_seq, reason, duration_ms, key_fingerprint, key_id, verifier, producer"
+    )
+    result = store.query(f"SELECT {cols} FROM ledger_verifications ORDER BY correlation_id, source, tenant")
+    rows = [dict(zip(result.column_names, r, strict=True)) for r in result.result_rows]
+    assert len(rows) == 6, rows
+    fingerprint = hashlib.sha256(key.to_vkey().encode()).hexdigest()
+    assert all(
+        (r["key_fingerprint"], r["key_id"], r["producer"], r["tenant"])
+        == (fingerprint, key.key_id_hex, "cli:audit-verify", r["chain_tenant"])
+        and r["duration_ms"] >= 0
+        for r in rows
+    ), rows
+    ok_rows = [r for r in rows if r["correlation_id"] == run_ok]
+    summary = {
+        (r["source"], r["tenant"]): (r["scope"], r["ok"], r["entries_checked"], r["checkpoints_checked"])
+        for r in ok_rows
+    }
+    assert summary == {
+        ("clickhouse", "acme"): ("all", True, 100, 2),
+        ("clickhouse", "globex"): ("all", True, 45, 1),
+        ("log", "acme"): ("all", True, 100, 2),
+        ("log", "globex"): ("all", True, 45, 1),
+    }
+    assert all(r["first_bad_seq"] is None and r["reason"] is None for r in ok_rows)
+    assert {(r["source"], r["verifier"]) for r in ok_rows} == {("clickhouse", "clickhouse"), ("log", "python")}
+    assert {r["root_hash"] for r in ok_rows if r["tenant"] == "acme"} == {reports["acme"].root_hash}
+    (bad_row,) = [r for r in rows if r["correlation_id"] == run_bad]
+    assert (bad_row["tenant"], bad_row["scope"], bad_row["source"], bad_row["ok"]) == (
+        "acme",
+        "tenant",
+        "clickhouse",
+        False,
+    )
+    assert (bad_row["first_bad_seq"], bad_row["entries_checked"]) == (23, 23) and "audit_sha256" in bad_row["reason"]
+    assert bad_row["verifier"] == "python"  # ClickHouse found the chain unsound; Python named the seq
+    (cli_row,) = [r for r in rows if r["correlation_id"] not in (run_ok, run_bad)]
+    assert (cli_row["tenant"], cli_row["scope"], cli_row["source"], cli_row["ok"], cli_row["entries_checked"]) == (
+        "globex",
+        "tenant",
+        "log",
+        True,
+        45,
+    )
+
 
 def test_worker_killed_mid_run_leaves_no_duplicate_seq_and_no_gap(
     kafka_bootstrap: str, topics: Topics, tmp_path: Path, worker: Any
@@ -244,9 +310,77 @@ def test_worker_killed_mid_run_leaves_no_duplicate_seq_and_no_gap(
         (tmp_path / "worker1.log").read_text()[-3000:],
     )
     print(f"killed with {at_kill} of {n} entries out")
+    # the restarted worker came back from the snapshots the killed one committed with its entries
+    assert "snapshot restore" in (tmp_path / "worker1.log").read_text()
     # redelivered twins are identical (same event id, seq and hash); never two entries for one seq
     for chain in chains.values():
         by_seq: dict[int, set[str]] = {}
         for e in chain.entries:
             by_seq.setdefault(e.seq, set()).add(e.entry_hash)
         assert all(len(h) == 1 for h in by_seq.values())
+
+
+def _run_until_chained(w: LedgerWorker, n: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while w.chained < n:
+        assert time.monotonic() < deadline, f"chained {w.chained} of {n}"
+        w.step()
+
+
+def test_restart_reads_the_snapshots_and_the_tail_only_and_a_stale_snapshot_falls_back(
+    kafka_bootstrap: str, topics: Topics, tmp_path: Path
+) -> None:
+    settings = settings_for(kafka_bootstrap, topics, tmp_path)
+    key = load_or_create_key(settings.ledger_key_path, settings.ledger_origin)
+    config = LedgerConfig(key=key, origin=settings.ledger_origin, every_n=40, every_s=3600, batch_max=100)
+    group = f"ledger-{uuid.uuid4().hex[:8]}"
+    acme, initech = audits("acme", 450), audits("initech", 450)
+    interleaved = [r for pair in zip(acme, initech, strict=True) for r in pair]  # every batch touches both
+
+    def worker() -> LedgerWorker:
+        w = LedgerWorker(kafka_bootstrap, group, topics, config)
+        w.subscribe()
+        return w
+
+    # first start: no snapshot yet, so the whole (empty) history is read; then 600 entries
+    produce_events(kafka_bootstrap, topics, interleaved[:600])
+    first = worker()
+    _run_until_chained(first, 600)
+    assert first.restores and all(r.mode == "full" and r.reason == "no snapshot" for r in first.restores)
+    first.close()
+
+    # restart: heads from the snapshots plus the ledger's tail, not the 600 entries of history
+    produce_events(kafka_bootstrap, topics, interleaved[600:800])
+    second = worker()
+    _run_until_chained(second, 200)
+    restored = [r for r in second.restores if r.chains]
+    assert restored and all(r.mode == "snapshot" for r in restored), second.restores
+    assert sum(r.entries for r in restored) == 600  # the heads it restored: every entry before the restart
+    assert all(0 < r.entries_read <= 2 * config.batch_max for r in restored), restored  # of 600 in the log
+    assert all(r.snapshots_read > 0 for r in restored)
+    second.close()
+    reports = {r.tenant: r for r in audit.verify(audit.from_log(settings), key.verifier)}
+    assert {t: (r.ok, r.size) for t, r in reports.items()} == {"acme": (True, 400), "initech": (True, 400)}
+
+    # a stale snapshot (acme at seq 10, while the tail after it holds seq ~390 on): a full rebuild
+    logged = [CODEC.decode(m.value() or b"") for m in scan_to_end(kafka_bootstrap, [topics.name("ledger")], 60)]
+    entries = [e for e in logged if isinstance(e, LedgerEntryChained) and e.chain_tenant == "acme"]
+    early = sorted(entries, key=lambda e: e.seq)[:10]
+    heads = [m for m in scan_to_end(kafka_bootstrap, [topics.ledger_heads()], 60) if m.key() == b"acme"]
+    doc = json.loads(max(heads, key=lambda m: m.offset() or 0).value() or b"")
+    stale = snapshot_record(ChainHead.from_state(resume("acme", early)), doc["partition"], doc["ledger_from"])
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    producer.produce(topics.ledger_heads(), key=b"acme", value=stale, partition=doc["partition"])
+    producer.flush(10)
+    produce_events(kafka_bootstrap, topics, interleaved[800:])
+    third = worker()
+    _run_until_chained(third, 100)
+    fallback = [r for r in third.restores if r.partition == doc["partition"]]
+    assert [(r.mode, r.reason) for r in fallback] == [("full", "stale snapshot of acme")], third.restores
+    assert fallback[0].entries_read >= 400  # the whole history of the partition
+    third.close()
+    chains = audit.from_log(settings)
+    reports = {r.tenant: r for r in audit.verify(chains, key.verifier)}
+    assert {t: (r.ok, r.size) for t, r in reports.items()} == {"acme": (True, 450), "initech": (True, 450)}
+    for chain in chains.values():  # no seq twice, none missing
+        assert sorted(e.seq for e in chain.entries) == list(range(450))

@@ -6,7 +6,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from domain.ledger import ChainState, chain, verify_chain
-from domain.ledger_replay import collapse_redeliveries, resume
+from domain.ledger_replay import collapse_redeliveries, resume, resume_from
 from streams.events import AuditRecorded, Envelope, LedgerEntryChained
 from streams.ids import derived_uuid7, uuid7
 
@@ -68,3 +68,23 @@ def test_resume_keeps_checkpoint_progress_only_within_the_rebuilt_chain() -> Non
     signed = replace(head, checkpoint_size=8, pending_since=None)
     assert resume("acme", entries, signed).checkpoint_size == 8
     assert resume("acme", entries[:5], signed).checkpoint_size == 0
+
+
+def test_resume_from_a_snapshot_and_the_tail_equals_resuming_the_whole_log() -> None:
+    head, entries = chained(53)
+    snapshot = resume("acme", entries[:20])
+    # a tail overlapping the snapshot (as the worker reads it: from an earlier transaction on)
+    for start in (20, 19, 12):
+        assert resume_from(snapshot, entries[start:]) == resume("acme", entries), start
+    assert resume_from(head, []) == head  # nothing after the snapshot: the snapshot itself
+    assert resume_from(snapshot, entries[15:] + entries[30:35]) == resume("acme", entries)  # redelivered twins
+
+
+def test_resume_from_refuses_a_stale_or_foreign_snapshot() -> None:
+    _, entries = chained(53)
+    snapshot = resume("acme", entries[:20])
+    assert resume_from(snapshot, entries[25:]) is None  # seq 20-24 were never read: a gap
+    forged = replace(entries[19], entry_hash="f" * 64)
+    assert resume_from(snapshot, [forged, *entries[20:]]) is None  # the log's seq 19 is another entry
+    other = replace(snapshot, last_hash="e" * 64)
+    assert resume_from(other, entries[20:]) is None  # seq 20 does not link to the snapshot's head
