@@ -1,22 +1,40 @@
 """Agent: anomalies in a tenant's hourly spend (CostAnomalyDetected), from TokensCharged.
 
 The pure fold is `domain.anomaly.fold`; the I/O is the shared charge-fold shape
-(`agents/charge_folds.py`). The open hour changes with every charge, so the state is stored
-every time, not only when an anomaly is emitted.
+(`agents/charge_folds.py`). The open hour changes with every charge, so it is stored every
+time, not only when an anomaly is emitted; the pickled detector (~6 KB) changes only when an
+hour closes, so it is stored then, under its own key (`<tenant>|detectors`) in the same table.
+Both keys of a tenant are written from its charges' partition, so they share a changelog
+partition and a crash can lose the open hour written after the detectors, never the reverse
+(`domain.anomaly.detectors_json` keeps the previous detector for that case).
 """
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 import faust
 
 from agents.charge_folds import register_charge_fold
-from domain.anomaly import HourlySpend, fold
+from domain.anomaly import HourlySpend, detectors_json, fold
 from streams.codec import Codec
 from streams.topics import Topics
 
 AGENT_NAME = "cost-anomalies"
+DETECTORS = "|detectors"
+
+
+def restore(table: MutableMapping[Any, Any], key: str) -> HourlySpend | None:
+    open_hour = table.get(key)
+    return HourlySpend.from_parts(open_hour, table[key + DETECTORS]) if open_hour else None
+
+
+def save(table: MutableMapping[Any, Any], key: str, old: HourlySpend | None, new: HourlySpend) -> None:
+    detectors = detectors_json(new, old)
+    if detectors is not None:  # first, so the open hour never names a detector that was lost
+        table[key + DETECTORS] = detectors
+    table[key] = new.open_hour_json()
 
 
 def register(app: faust.App, topics: Topics, codec: Codec) -> Any:
@@ -30,4 +48,6 @@ def register(app: faust.App, topics: Topics, codec: Codec) -> Any:
         load=HourlySpend.from_json,
         fold=fold,
         store_every_charge=True,
+        restore=restore,
+        save=save,
     )

@@ -11,6 +11,10 @@ handles in constant memory and explains in one line (spend, expected, score); th
 deterministic, so replaying the log reports the same hours. The detector lives in the state
 pickled (river models are plain Python objects), so the Faust table restores it after a crash.
 A charge older than the open hour (a late record) is counted in the open hour.
+
+Storage: the open hour changes with every charge, the detector (~6 KB pickled) only when an hour
+closes, so the agent stores them apart (`open_hour_json` per charge, `detectors_json` per closed
+hour, keyed by `hours_learned`, which names the detector an open hour continues from).
 """
 
 from __future__ import annotations
@@ -77,6 +81,32 @@ class HourlySpend:
                 "detector": base64.b64decode(data["detector"]),
             }
         )
+
+    def open_hour_json(self) -> dict[str, Any]:
+        """The state without its detector (~200 bytes): what changes with every charge."""
+        data = self.to_json()
+        del data["detector"]
+        return data
+
+    @classmethod
+    def from_parts(cls, open_hour: dict[str, Any], detectors: dict[str, str]) -> HourlySpend:
+        """Join an open hour with the detector it continues from (`detectors` by hours learned)."""
+        return cls.from_json({**open_hour, "detector": detectors[str(open_hour["hours_learned"])]})
+
+
+def detectors_json(new: HourlySpend, old: HourlySpend | None) -> dict[str, str] | None:
+    """The detectors to store when `new` learned hours `old` had not (None: the detector is unchanged).
+
+    Both the new and the previous detector are kept, keyed by hours learned: if a crash persists
+    this record but not the open hour written after it, the restored open hour still finds the
+    detector it continues from, and the redelivered closing charge learns its hour once.
+    """
+    if old is not None and old.hours_learned == new.hours_learned:
+        return None
+    out = {str(new.hours_learned): base64.b64encode(new.detector).decode()}
+    if old is not None:
+        out[str(old.hours_learned)] = base64.b64encode(old.detector).decode()
+    return out
 
 
 def fold(

@@ -532,6 +532,8 @@ class Hold:
                     envelope=self.envelope("BudgetSettled", b.budget_id),
                     reserved_amount=self.amount,
                     actual_amount=self.actual,
+                    limit_amount=b.limit,  # what the month-end forecast compares with (agents/forecast.py)
+                    enforced=b.enforced,
                     **self._common(i),
                 )
             )

@@ -81,6 +81,7 @@ class CallContext:
     session: str | None = None  # memory session: its window leads `messages`, the rest are new turns
     remembered: int = 0  # how many of `messages` came from the session's window
     route_chosen: RouteChosen | None = None  # the router's choice (issue 9), recorded with the opening facts
+    max_tokens: int | None = None  # answer bound the budget hold and cost cap assume; passed to the adapter (issue 7)
 
     def envelope(self, event_type: str, causation: str | None = None) -> Envelope:
         return Envelope(

@@ -122,14 +122,14 @@ class RegistryAdapter:
         self.registry = registry
         self.models: tuple[str, ...] = registry.names()
 
-    async def complete(self, model: str, messages: list[Message]) -> Completion:
-        return await self.registry.adapter_for(model).complete(model, messages)
+    async def complete(self, model: str, messages: list[Message], max_tokens: int | None = None) -> Completion:
+        return await self.registry.adapter_for(model).complete(model, messages, max_tokens)
 
-    def stream(self, model: str, messages: list[Message]) -> AsyncIterator[str]:
-        return self.registry.adapter_for(model).stream(model, messages)
+    def stream(self, model: str, messages: list[Message], max_tokens: int | None = None) -> AsyncIterator[str]:
+        return self.registry.adapter_for(model).stream(model, messages, max_tokens)
 
-    def usage(self, model: str, messages: list[Message], text: str) -> Completion:
-        return self.registry.adapter_for(model).usage(model, messages, text)
+    def usage(self, model: str, messages: list[Message], text: str, max_tokens: int | None = None) -> Completion:
+        return self.registry.adapter_for(model).usage(model, messages, text, max_tokens)
 
     async def close(self) -> None:
         await self.registry.close()

@@ -308,6 +308,26 @@ class UpstreamCompletion(Completion):
     attempts: int = 1  # calls made, retries included (AdapterCalled.retries = attempts - 1)
 
 
+def _bounded(completion: UpstreamCompletion, max_tokens: int | None, upstream: str) -> UpstreamCompletion:
+    """An estimate capped at `max_tokens`; reported usage over it is kept, and logged.
+
+    Why keep it: the upstream bills what it reports, so the charge and the budget settle the
+    actual cost (the ledger must equal the bill), even past the hold. The overshoot is bounded
+    per call by the upstream's own output limit, and the settled spend makes the next hold see it.
+    """
+    if max_tokens is None or completion.completion_tokens <= max_tokens:
+        return completion
+    if completion.estimated:
+        return replace(completion, completion_tokens=max_tokens)
+    log.warning(
+        "upstream %r reported %d completion tokens, over the max_tokens of %d it was sent; charging what it reported",
+        upstream,
+        completion.completion_tokens,
+        max_tokens,
+    )
+    return completion
+
+
 def estimate_usage(messages: list[Message], text: str) -> tuple[int, int]:
     """~4 characters per token (the simulator's rule), for upstreams that report no usage."""
     chars = sum(len(m.content) for m in messages)
@@ -321,9 +341,11 @@ class UpstreamStream:
     `completion` directly (race-free) instead of calling `usage()` afterwards.
     """
 
-    def __init__(self, adapter: OpenAIUpstreamAdapter, model: str, messages: list[Message]) -> None:
+    def __init__(
+        self, adapter: OpenAIUpstreamAdapter, model: str, messages: list[Message], max_tokens: int | None = None
+    ) -> None:
         self.completion: UpstreamCompletion | None = None
-        self._gen = adapter._stream_pieces(model, messages, self)
+        self._gen = adapter._stream_pieces(model, messages, self, max_tokens)
 
     def __aiter__(self) -> UpstreamStream:
         return self
@@ -623,8 +645,8 @@ class OpenAIUpstreamAdapter:
 
     # --- the Adapter interface ------------------------------------------------------------
 
-    async def complete(self, model: str, messages: list[Message]) -> UpstreamCompletion:
-        body = self._body(model, messages, stream=False)
+    async def complete(self, model: str, messages: list[Message], max_tokens: int | None = None) -> UpstreamCompletion:
+        body = self._body(model, messages, stream=False, max_tokens=max_tokens)
 
         async def attempt() -> UpstreamCompletion:
             async with self._get_session().post(
@@ -637,29 +659,37 @@ class OpenAIUpstreamAdapter:
 
         completion, probe, attempts = await self._with_retries(attempt)
         self.breaker.success(probe)
+        completion = _bounded(completion, max_tokens, self.name)
         return replace(completion, attempts=attempts) if attempts > 1 else completion
 
-    def stream(self, model: str, messages: list[Message]) -> UpstreamStream:
-        return UpstreamStream(self, model, messages)
+    def stream(self, model: str, messages: list[Message], max_tokens: int | None = None) -> UpstreamStream:
+        return UpstreamStream(self, model, messages, max_tokens)
 
-    def usage(self, model: str, messages: list[Message], text: str) -> UpstreamCompletion:
-        """Usage of a finished stream with this text: the upstream's if it sent any, else estimated."""
+    def usage(
+        self, model: str, messages: list[Message], text: str, max_tokens: int | None = None
+    ) -> UpstreamCompletion:
+        """Usage of a finished stream with this text: the upstream's if it sent any, else estimated
+        (an estimate is capped at `max_tokens`: the upstream was asked for no more)."""
         key = self._stash_key(model, messages, text)
         queue = self._usage_stash.get(key)
         if queue:
             found = queue.popleft()
             if not queue:
                 del self._usage_stash[key]
-            return found
+            return _bounded(found, max_tokens, self.name)
         prompt_tokens, completion_tokens = estimate_usage(messages, text)
-        return UpstreamCompletion(model, text, prompt_tokens, completion_tokens, estimated=True)
+        estimated = UpstreamCompletion(model, text, prompt_tokens, completion_tokens, estimated=True)
+        return _bounded(estimated, max_tokens, self.name)
 
     # --- internals ------------------------------------------------------------------------
 
-    def _body(self, model: str, messages: list[Message], *, stream: bool) -> bytes:
+    def _body(self, model: str, messages: list[Message], *, stream: bool, max_tokens: int | None = None) -> bytes:
         if model not in self.models:
             raise ValueError(f"model {model!r} is not served by upstream {self.name!r}")
         payload: dict[str, Any] = dict(self._defaults)
+        if max_tokens is not None:  # what the budget hold covers; a lower configured default still wins
+            configured = payload.get("max_tokens")
+            payload["max_tokens"] = min(max_tokens, configured) if isinstance(configured, int) else max_tokens
         payload["model"] = self._upstream_models.get(model, model)
         payload["messages"] = [{"role": m.role, "content": m.content} for m in messages]
         payload["stream"] = stream
@@ -799,10 +829,10 @@ class OpenAIUpstreamAdapter:
             self._usage_stash.popitem(last=False)
 
     async def _stream_pieces(
-        self, model: str, messages: list[Message], out: UpstreamStream
+        self, model: str, messages: list[Message], out: UpstreamStream, max_tokens: int | None = None
     ) -> AsyncGenerator[str, None]:
         """The generator behind UpstreamStream. Retries end once the first piece is yielded."""
-        body = self._body(model, messages, stream=True)
+        body = self._body(model, messages, stream=True, max_tokens=max_tokens)
 
         async def attempt() -> tuple[aiohttp.ClientResponse, _SSEReader, str | None]:
             resp = await self._get_session().post(

@@ -6,6 +6,7 @@ in its test context (no broker), emitting CostAnomalyDetected for the spike hour
 
 from __future__ import annotations
 
+import pickle
 import random
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -13,8 +14,10 @@ from decimal import Decimal
 from typing import Any
 
 import faust
+import orjson
 import pytest
 
+from agents import anomalies
 from agents.app import create_app
 from domain.anomaly import GRACE_HOURS, HourlySpend, fold
 from streams.codec import Codec
@@ -107,3 +110,47 @@ async def test_agent_emits_the_spike_on_the_cost_anomalies_topic(app, monkeypatc
             await ctx.put(CODEC.encode(c), key=b"acme")
     found = [CODEC.decode(v) for t, v in sent if t == "u.cost-anomalies"]
     assert [a.hour_start for a in found] == [START + timedelta(hours=SPIKE_HOUR)]  # type: ignore[attr-defined]
+
+
+def fold_through_table(
+    charges: list[TokensCharged], crash_at: int | None = None
+) -> tuple[HourlySpend | None, list[CostAnomalyDetected]]:
+    """The agent's storage (open hour per charge, detectors per closed hour) over a dict as its table.
+
+    `crash_at`: that charge's detectors reach the table but its open hour does not (a SIGKILL
+    between the two writes), and the charge is redelivered, as the worker would after a restart.
+    """
+    table: dict[str, Any] = {}
+    found = []
+    queue = list(enumerate(charges))
+    crashed = False
+    while queue:
+        offset, c = queue.pop(0)
+        old = anomalies.restore(table, "acme")
+        new, out = fold(old, c, 0, offset)
+        if offset == crash_at and not crashed:
+            crashed = True
+            before = table.get("acme")
+            anomalies.save(table, "acme", old, new)
+            table["acme"] = before  # the open hour was lost
+            queue.insert(0, (offset, c))  # redelivered
+            continue
+        anomalies.save(table, "acme", old, new)
+        if out is not None:
+            found.append(out)
+    return anomalies.restore(table, "acme"), found
+
+
+def test_a_crash_between_the_two_writes_learns_the_hour_once() -> None:
+    charges = traffic()
+    closing = next(i for i, c in enumerate(charges) if c.envelope.occurred_at >= START + timedelta(hours=30))
+    straight, found = fold_through_table(charges)
+    assert straight is not None and [a.hour_start for a in found] == [START + timedelta(hours=SPIKE_HOUR)]
+    crashed, found_after_crash = fold_through_table(charges, crash_at=closing)
+    assert crashed is not None and found_after_crash == found
+    assert replace(crashed, detector=b"") == replace(straight, detector=b"")
+    a, b = (pickle.loads(x.detector).gaussian for x in (crashed, straight))  # its rng state differs, its data not
+    assert list(a.window) == list(b.window) and (a.obj.mu, a.obj.n_samples) == (b.obj.mu, b.obj.n_samples)
+    table: dict[str, Any] = {}
+    anomalies.save(table, "acme", None, straight)
+    assert len(orjson.dumps(table["acme"])) < 400  # per charge: the open hour only, not the ~6 KB detector

@@ -1,8 +1,9 @@
 """Budgets that never overshoot, through the real gateway app, the real broker and a real redis-server.
 
 Budgets are set with `ledgerflow budgets set` (events on the budgets topic) and reach the
-gateways through their followers. The model is a test adapter whose usage the test sets (the
-simulator's answer lengths are not bounded by max_tokens); in its worst case every call uses
+gateways through their followers. The model is a test adapter whose usage the test sets (so the
+worst case is exact; that no adapter exceeds max_tokens is tests/test_budget_max_tokens.py); in
+its worst case every call uses
 exactly the tokens its hold allowed (prompt bound + max_tokens), so "a budget for exactly 10
 calls" admits exactly 10 however the 100 concurrent calls interleave: fewer would mean a
 leak, more an overshoot. When calls cost less than their hold, spend stays at or under it.
@@ -71,14 +72,14 @@ class UsageAdapter:
     def __init__(self, share: Decimal = Decimal(1)) -> None:
         self.share = share
 
-    def usage(self, model: str, messages: list[Message], text: str) -> Completion:
+    def usage(self, model: str, messages: list[Message], text: str, max_tokens: int | None = None) -> Completion:
         prompt = int(prompt_bound(messages) * self.share)
         return Completion(model, text, prompt, int(MAX_TOKENS * self.share))
 
-    async def complete(self, model: str, messages: list[Message]) -> Completion:
+    async def complete(self, model: str, messages: list[Message], max_tokens: int | None = None) -> Completion:
         return self.usage(model, messages, f"[{model}] fine")
 
-    async def stream(self, model: str, messages: list[Message]) -> AsyncIterator[str]:
+    async def stream(self, model: str, messages: list[Message], max_tokens: int | None = None) -> AsyncIterator[str]:
         yield f"[{model}] fine"
 
 
@@ -234,7 +235,7 @@ async def test_an_upstream_failure_releases_the_hold_and_records_it(
     from streams.events import BudgetReleased
 
     class Failing(UsageAdapter):
-        async def complete(self, model: str, messages: list[Message]) -> Completion:
+        async def complete(self, model: str, messages: list[Message], max_tokens: int | None = None) -> Completion:
             raise UpstreamError("the model is down")
 
     settings = settings_for(kafka_bootstrap, topics, monkeypatch)
