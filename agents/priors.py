@@ -3,7 +3,8 @@
 A Kafka consume-transform-produce loop around the pure fold `domain.routing_priors`
 (run: `python -m agents.priors`). Kafka only at the edges:
 1. consume RouteChosen (`routes`), FeedbackReceived (`feedback`), TokensCharged
-   (`token-charges`) and AdapterCalled (its topic, once the catalogue has one), read_committed;
+   (`token-charges`) and AdapterCalled (`adapter-outcomes`, which the gateway records with each
+   answered call; AdapterFailed on the same topic is skipped), read_committed;
 2. fold each into the learner state in memory;
 3. every `publish_every` facts, or `every_s` seconds with something new, publish ONE
    transaction: the new `RoutingPriorsPublished` (compacted `routing-priors`, which gateways
@@ -32,10 +33,13 @@ from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from agents.metrics import AgentMetrics
 from domain.routing_priors import LearnerState, fold, publish
+from streams import telemetry
 from streams.codec import Codec, PoisonEvent
 from streams.events import Event, RoutingPriorsPublished, RoutingRegretRecorded
 from streams.log_scan import scan_to_end
+from streams.metrics import serve
 from streams.topics import Topics
 
 AGENT_NAME = "routing-priors"
@@ -52,7 +56,7 @@ class PriorsConfig:
 
 
 def source_topics(topics: Topics) -> list[str]:
-    """The topics of the facts the learner folds (AdapterCalled only once it has a topic)."""
+    """The topics of the facts the learner folds (an event type on no topic is skipped)."""
     names = []
     for event_type in SOURCE_EVENTS:
         try:
@@ -109,6 +113,8 @@ class PriorsWorker:
             }
         )
         self._producer.init_transactions(60)
+        self.metrics = AgentMetrics()  # issue 11: served by main() at --metrics-port
+        self.batches = self.metrics.batches(AGENT_NAME, group)
         self.state = load_state(bootstrap, topics, self._codec)
         self._last_publish = time.monotonic()
         self.published = 0
@@ -118,6 +124,7 @@ class PriorsWorker:
         try:
             while not stop.is_set():
                 self.step()
+                self.batches.sample_lag(self._consumer)
         finally:
             self._consumer.close()
             self._producer.flush(10)
@@ -125,10 +132,15 @@ class PriorsWorker:
     def step(self) -> int:
         """Fold one batch; publish when due. The number of records consumed."""
         msgs = [m for m in self._consumer.consume(self._config.batch_max, self._config.poll_s) if self._usable(m)]
-        for msg in msgs:
-            event = self._decode(msg)
-            if event is not None:
-                fold(self.state, event)
+        started = time.perf_counter()
+        if msgs:  # issue 11: one span per batch folded, linked to the requests of its records
+            with telemetry.batch_span(AGENT_NAME, headers=(m.headers() for m in msgs)):
+                for msg in msgs:
+                    event = self._decode(msg)
+                    if event is not None:
+                        fold(self.state, event)
+        if msgs:  # folded (committed with the next publication; a rewind folds them again)
+            self.batches.committed(len(msgs), started)
         due = self.state.unpublished >= self._config.publish_every or (
             self.state.unpublished > 0 and time.monotonic() - self._last_publish >= self._config.every_s
         )
@@ -140,6 +152,7 @@ class PriorsWorker:
         try:
             return self._codec.decode(msg.value())
         except PoisonEvent as exc:  # the sink dead-letters the same record; the learner skips it
+            self.batches.count("skipped")
             log.warning(
                 "priors: skipping undecodable record %s[%s]@%s: %s", msg.topic(), msg.partition(), msg.offset(), exc
             )
@@ -196,11 +209,13 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m agents.priors")
     parser.add_argument("--loglevel", default="info")
+    parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
+    parser.add_argument("--metrics-host", default="127.0.0.1")
     parser.add_argument("--publish-every", type=int, default=PriorsConfig.publish_every)
     parser.add_argument("--every-s", type=float, default=PriorsConfig.every_s)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.loglevel.upper(), format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
     settings = load()
+    telemetry.start("priors", settings, level=args.loglevel.upper())
     topics = Topics(settings.topic_prefix, settings.partitions)
     worker = PriorsWorker(
         settings.bootstrap,
@@ -208,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         topics,
         PriorsConfig(publish_every=args.publish_every, every_s=args.every_s),
     )
+    serve(worker.metrics.registry, args.metrics_host, args.metrics_port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -127,6 +127,7 @@ class ArmModel:
         self.beta = beta
         self.blr = BayesianLinearRegression(alpha=alpha, beta=beta)
         self.n = 0
+        self._cache: tuple[int, list[str], np.ndarray, np.ndarray] | None = None  # see _posterior
 
     def learn(self, x: Mapping[str, float], quality: float) -> None:
         self.blr.learn_one(dict(x), quality)
@@ -137,29 +138,35 @@ class ArmModel:
 
         Bishop 3.58/3.59 as river's `predict_one(with_dist=True)` computes them, read from the
         same state, without building a distribution object per call (that object seeds a
-        random generator each time: a third of the decision's cost on the request path).
+        random generator each time: a third of the decision's cost on the request path). The
+        request's features are laid out once in the arm's own feature order (absent ones 0),
+        so a prediction is two small dot products; a feature the arm has never seen adds its
+        prior variance (value² / alpha).
         """
-        blr = self.blr
-        idx = blr._idx
+        idx = self.blr._idx
         if not idx:
             return 0.0, math.sqrt(sum(v * v for v in x.values()) / self.alpha)
-        blr._ensure_m()
-        m = blr._m_arr
-        pos: list[int] = []
-        vals: list[float] = []
-        unknown = 0.0
-        for f, v in x.items():
-            i = idx.get(f)
-            if i is None:
-                unknown += v * v
-            else:
-                pos.append(i)
-                vals.append(v)
-        xs = np.asarray(vals, dtype=np.float64)
-        ix = np.asarray(pos, dtype=np.intp)
-        mean = float(m[ix] @ xs)
-        var = float(xs @ blr._ss_inv_arr[np.ix_(ix, ix)] @ xs) + unknown / self.alpha
+        names, m, cov = self._posterior()
+        xs = np.fromiter((x.get(f, 0.0) for f in names), dtype=np.float64, count=len(names))
+        known = float(xs @ xs)
+        unknown = max(0.0, sum(v * v for v in x.values()) - known)
+        mean = float(m @ xs)
+        var = float(xs @ cov @ xs) + unknown / self.alpha
         return mean, math.sqrt(max(var, 0.0))
+
+    def _posterior(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(feature names in index order, posterior mean, covariance), rebuilt only after learning."""
+        cached = self._cache
+        if cached is not None and cached[0] == self.n:
+            return cached[1], cached[2], cached[3]
+        blr = self.blr
+        blr._ensure_m()
+        k = len(blr._idx)
+        names = [str(f) for f in sorted(blr._idx, key=blr._idx.__getitem__)]
+        m = np.array(blr._m_arr[:k], dtype=np.float64)
+        cov = np.array(blr._ss_inv_arr[:k, :k], dtype=np.float64)
+        self._cache = (self.n, names, m, cov)
+        return names, m, cov
 
     def to_dict(self) -> dict[str, Any]:
         """Feature names, upper triangle of the precision matrix, natural mean: enough to rebuild exactly."""

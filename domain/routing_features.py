@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import math
 import re
+import string
 import zlib
 from dataclasses import dataclass
 
 FEATURES_VERSION = "f1"
-MAX_SCAN_CHARS = 4000  # n-grams and markers read this much; length features see the whole prompt
+MAX_SCAN_CHARS = 4000  # markers read this much; length features see the whole prompt
+NGRAM_SCAN_CHARS = 1024  # words and their hashed n-grams: the head of the prompt (see FeatureConfig.ngram_chars)
+LEGACY_NGRAM_CHARS = 4000  # what priors recorded before `ngram_chars` existed were computed with
 _WORD = re.compile(r"[^\W\d_]+|\d+", re.UNICODE)
 _CODE_MARKERS = ("```", "def ", "return ", "function ", "class ", "import ", "#include", "=>", "};", "();", "</")
 _MATH_CHARS = frozenset("=+-*/^<>√∑∫πθ∞≤≥±×÷")
@@ -33,33 +36,71 @@ class FeatureConfig:
 
     buckets: int = 16  # hashed n-gram buckets; the regression's dimension is 13 + buckets
     bigrams: bool = True
+    # Words (n-grams, mean word length) come from this many leading characters. Why bounded:
+    # hashing is the one per-word Python loop of a decision, so a long prompt set the p99
+    # (bench/bench_routing.py); into 16 buckets, the n-grams past the first ~170 words add noise,
+    # not signal (BENCHMARKS.md, routing study). Priors carry it, so older ones keep their 4000.
+    ngram_chars: int = NGRAM_SCAN_CHARS
 
     def as_dict(self) -> dict[str, object]:
-        return {"version": FEATURES_VERSION, "buckets": self.buckets, "bigrams": self.bigrams}
+        return {
+            "version": FEATURES_VERSION,
+            "buckets": self.buckets,
+            "bigrams": self.bigrams,
+            "ngram_chars": self.ngram_chars,
+        }
 
     @staticmethod
     def from_dict(raw: dict[str, object]) -> FeatureConfig:
         if raw.get("version", FEATURES_VERSION) != FEATURES_VERSION:
             raise ValueError(f"priors use features {raw.get('version')!r}; this router computes {FEATURES_VERSION!r}")
-        return FeatureConfig(buckets=int(raw.get("buckets", 16)), bigrams=bool(raw.get("bigrams", True)))  # type: ignore[call-overload]
+        return FeatureConfig(
+            buckets=int(raw.get("buckets", 16)),  # type: ignore[call-overload]
+            bigrams=bool(raw.get("bigrams", True)),
+            ngram_chars=int(raw.get("ngram_chars", LEGACY_NGRAM_CHARS)),  # type: ignore[call-overload]
+        )
 
 
 _NON_LATIN = re.compile("[\u0250-\U0010ffff]")
 _CYRILLIC = re.compile("[\u0400-\u04ff]")
 _CJK = re.compile("[\u3040-\u30ff\u4e00-\u9fff\uac00-\ud7af]")
 _LETTER = re.compile(r"[^\W\d_]")
-_DROP_DIGITS = str.maketrans("", "", "0123456789")
-_DROP_MATHS = str.maketrans("", "", "".join(sorted(_MATH_CHARS)))
+_DIGITS = b"0123456789"
+_MATH_ASCII = bytes(sorted(ord(c) for c in _MATH_CHARS if ord(c) < 128))
+_MATH_WIDE = "".join(sorted(c for c in _MATH_CHARS if ord(c) >= 128))
+_ASCII = bytes(range(128))
+_ASCII_LETTERS = string.ascii_letters.encode()
 
 
-def _script(text: str) -> tuple[float, float, float]:
-    """Shares of letters that are Cyrillic, CJK (incl. kana/hangul) and other non-Latin (C-speed regex counts)."""
-    letters = len(_LETTER.findall(text))
+def _counts(head: str) -> tuple[int, int, bytes, str]:
+    """Digits, maths symbols, the UTF-8 bytes and the non-ASCII characters of `head`.
+
+    Counted on bytes (`bytes.translate` deletes in C at memory speed whatever the text), not
+    with `str.translate`, which is fast only on pure ASCII and falls back to a per-character
+    mapping lookup once a prompt holds a single curly quote. The non-ASCII remainder is
+    short in most prompts; the few wide symbols and the script regexes look only at it.
+    """
+    raw = head.encode("utf-8", "surrogatepass")  # a lone surrogate must not fail a decision
+    digits = len(raw) - len(raw.translate(None, _DIGITS))
+    maths = len(raw) - len(raw.translate(None, _MATH_ASCII))
+    rest = "" if head.isascii() else raw.translate(None, _ASCII).decode("utf-8", "surrogatepass")
+    if rest:
+        maths += sum(map(rest.count, _MATH_WIDE))
+    return digits, maths, raw, rest
+
+
+def _script(raw: bytes, rest: str) -> tuple[float, float, float]:
+    """Shares of letters that are Cyrillic, CJK (incl. kana/hangul) and other non-Latin.
+
+    ASCII letters are counted on the bytes; the regexes run over the non-ASCII characters
+    only: the same counts as over the whole text, at a fraction of the cost.
+    """
+    letters = len(raw) - len(raw.translate(None, _ASCII_LETTERS)) + len(_LETTER.findall(rest))
     if not letters:
         return 0.0, 0.0, 0.0
-    cyr = len(_CYRILLIC.findall(text))
-    cjk = len(_CJK.findall(text))
-    non_latin = sum(1 for ch in _NON_LATIN.findall(text) if ch.isalpha())
+    cyr = len(_CYRILLIC.findall(rest))
+    cjk = len(_CJK.findall(rest))
+    non_latin = sum(1 for ch in _NON_LATIN.findall(rest) if ch.isalpha())
     return cyr / letters, cjk / letters, max(0, non_latin - cyr - cjk) / letters
 
 
@@ -69,11 +110,10 @@ def features(text: str, config: FeatureConfig = FeatureConfig()) -> dict[str, fl
     head = text[:MAX_SCAN_CHARS]
     lower = head.lower()
     h = len(head) or 1
-    digits = len(head) - len(head.translate(_DROP_DIGITS))  # counted in C: the prompt is long, the budget short
-    maths = len(head) - len(head.translate(_DROP_MATHS))
+    digits, maths, raw, rest = _counts(head)  # counted in C: the prompt is long, the budget short
     lines = head.count("\n") + 1
-    cyr, cjk, other = _script(head) if not head.isascii() else (0.0, 0.0, 0.0)
-    words = _WORD.findall(lower)
+    cyr, cjk, other = _script(raw, rest) if rest else (0.0, 0.0, 0.0)
+    words = _WORD.findall(lower[: config.ngram_chars])
     x: dict[str, float] = {
         "bias": 1.0,
         "len_log": math.log1p(n) / 10.0,

@@ -4,7 +4,8 @@ Inputs (facts on their topics, any interleaving):
 - `RouteChosen`: the chosen model, the request's features and the candidates' scores;
 - `FeedbackReceived`: the quality (score in [0, 1]) of a request's answer;
 - `TokensCharged`: the model's answer length and cost (per-model means for the cost estimate);
-- `AdapterCalled`: the model's latency (per-model mean for the latency term).
+- `AdapterCalled`: the model's latency as the gateway measured it, retries included (per-model
+  mean for the latency term); `AdapterFailed`, on the same topic, is not folded (yet).
 
 Quality needs a join (the features live on RouteChosen, the score on FeedbackReceived), by
 (tenant, request id) so one tenant's feedback can never teach from another's request; either

@@ -137,7 +137,8 @@ def simulated(settings: Settings) -> tuple[list[ModelInfo], dict[str, Adapter]]:
         m.name: SimProfile(
             Latency(m.latency, m.first_token_ms, m.per_token_ms, m.latency_spread),
             answer_tokens=m.answer_tokens, quality=m.quality, quality_spread=m.quality_spread,
-            error_rate=m.error_rate,
+            error_rate=m.error_rate, class_quality=tuple(sorted(m.class_quality.items())),
+            class_latency=tuple(sorted(m.class_latency.items())),
         )
         for m in sims
     }  # fmt: skip
@@ -240,6 +241,7 @@ def build(settings: Settings) -> tuple[web.Application, FactPublisher]:
         default_max_tokens=settings.policy_default_max_tokens,
         memory=memory,
         accounting=accounting,
+        record_completions=True,
     )
 
     async def on_startup(_: web.Application) -> None:

@@ -13,7 +13,7 @@ from gateway.app import always_ready, create_app
 from gateway.auth import KeyStore
 from gateway.server import build_registry
 from ledgerflow.settings import Settings, hash_key
-from streams.events import Event, TokensCharged
+from streams.events import AdapterFailed, Event, TokensCharged
 
 KEY = "lf_up_test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -74,7 +74,12 @@ async def test_upstream_failures_map_to_statuses_and_record_nothing(
     resp = await client.post("/v1/chat/completions", json={"model": "mock-gpt", "messages": [
         {"role": "user", "content": "x"}]}, headers=AUTH)  # fmt: skip
     assert resp.status == 502 and "redirect" in (await resp.json())["error"]["message"]
-    assert rec.batches == []
+    # nothing of the requests is recorded; only each adapter failure, alone, as a stable class (issue 9)
+    assert [[e.event_type for e in b] for b in rec.batches] == [["AdapterFailed"], ["AdapterFailed"]]
+    unavailable, redirected = (b[0] for b in rec.batches)
+    assert isinstance(unavailable, AdapterFailed) and isinstance(redirected, AdapterFailed)
+    assert (unavailable.model, unavailable.error_kind, unavailable.status) == ("mock-gpt", "server_error", 503)
+    assert redirected.error_kind in ("connection", "server_error") and "169.254" not in repr(redirected)
 
 
 async def test_streamed_upstream_failure_before_first_piece_is_a_status(
@@ -84,6 +89,6 @@ async def test_streamed_upstream_failure_before_first_piece_is_a_status(
     upstream.app[MOCK].faults.extend([Fault(status=500)])
     resp = await client.post("/v1/ask", json={"prompt": "hi", "model": "mock-gpt", "stream": True}, headers=AUTH)
     assert resp.status == 502
-    # as for a whole answer: nothing reached the client, nothing is recorded (no request is
-    # ever left with opening facts and no closing ones)
-    assert rec.batches == []
+    # as for a whole answer: nothing reached the client, nothing of the request is recorded (no
+    # request is ever left with opening facts and no closing ones), only the adapter's failure
+    assert [[e.event_type for e in b] for b in rec.batches] == [["AdapterFailed"]]

@@ -17,7 +17,15 @@ from domain.routing_features import FeatureConfig, context_key, features
 from domain.routing_priors import LearnerState, fold, publish
 from ledgerflow import route_eval
 from streams.codec import Codec
-from streams.events import Envelope, FeedbackReceived, RouteChosen, RoutingPriorsPublished, RoutingRegretRecorded
+from streams.events import (
+    AdapterCalled,
+    AdapterFailed,
+    Envelope,
+    FeedbackReceived,
+    RouteChosen,
+    RoutingPriorsPublished,
+    RoutingRegretRecorded,
+)
 from streams.ids import uuid7
 
 CODE = "def add(a, b):\n    return a + b\n# why does this function() fail?"
@@ -38,6 +46,31 @@ def test_features_are_deterministic_bounded_and_see_code_maths_and_script() -> N
     assert {k for k in x if k.startswith("h")} <= {f"h{i}" for i in range(FeatureConfig().buckets)}
     assert context_key(x).split("|")[1] == "code"
     assert features(PLAIN * 200)["len_long"] == 1.0
+
+
+def test_script_and_symbol_counts_match_a_plain_per_character_count() -> None:
+    """The byte-level counts (fast on any text) agree with the obvious definition, mixed scripts included."""
+    text = "Привет, мир! 日本語 x² + √9 = 3, naïve “café” ½ 42 ∑ Ελλάδα \ud800 end"
+    x = features(text)
+    letters = sum(1 for ch in text if ch.isalnum() and not ch.isdecimal())  # the regex's [^\W\d_]: ² and ½ count
+    assert x["script_cyrillic"] == pytest.approx(sum("\u0400" <= c <= "\u04ff" for c in text) / letters)
+    assert x["script_cjk"] == pytest.approx(3 / letters)
+    assert x["script_other"] == pytest.approx(6 / letters)  # Ελλάδα
+    assert x["digit_share"] == pytest.approx(min(1.0, 4 * sum(c in "0123456789" for c in text) / len(text)))
+    maths = sum(c in "=+-*/^<>√∑∫π θ∞≤≥±×÷".replace(" ", "") for c in text)
+    assert x["math_share"] == pytest.approx(min(1.0, 8 * maths / len(text)))
+
+
+def test_words_come_from_a_bounded_head_and_older_priors_keep_theirs() -> None:
+    long = PLAIN + " " + " ".join(f"w{i}x" for i in range(2000))
+    short, legacy = features(long), features(long, FeatureConfig(ngram_chars=4000))
+    assert {k: v for k, v in short.items() if not k.startswith("h") and k != "word_len"} == {
+        k: v for k, v in legacy.items() if not k.startswith("h") and k != "word_len"
+    }  # length, markers and script see the whole prompt either way
+    assert short != legacy
+    assert FeatureConfig.from_dict({"version": "f1", "buckets": 16, "bigrams": True}).ngram_chars == 4000
+    cfg = FeatureConfig(buckets=8, ngram_chars=512)
+    assert FeatureConfig.from_dict(cfg.as_dict()) == cfg  # priors carry it
 
 
 # --- the decision ---------------------------------------------------------------------------
@@ -207,6 +240,26 @@ def test_the_fold_joins_feedback_to_routes_in_either_order_and_publishes_determi
     nxt = publish(resumed)
     assert nxt[0].previous_version == priors_event.version  # type: ignore[attr-defined]
     assert nxt[1].cumulative_regret == pytest.approx(8.5) and nxt[1].cumulative_routed == 61  # type: ignore[attr-defined]
+
+
+def test_adapter_outcomes_feed_the_latency_term_and_failures_are_skipped() -> None:
+    state = LearnerState()
+    for i, (model, ms) in enumerate([("big", 900), ("big", 1100), ("small", 150)]):
+        at = T0 + timedelta(seconds=i)
+        rid = str(uuid7())
+        fold(state, AdapterCalled(_env("AdapterCalled", "acme", rid, at), rid, model, "sim", 200, 0, ms, False, 5, 9))
+    lost = str(uuid7())
+    fold(state, AdapterFailed(_env("AdapterFailed", "acme", lost, T0), lost, "big", "sim", "timeout", 2, 30_000, False))
+    assert state.unpublished == 3  # the failure is not a latency sample
+    assert state.priors.models["big"].latency_ms(0) == 1000.0 and state.priors.models["small"].latency_ms(0) == 150.0
+    [published] = publish(state)
+    assert isinstance(published, RoutingPriorsPublished)
+    back = Priors.from_json(published.priors, published.version)
+    assert back.models["big"].latency_n == 2 and back.models["big"].latency_ms(0) == 1000.0
+    # and the decision weighs it: with a latency weight the slow model loses a tie on quality
+    slow, fast = Candidate("big", Decimal(1), 1000.0), Candidate("small", Decimal(1), 150.0)
+    choice = choose(Priors(), features(PLAIN), [slow, fast], Weights(1.0, 0.0, 0.5), Exploration(0.0), "r")
+    assert choice.model == "small" and choice.candidates[0].model == "small"
 
 
 def test_feedback_from_another_tenant_never_teaches_from_this_tenants_request() -> None:

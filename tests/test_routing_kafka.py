@@ -18,7 +18,7 @@ from gateway.app import STATE
 from gateway.server import build
 from ledgerflow.settings import DEMO_KEYS, load
 from streams.codec import Codec
-from streams.events import RouteChosen, RoutingPriorsPublished, RoutingRegretRecorded
+from streams.events import AdapterCalled, RouteChosen, RoutingPriorsPublished, RoutingRegretRecorded
 from streams.topics import Topics
 from tests.kafka_helpers import read_all
 
@@ -98,6 +98,26 @@ async def test_outcomes_in_priors_published_and_a_gateway_routes_by_them(
                 return router.priors.feedback_count >= 60
 
             await eventually(learned_all)  # 3. ... and the gateway hot-loaded them
+
+            # the adapter outcomes (AdapterCalled, one per answered call, pinned included) reach the
+            # priors too: each model's latency statistics are the gateway's own measurements
+            outcomes = [
+                CODEC.decode(m.value()) for m in read_all(kafka_bootstrap, [topics.name("adapter-outcomes")], 61)
+            ]
+            assert len(outcomes) == 61 and all(isinstance(o, AdapterCalled) for o in outcomes)
+            latencies: dict[str, list[int]] = {}
+            for o in outcomes:
+                assert isinstance(o, AdapterCalled) and o.status == 200 and o.adapter == "simulated"
+                latencies.setdefault(o.model, []).append(o.latency_ms)
+            assert latencies.keys() == {"sim-small", "sim-large"}
+
+            async def learned_latency() -> bool:
+                stats = router.priors.models
+                return all(m in stats and stats[m].latency_n == len(v) for m, v in latencies.items())
+
+            await eventually(learned_latency)
+            for m, v in latencies.items():
+                assert router.priors.models[m].latency_ms(-1.0) == pytest.approx(sum(v) / len(v))
             version = router.priors.version
             assert version.startswith("rp-")
 
