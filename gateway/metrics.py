@@ -5,43 +5,31 @@ path) and the status is the HTTP code, so no client input can create new series.
 metrics carry the policy id (a bundle's @ids: published by operators, not sent by clients)
 and the tenant, which is bounded here by `BoundedLabel`: the first `TENANT_SERIES` tenants a
 process sees get their own series, every later one is counted as "_other". Exact per-tenant
-figures come from the ClickHouse projections (policy_decided), not from here.
+figures come from the ClickHouse projections (policy_decided), not from here. Redactions are
+counted by kind (`domain.redaction.ALL_KINDS`, a fixed set). Families whose label values are
+known in advance (rate-limit kinds, redaction kinds) start at 0, so a scrape shows every
+series before the first event.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from domain.policy import Decision, PolicyBundle
+from domain.redaction import ALL_KINDS
+from streams.metrics import OTHER, BoundedLabel
+
+__all__ = ["OTHER", "TENANT_SERIES", "BoundedLabel", "GatewayMetrics"]
 
 BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.2, 2.5, 5.0, 10.0)
 DECISION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
 TENANT_SERIES = 100
-OTHER = "_other"
-
-
-class BoundedLabel:
-    """Maps label values to at most `limit` distinct ones; later newcomers share `OTHER`."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._seen: set[str] = set()
-        self._lock = threading.Lock()
-
-    def __call__(self, value: str) -> str:
-        if value in self._seen:
-            return value
-        with self._lock:
-            if len(self._seen) < self.limit:
-                self._seen.add(value)
-                return value
-        return OTHER
+RATE_LIMIT_KINDS = ("requests", "tokens", "unavailable")
 
 
 def _kinds(bundle: PolicyBundle, policy: str) -> list[str]:
@@ -66,6 +54,15 @@ class GatewayMetrics:
             "ledgerflow_gateway_rate_limited_total", "Requests refused by a rate limit, by kind.",
             ["kind"], registry=self.registry,
         )  # fmt: skip
+        for kind in RATE_LIMIT_KINDS:
+            self.rate_limited.labels(kind)
+        self.redactions = Counter(
+            "ledgerflow_gateway_redactions_total",
+            "Spans masked in prompts and memory turns before anything else saw them, by kind.",
+            ["kind"], registry=self.registry,
+        )  # fmt: skip
+        for kind in sorted(ALL_KINDS):
+            self.redactions.labels(kind)
         self.publish_failures = Counter(
             "ledgerflow_gateway_publish_failures_total", "Requests answered 503 because Kafka did not take the facts.",
             registry=self.registry,
@@ -114,6 +111,12 @@ class GatewayMetrics:
         for policy in decision.determining_policies:
             for kind in _kinds(bundle, policy):
                 self.policy_obligations.labels(policy, kind, t).inc()
+
+    def observe_redactions(self, counts: Iterable[tuple[str, int]]) -> None:
+        """Count masked spans by kind (`counts`: kind → spans, as `domain.redaction` reports them)."""
+        for kind, n in counts:
+            if n:
+                self.redactions.labels(kind if kind in ALL_KINDS else OTHER).inc(n)
 
     def observe_refusal(self, reason: str, tenant: str) -> None:
         self.policy_refusals.labels(reason, self.tenant(tenant)).inc()
