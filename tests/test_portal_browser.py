@@ -23,9 +23,9 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from projections.portal import PAGES
+from projections.portal import PAGES, Page
 from projections.service import ProjectionService
-from tests.test_portal import ADMIN_SECRET, OPERATOR_TOKEN, USER_SECRET, make_read_side
+from tests.test_portal import ADMIN_SECRET, OPERATOR_PAGES, OPERATOR_TOKEN, TENANT_PAGES, USER_SECRET, make_read_side
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -121,10 +121,12 @@ def log_in(driver: WebDriver, base: str, secret: str) -> None:
     driver.find_element(By.CSS_SELECTOR, "#login button[type=submit]").click()
 
 
-def visit_every_page(driver: WebDriver, base: str, tmp_path: Path, who: str) -> dict[str, str]:
+def visit_every_page(
+    driver: WebDriver, base: str, tmp_path: Path, who: str, pages: tuple[Page, ...] = PAGES
+) -> dict[str, str]:
     """Open each page; assert it has charts that drew marks and no empty state; return the sources."""
     sources: dict[str, str] = {}
-    for page in PAGES:
+    for page in pages:
         driver.get(f"{base}/portal/{page.slug}")
         assert driver.find_element(By.TAG_NAME, "h1").text == page.title
         charts = driver.execute_script(_MARKS_JS)
@@ -145,6 +147,13 @@ def test_operator_sees_every_page_with_charts_for_every_tenant(portal: str, brow
     assert "acme" in every and "globex" in every
     assert OPERATOR_TOKEN not in every  # the secret is never echoed into a page
     assert len(list(tmp_path.glob("portal-operator-*.png"))) == len(PAGES)
+    # the panels added with their tables: lag per group, SLO burn, verification, forecast, anomalies
+    assert "ledgerflow-sink" in sources["Consumer lag"] and "sink-a" in sources["Consumer lag"]
+    assert "Burn rate per window" in sources["SLOs"] and "Firing now" in sources["SLOs"]
+    assert "FAILED at seq 30" in sources["Ledger"] and 'class="ok"' in sources["Ledger"]
+    assert "HoltWinters" in sources["Budgets"] and "Cost anomalies" in sources["Spend and savings"]
+    for page in OPERATOR_PAGES:
+        assert f'href="/portal/{page.slug}"' in browser.page_source  # linked for the operator
 
 
 @pytest.mark.parametrize(("tenant", "other"), [("acme", "globex"), ("globex", "acme")])
@@ -152,10 +161,17 @@ def test_a_tenant_admin_sees_only_their_tenant(
     portal: str, browser: WebDriver, tmp_path: Path, tenant: str, other: str
 ) -> None:
     log_in(browser, portal, ADMIN_SECRET[tenant])
-    sources = visit_every_page(browser, portal, tmp_path, tenant)
+    sources = visit_every_page(browser, portal, tmp_path, tenant, TENANT_PAGES)
     for title, source in sources.items():
         assert tenant in source, title
         assert other not in source, f"{other!r} appears on {tenant}'s {title} page"
+        for page in OPERATOR_PAGES:
+            assert f'href="/portal/{page.slug}"' not in source, f"{title} links the operator's {page.title}"
+    for page in OPERATOR_PAGES:  # platform-wide pages: refused, nothing of them shown
+        browser.get(f"{portal}/portal/{page.slug}")
+        assert "operator's read token only" in browser.find_element(By.CSS_SELECTOR, ".error").text
+        assert not browser.find_elements(By.CSS_SELECTOR, "figure.chart")
+        shoot(browser, tmp_path, f"{tenant}-refused-{page.slug}")
     browser.get(f"{portal}/portal/budgets?tenant={other}")
     assert f"reads tenant '{tenant}' only" in browser.find_element(By.CSS_SELECTOR, ".error").text
     assert other not in browser.page_source.replace(f"not '{other}'", "")
