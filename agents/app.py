@@ -19,6 +19,7 @@ import time
 
 import faust
 
+from agents.metrics import add_lag_sampler, add_metrics_page, metrics_of
 from agents.transport import broker_url
 from streams.admin import create_missing
 from streams.codec import Codec
@@ -56,12 +57,18 @@ def create_app(
         table_cleanup_interval=60.0,
         web_enabled=True,
     )
-    from agents import anomalies, rollups, totals  # agents register themselves on the app
+    from agents import anomalies, forecast, rollups, slo, totals  # agents register themselves on the app
 
     totals.register(app, topics, Codec())
     rollups.register(app, topics, Codec())  # issue 7: per-tenant, per-day, per-model savings
     anomalies.register(app, topics, Codec())  # issue 7: spikes in a tenant's hourly spend
+    forecast.register(app, topics, Codec())  # issue 7: month-end spend forecast per monthly budget
+    slo.register(app, topics, Codec())  # issue 11: error-budget burn-rate alerts per tenant
     add_producer_watchdog(app)
+    # issue 11: Prometheus /metrics on this worker's web port, and the lag of the partitions it owns
+    metrics = metrics_of(app)
+    add_metrics_page(app, metrics)
+    add_lag_sampler(app, metrics, metrics.trackers, {topics.name("token-charges")})
     return app
 
 

@@ -38,11 +38,14 @@ from datetime import UTC, datetime
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from agents.metrics import AgentMetrics
 from domain.dp import Budget, GrantRejected, fold
+from streams import telemetry
 from streams.admin import read_to_end
 from streams.codec import Codec, PoisonEvent
 from streams.deadletter import DeadLetter
 from streams.events import DpBudgetGranted, DpQueryRequested, Event
+from streams.metrics import serve
 from streams.topics import Topics
 
 AGENT_NAME = "dp-budget"
@@ -92,6 +95,8 @@ class DpBudgetWorker:
             }
         )
         self._producer.init_transactions(60)
+        self.metrics = AgentMetrics()  # issue 11: served by main() at --metrics-port
+        self.batches = self.metrics.batches(AGENT_NAME, group)
         self._parts: dict[int, dict[str, Budget]] = {}
         self.assigned = threading.Event()
         self.decided = 0
@@ -147,6 +152,7 @@ class DpBudgetWorker:
         try:
             while not stop.is_set():
                 self.step()
+                self.batches.sample_lag(self._consumer)
         finally:
             self._consumer.close()
             self._producer.flush(10)
@@ -156,6 +162,12 @@ class DpBudgetWorker:
         msgs = [m for m in self._consumer.consume(self._batch_max, self._poll_s) if self._usable(m)]
         if not msgs:
             return 0
+        # issue 11: one span per transaction, linked to the requests of its records
+        with telemetry.batch_span(AGENT_NAME, topic=self.source, headers=(m.headers() for m in msgs)):
+            return self._transact(msgs)
+
+    def _transact(self, msgs: list[Message]) -> int:
+        started = time.perf_counter()
         snapshot = {p: dict(b) for p, b in self._parts.items()}
         try:
             self._producer.begin_transaction()
@@ -167,8 +179,10 @@ class DpBudgetWorker:
             self._producer.commit_transaction(60)
         except KafkaException as exc:
             log.warning("dp budget transaction failed, rewinding: %s", exc)
+            self.batches.aborted()
             self._abort(snapshot)
             return 0
+        self.batches.committed(len(msgs), started)
         self.decided += len(msgs)
         return len(msgs)
 
@@ -207,9 +221,13 @@ class DpBudgetWorker:
             self._dead_letter(msg, "fold-refused", f"{type(exc).__name__}: {exc}")
             return
         if out is not None:
-            self._producer.produce(self.decisions, key=msg.key(), value=self._codec.encode(out), partition=partition)
+            self._producer.produce(
+                self.decisions, key=msg.key(), value=self._codec.encode(out), partition=partition,
+                headers=telemetry.trace_headers(out.envelope.trace_parent),
+            )  # fmt: skip
 
     def _dead_letter(self, msg: Message, reason: str, detail: str) -> None:
+        self.batches.count("dead_letter")
         letter = DeadLetter(
             reason, detail, msg.topic() or self.source, msg.partition() or 0, msg.offset() or 0,
             AGENT_NAME, datetime.now(UTC), msg.key(), msg.value(),
@@ -224,11 +242,14 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m agents.dp_budget")
     parser.add_argument("--loglevel", default="info")
+    parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
+    parser.add_argument("--metrics-host", default="127.0.0.1")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.loglevel.upper(), format="[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
     settings = load()
+    telemetry.start("dp-budget", settings, level=args.loglevel.upper())
     topics = Topics(settings.topic_prefix, settings.partitions)
     worker = DpBudgetWorker(settings.bootstrap, f"{settings.worker_id}-dp-budget", topics)
+    serve(worker.metrics.registry, args.metrics_host, args.metrics_port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -38,9 +38,11 @@ from domain.policy import DATA_CLASSIFICATIONS, DecisionInput, Obligations
 from domain.policy import Decision as PolicyDecision
 from domain.pricing import DEFAULT_PRICES, Price, cost
 from domain.redaction import ALL_KINDS, StreamRedactor, redact
+from gateway import outcomes
 from gateway.adapters import Adapter, Completion, SimulatedAdapter
 from gateway.auth import KeyStore, Principal, presented_key
 from gateway.budgets import Accounting, BudgetExhausted, BudgetUnavailable
+from gateway.completions import ERROR_KIND, REQUEST_ID, TENANT, CompletionRecorder
 from gateway.facts import (
     CallContext,
     closing_facts,
@@ -72,6 +74,7 @@ from gateway.openapi import render as render_openapi
 from gateway.policy import PolicyPoint, seeds_from_regions
 from gateway.registry import default_registry
 from gateway.upstream import UpstreamError
+from streams import telemetry
 from streams.events import Event
 from streams.ids import uuid7
 from streams.publisher import PublishFailed
@@ -136,6 +139,24 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 @web.middleware
+async def trace_requests(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Issue 11: one server span per request, named by its route template (a client traceparent is
+    its parent), and a fresh log context carrying the route; tenant and request id join after auth."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    with telemetry.log_context(route=route):
+        if not telemetry.enabled():
+            return await handler(request)
+        attributes = {"http.request.method": request.method, "http.route": route, "url.scheme": request.scheme}
+        with telemetry.server_span(f"{request.method} {route}", request.headers, attributes):
+            response = await handler(request)
+            telemetry.mark_error(response.status)
+            return response
+
+
+@web.middleware
 async def errors_as_json(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
@@ -159,14 +180,18 @@ async def authenticate(request: web.Request) -> Principal | web.Response:
         return error(401, "missing_credentials", "send 'Authorization: Bearer <API key or JWT>' or 'X-API-Key: <key>'")
     if state.oidc is not None and state.oidc.looks_like_jwt(secret):
         try:
-            return await state.oidc.verify(secret)
+            principal = await state.oidc.verify(secret)
         except TokenRejected as exc:
             return error(401, "invalid_token", str(exc))
-    principal = state.keys.lookup(secret)
-    if principal is None:
-        return error(
-            401, "unknown_api_key", "the API key is not known or was revoked; check the key or ask for a new one"
-        )
+    else:
+        found = state.keys.lookup(secret)
+        if found is None:
+            return error(
+                401, "unknown_api_key", "the API key is not known or was revoked; check the key or ask for a new one"
+            )
+        principal = found
+    telemetry.annotate(tenant=principal.tenant)  # on the request's span and its later log lines
+    request[TENANT] = principal.tenant  # issue 11: the tenant its RequestCompleted is recorded under
     return principal
 
 
@@ -277,6 +302,7 @@ async def begin_call(
     kinds = state.redaction(principal.tenant)
     # masked before anything else sees the prompt: events, logs, the adapter
     messages, counts, chars = mask(req.as_messages(), kinds)  # type: ignore[attr-defined]
+    state.metrics.observe_redactions(counts.items())
     session: str | None = getattr(req, "session", None)
     remembered: list[Message] = []
     if session is not None:
@@ -315,14 +341,17 @@ async def begin_call(
         decision=verdict,
         policy_input=inp,
         divergence=divergence,
-        trace_parent=request.headers.get("traceparent"),
+        trace_parent=telemetry.trace_parent_for(request.headers.get("traceparent")),
         redact_kinds=kinds,
         redactions=tuple(sorted(counts.items())),
         redacted_chars=chars,
         reserved_tokens=prompt_tokens,
         session=session,
         remembered=len(remembered),
+        max_tokens=max_tokens,
     )
+    telemetry.annotate(request_id=ctx.request_id)
+    request[REQUEST_ID] = ctx.request_id
     if not verdict.allow:
         code, message, fields = refusal_of(state, verdict, inp)
         raise Rejected(await refuse(state, ctx, started, prompt_tokens, code, message, fields))
@@ -440,6 +469,7 @@ async def enforce_obligations(
     extra = ob.redact - ctx.redact_kinds
     if extra:
         messages, more, chars = mask(ctx.messages, extra)
+        state.metrics.observe_redactions(more.items())
         counts = Counter(dict(ctx.redactions))
         counts.update(more)
         ctx = dataclasses.replace(
@@ -580,18 +610,37 @@ async def answer_whole(
     state: GatewayState, ctx: CallContext, price: Price, started: float
 ) -> Completion | web.Response:
     """Call the model, then record all four facts in one transaction; the caller answers after."""
+    calling = time.monotonic()
     try:
-        completion = await state.adapter.complete(ctx.model, ctx.messages)
+        completion = await state.adapter.complete(ctx.model, ctx.messages, ctx.max_tokens)
     except UpstreamError as exc:
         await release_hold(state, ctx, "failed")
+        await record_failure(state, ctx, exc, calling)
         return upstream_error(exc)
+    outcome = outcomes.called(
+        ctx, outcomes.adapter_name(state.adapter, ctx.model), completion, ms_since(calling), streamed=False
+    )
     if ctx.redact_kinds:
         completion = dataclasses.replace(completion, text=redact(completion.text, ctx.redact_kinds).text)
     await settle_usage(state, ctx, completion)
     charged, audited = closing_facts(ctx, completion, price)
-    facts = Accounting.facts_for(ctx.budget_hold, [*opening_facts(ctx), charged, audited])
-    failed = await record(state, facts, started, ctx.request_id)
-    return failed or completion
+    facts = Accounting.facts_for(ctx.budget_hold, [*opening_facts(ctx), charged, audited, outcome])
+    unrecorded = await record(state, facts, started, ctx.request_id)
+    return unrecorded or completion
+
+
+def ms_since(t0: float) -> float:
+    return (time.monotonic() - t0) * 1000.0
+
+
+async def record_failure(state: GatewayState, ctx: CallContext, exc: UpstreamError, calling: float) -> None:
+    """AdapterFailed in a transaction of its own (nothing else of a failed call is recorded); best effort."""
+    try:
+        event = outcomes.failed(ctx, outcomes.adapter_name(state.adapter, ctx.model), exc, ms_since(calling))
+        await state.publisher.publish([event], timeout=state.publish_timeout)
+    except PublishFailed as err:
+        state.metrics.publish_failures.inc()
+        log.warning("request %s: its adapter failure was not recorded: %s", ctx.request_id, err)
 
 
 async def ask(request: web.Request) -> web.StreamResponse:
@@ -639,12 +688,15 @@ async def stream_answer(
     "failed", so no request is left with opening facts and no closing ones.
     """
     state = request.app[STATE]
-    stream = state.adapter.stream(ctx.model, ctx.messages)
+    calling = time.monotonic()
+    stream = state.adapter.stream(ctx.model, ctx.messages, ctx.max_tokens)
     try:
         first = await anext(stream, None)
     except UpstreamError as exc:
         await release_hold(state, ctx, "failed")
+        await record_failure(state, ctx, exc, calling)
         return upstream_error(exc)
+    first_token_ms = ms_since(calling)
     # the Kafka budget starts now: the model's time to first token is not the event log's
     failed = await record(state, Accounting.facts_for(ctx.budget_hold, opening_facts(ctx)), time.monotonic(),
                           ctx.request_id)  # fmt: skip
@@ -674,7 +726,9 @@ async def stream_answer(
             await resp.write(frames.delta(rest))
     except UpstreamError as exc:
         log.warning("request %s: upstream stream broke after %d pieces: %s", ctx.request_id, len(pieces), exc.code)
-        charged = await close_broken(state, ctx, price, "".join(pieces), "upstream_error")
+        request[ERROR_KIND] = "upstream_error"
+        lost = outcomes.failed(ctx, outcomes.adapter_name(state.adapter, ctx.model), exc, ms_since(calling))
+        charged = await close_broken(state, ctx, price, "".join(pieces), "upstream_error", [lost])
         with contextlib.suppress(ConnectionError):  # the client may be gone too
             if masker is not None and (rest := masker.flush()):
                 await resp.write(frames.delta(rest))  # charged for, so shown (masked)
@@ -685,6 +739,7 @@ async def stream_answer(
         return resp
     except ConnectionError:  # the client went away: stop the model, charge what it produced
         log.info("request %s: client disconnected after %d pieces", ctx.request_id, len(pieces))
+        request[ERROR_KIND] = "client_disconnected"
         await close_stream(stream)
         await close_broken(state, ctx, price, "".join(pieces), "client_disconnected")
         return resp
@@ -696,6 +751,7 @@ async def stream_answer(
         raise
     except Exception:  # a bug, not a break: the opening facts still get their closing ones
         log.exception("request %s: stream failed after %d pieces", ctx.request_id, len(pieces))
+        request[ERROR_KIND] = "internal_error"
         await close_stream(stream)
         await close_broken(state, ctx, price, "".join(pieces), "internal_error")
         with contextlib.suppress(Exception):  # best effort: the client may be gone, the response unprepared
@@ -704,15 +760,20 @@ async def stream_answer(
             )
             await resp.write_eof()
         return resp
-    completion = state.adapter.usage(ctx.model, ctx.messages, "".join(pieces))
+    completion = state.adapter.usage(ctx.model, ctx.messages, "".join(pieces), ctx.max_tokens)
     await settle_usage(state, ctx, completion)
-    closing = closing_facts(ctx, completion, price)
+    outcome = outcomes.called(
+        ctx, outcomes.adapter_name(state.adapter, ctx.model), completion, ms_since(calling), streamed=True,
+        first_token_ms=first_token_ms,
+    )  # fmt: skip
+    closing = [*closing_facts(ctx, completion, price), outcome]
     try:  # shielded: a handler cancelled now (client gone) must not drop the charge of a whole answer
         facts = Accounting.facts_for(ctx.budget_hold, closing)
         await asyncio.shield(state.publisher.publish(facts, timeout=state.publish_timeout))
     except PublishFailed as exc:
         state.metrics.publish_failures.inc()
         log.error("request %s streamed but its charge was not recorded: %s", ctx.request_id, exc)
+        request[ERROR_KIND] = "charge_not_recorded"
         with contextlib.suppress(ConnectionError):
             await resp.write(frames.failure("the event log did not accept the charge; the answer is incomplete"))
             await resp.write_eof()
@@ -732,12 +793,14 @@ def partial_usage(state: GatewayState, ctx: CallContext, produced: str) -> Compl
     that text: an adapter that only knows whole answers (the simulator) would otherwise charge
     the whole answer for a part of it.
     """
-    counted = state.adapter.usage(ctx.model, ctx.messages, produced)
+    counted = state.adapter.usage(ctx.model, ctx.messages, produced, ctx.max_tokens)
     completion_tokens = min(counted.completion_tokens, (len(produced) + 3) // 4)
     return Completion(counted.model, produced, counted.prompt_tokens, completion_tokens)
 
 
-async def close_broken(state: GatewayState, ctx: CallContext, price: Price, produced: str, reason: str) -> bool:
+async def close_broken(
+    state: GatewayState, ctx: CallContext, price: Price, produced: str, reason: str, extra: Sequence[Event] = ()
+) -> bool:
     """Record the closing facts of a stream that ended early (charge the partial usage); True if Kafka took them.
 
     Ids derive from the request id as for any closing, so a re-sent publish is identical and
@@ -747,7 +810,7 @@ async def close_broken(state: GatewayState, ctx: CallContext, price: Price, prod
     await settle_usage(state, ctx, completion)
     try:
         await state.publisher.publish(
-            Accounting.facts_for(ctx.budget_hold, partial_closing_facts(ctx, completion, price, reason)),
+            Accounting.facts_for(ctx.budget_hold, [*partial_closing_facts(ctx, completion, price, reason), *extra]),
             timeout=state.publish_timeout,
         )
     except PublishFailed as exc:
@@ -782,7 +845,8 @@ async def feedback(request: web.Request) -> web.Response:
         req = FeedbackRequest.model_validate(body)
     except ValidationError as exc:
         return validation_error(exc)
-    event = feedback_fact(principal, req.request_id, req.score, req.label, request.headers.get("traceparent"))
+    trace_parent = telemetry.trace_parent_for(request.headers.get("traceparent"))
+    event = feedback_fact(principal, req.request_id, req.score, req.label, trace_parent)
     failed = await record(state, [event], started, req.request_id)
     if failed is not None:
         return failed
@@ -832,10 +896,11 @@ async def memory_append(request: web.Request) -> web.Response:
     except ValidationError as exc:
         return validation_error(exc)
     masked = redact(req.content, state.redaction(principal.tenant))
+    state.metrics.observe_redactions(masked.counts.items())
     try:
         stored = await memory.append(
             principal, session, req.role, masked.text,
-            request_id=req.request_id, trace_parent=request.headers.get("traceparent"),
+            request_id=req.request_id, trace_parent=telemetry.trace_parent_for(request.headers.get("traceparent")),
         )  # fmt: skip
     except PublishFailed as exc:
         state.metrics.publish_failures.inc()
@@ -894,7 +959,8 @@ async def memory_erase(request: web.Request) -> web.Response:
         return call
     memory, principal, session = call
     try:
-        fact = await memory.erase(principal, session, trace_parent=request.headers.get("traceparent"))
+        trace_parent = telemetry.trace_parent_for(request.headers.get("traceparent"))
+        fact = await memory.erase(principal, session, trace_parent=trace_parent)
     except PublishFailed as exc:
         state.metrics.publish_failures.inc()
         log.warning("memory erase not recorded: %s", exc)
@@ -985,15 +1051,21 @@ def create_app(
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
     memory: MemoryFabric | None = None,
     accounting: Accounting | None = None,
+    record_completions: bool = False,
 ) -> web.Application:
     """The gateway app. Without `policy`, the shipped default bundle decides, with the default
-    registry's models seeded as Model entities (what tests and single-process use need)."""
+    registry's models seeded as Model entities (what tests and single-process use need).
+    `record_completions` publishes a RequestCompleted per public request (issue 11; the server does)."""
     metrics = GatewayMetrics()
     adapter = adapter or SimulatedAdapter()
     if policy is None:
         served = [m for m in default_registry().models() if m.name in adapter.models]
         policy = PolicyPoint(seeds=seeds_from_regions({m.name: (m.region, m.adapter_name) for m in served}))
-    app = web.Application(middlewares=[metrics.middleware(), errors_as_json], client_max_size=MAX_BODY_BYTES)
+    completions = CompletionRecorder(publisher, metrics.registry, timeout=max(5.0, publish_timeout))
+    middlewares = [trace_requests, metrics.middleware(), errors_as_json]
+    if record_completions:  # outside errors_as_json: it sees the status the client gets
+        middlewares.insert(-1, completions.middleware())
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[STATE] = GatewayState(
         metrics=metrics,
         keys=keys,
@@ -1023,6 +1095,12 @@ def create_app(
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if record_completions:
+
+        async def drain_completions(_: web.Application) -> None:  # before the server closes the publisher
+            await completions.drain()
+
+        app.on_cleanup.append(drain_completions)
     return app
 
 

@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="send sample requests over HTTP and print a summary from ClickHouse")
     d.add_argument("-n", type=int, default=200)
     d.add_argument("--poison", action="store_true", help="also produce one hand-made poison record")
+    d.add_argument(
+        "--no-spike", dest="spike", action="store_false", help="skip the injected cost spike (on by default)"
+    )
     k = sub.add_parser("keys", help="issue, revoke and list API keys (events on the api-keys topic)")
     ksub = k.add_subparsers(dest="keys_command", required=True)
     ki = ksub.add_parser("issue", help="issue a key for a tenant; prints the secret once")
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "query":
             return cmd_query(settings, args.sql, args.format)
         if args.command == "demo":
-            return demo_mod.run(settings, args.n, poison=args.poison)
+            return demo_mod.run(settings, args.n, poison=args.poison, spike=args.spike)
         if args.command == "keys":
             return cmd_keys(settings, args)
         if args.command == "dlq":
@@ -187,6 +190,12 @@ def child_env(settings: Settings) -> dict[str, str]:
             "LEDGERFLOW_KAFKA_BOOTSTRAP": settings.bootstrap,
             "LEDGERFLOW_DATA_DIR": str(settings.resolved_data_dir),
             "PYTHONUNBUFFERED": "1",
+            # issue 11: logs and traces as configured here (a TOML file included), for every child
+            "LEDGERFLOW_LOG_FORMAT": settings.log_format,
+            "LEDGERFLOW_OTEL_EXPORTER": settings.otel_exporter,
+            "LEDGERFLOW_OTEL_ENDPOINT": settings.otel_endpoint,
+            "LEDGERFLOW_OTEL_FILE": settings.otel_file_path,
+            "LEDGERFLOW_OTEL_SAMPLE_RATIO": str(settings.otel_sample_ratio),
         }
     )
     return env
@@ -233,16 +242,18 @@ def children(settings: Settings, redis_url: str = "") -> list[Child]:
                 "--api-keys-file",
                 str(keys_file),
                 *(["--allow-fault-injection"] if settings.fault_injection else []),
+                *lag_args(settings),
             ],
             logs / "projections.log",
             env,
             settings.projections_url,
+            metrics=f"{settings.projections_url}/metrics",
         ),
         *(worker_child(settings, i) for i in range(settings.workers)),
-        Child("ledger", [py, "-m", "agents.ledger", "--loglevel", "warning"], logs / "ledger.log", env),
-        Child("dp-budget", [py, "-m", "agents.dp_budget", "--loglevel", "warning"], logs / "dp-budget.log", env),
+        transactional_worker(settings, "ledger", "agents.ledger", logs / "ledger.log", env),
+        transactional_worker(settings, "dp-budget", "agents.dp_budget", logs / "dp-budget.log", env),
         *(  # issue 9: one learner for the platform's routing priors, when the router is on
-            [Child("routing-priors", [py, "-m", "agents.priors", "--loglevel", "warning"], logs / "priors.log", env)]
+            [transactional_worker(settings, "routing-priors", "agents.priors", logs / "priors.log", env)]
             if settings.routing_enabled
             else []
         ),
@@ -251,6 +262,45 @@ def children(settings: Settings, redis_url: str = "") -> list[Child]:
 
 
 WORKER_POOL = "agents"
+# issue 11: /metrics ports of the workers without a web server, as offsets from agent_metrics_port
+METRICS_OFFSETS = {"ledger": 0, "dp-budget": 1, "routing-priors": 2}
+
+
+def transactional_worker(settings: Settings, name: str, module: str, log: Path, env: dict[str, str]) -> Child:
+    """A consume-transform-produce worker (ledger, dp-budget, routing-priors) and its /metrics port."""
+    argv = [sys.executable, "-m", module, "--loglevel", "warning"]
+    metrics = ""
+    if settings.agent_metrics_port:
+        port = settings.agent_metrics_port + METRICS_OFFSETS[name]
+        argv += ["--metrics-port", str(port), "--metrics-host", settings.agent_metrics_host]
+        metrics = f"http://{settings.agent_metrics_host}:{port}/metrics"
+    return Child(name, argv, log, env, metrics=metrics)
+
+
+def lag_args(settings: Settings) -> list[str]:
+    """The projections service's lag sampler: every consumer group `up` runs, with the topics it reads.
+
+    The Faust worker's group reads the catalogue topics its agents subscribe to (token-charges,
+    and request-completions once the SLO agent's topic exists); the other groups their sources.
+    """
+    if not settings.lag_sample_interval_s:
+        return []
+    from streams.topics import Topics
+
+    topics = Topics(settings.topic_prefix, settings.partitions)
+    faust_sources = [k for k in ("token-charges", "request-completions") if topics.spec_for(topics.name(k))]
+    specs = [
+        f"{settings.sink_group}=*",
+        f"{settings.worker_id}={','.join(faust_sources)}",
+        f"{settings.worker_id}-ledger=audit",
+        f"{settings.worker_id}-dp-budget=dp-budget-log",
+    ]
+    if settings.routing_enabled:
+        from agents.priors import source_topics
+
+        keys = [t.removeprefix(settings.topic_prefix) for t in source_topics(topics)]
+        specs.append(f"{settings.worker_id}-routing-priors={','.join(keys)}")
+    return ["--lag-interval", str(settings.lag_sample_interval_s), *(a for s in specs for a in ("--lag-group", s))]
 
 
 def gateway_children(settings: Settings, redis_url: str = "") -> list[Child]:
@@ -265,7 +315,8 @@ def gateway_children(settings: Settings, redis_url: str = "") -> list[Child]:
     if redis_url:
         env["LEDGERFLOW_REDIS_URL"] = redis_url
     if settings.gateways == 1:
-        return [Child("gateway", [sys.executable, "-m", "gateway"], logs / "gateway.log", env, settings.gateway_url)]
+        url, argv = settings.gateway_url, [sys.executable, "-m", "gateway"]
+        return [Child("gateway", argv, logs / "gateway.log", env, url, metrics=url + "/metrics")]
     out = []
     for i in range(settings.gateways):
         port = settings.gateway_port + i
@@ -275,7 +326,8 @@ def gateway_children(settings: Settings, redis_url: str = "") -> list[Child]:
             "LEDGERFLOW_GATEWAY_INSTANCE_ID": f"{settings.instance_id}-{i}",
         }
         url = f"http://{settings.gateway_host}:{port}"
-        out.append(Child(f"gateway-{i}", [sys.executable, "-m", "gateway"], logs / f"gateway-{i}.log", own, url))
+        argv = [sys.executable, "-m", "gateway"]
+        out.append(Child(f"gateway-{i}", argv, logs / f"gateway-{i}.log", own, url, metrics=f"{url}/metrics"))
     return out
 
 
@@ -328,6 +380,7 @@ def worker_child(settings: Settings, i: int) -> Child:
         settings.resolved_data_dir / "logs" / f"{WORKER_POOL}-{i}.log",
         env,
         f"http://127.0.0.1:{settings.worker_web_port + i}",
+        metrics=f"http://127.0.0.1:{settings.worker_web_port + i}/metrics",  # issue 11: a Faust web view
     )
 
 
@@ -377,6 +430,10 @@ def cmd_up(settings: Settings, demo_n: int, exit_after_demo: bool, poison: bool 
         wait_ready(sup)
         for c in sup.children:
             print(f"{c.name + ':':<12} {c.url}  (log: {c.log})", flush=True)
+        print("metrics:     Prometheus /metrics (the read side's takes `Authorization: Bearer $(ledgerflow token)`):")
+        for c in sup.children:
+            if c.metrics:
+                print(f"  {c.name + ':':<14} {c.metrics}", flush=True)
         print(f"clickhouse:  {settings.store_url} (SQL over {settings.projections_url})", flush=True)
         print(f"portal:      {settings.projections_url}/portal/  (log in with `ledgerflow token`)", flush=True)
         print("ready. `ledgerflow demo` sends traffic; `ledgerflow status` shows lag; Ctrl-C stops.", flush=True)
@@ -517,6 +574,8 @@ def cmd_status(settings: Settings) -> int:
     for child in state.get("children", []):
         alive = "up" if pid_alive(child.get("pid")) else "DOWN"
         print(f"  {child['name']:<12} {alive:<5} pid {child.get('pid')}  {child.get('url', '')}")
+        if child.get("metrics"):
+            print(f"  {'':<12} metrics {child['metrics']}")
     desired = read_scale(scale_file(settings)).get("workers") if state else None
     if desired is not None:
         print(f"  agent workers wanted: {desired} (`ledgerflow scale workers=N`)")

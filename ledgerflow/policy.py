@@ -41,11 +41,10 @@ from ledgerflow import admin, readside
 from ledgerflow.settings import Settings
 from streams.admin import read_to_end
 from streams.codec import Codec, PoisonEvent
-from streams.events import PolicyAttributesSet, PolicyPublished
+from streams.events import PLATFORM_TENANT, PolicyAttributesSet, PolicyPublished
 from streams.topics import Topics
 
 #: Envelope tenant of platform-wide policy facts (bundles, non-tenant entities): their own audit chain.
-PLATFORM_TENANT = "_platform"
 READ_TIMEOUT_S = 30.0
 
 

@@ -26,10 +26,8 @@ from ledgerflow import admin
 from ledgerflow.settings import Settings
 from streams.admin import read_to_end
 from streams.codec import Codec, PoisonEvent
-from streams.events import ModelPrice, PriceListPublished
+from streams.events import PLATFORM_TENANT, ModelPrice, PriceListPublished
 from streams.topics import Topics
-
-PLATFORM_TENANT = "_platform"  # prices are platform-wide facts: their own audit chain
 
 
 def _author() -> str:

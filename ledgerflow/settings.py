@@ -90,6 +90,9 @@ class SimulatedModel(BaseModel):
     quality: float = Field(default=0.8, ge=0, le=1)
     quality_spread: float = Field(default=0.1, ge=0)
     error_rate: float = Field(default=0.0, ge=0, le=1)
+    # issue 9 (routing demo): hidden per task class (code, maths, prose) mean quality and latency factor
+    class_quality: dict[str, float] = Field(default_factory=dict)
+    class_latency: dict[str, float] = Field(default_factory=dict)
 
 
 class SettingsError(ValueError):
@@ -218,7 +221,33 @@ class Settings(BaseSettings):
     workers: int = Field(
         1, ge=0, le=64, description="Agent worker processes `ledgerflow up` runs in one consumer group (`scale`)."
     )
+    # issue 11 (metrics): where the processes without a web server of their own serve Prometheus
+    agent_metrics_port: int = Field(
+        9464, ge=0, le=65533, description="Prometheus /metrics of the ledger (this port), dp-budget (+1) and "
+        "routing-priors (+2) workers; 0 = off. Faust workers serve /metrics on their web port.",
+    )  # fmt: skip
+    agent_metrics_host: str = Field("127.0.0.1", description="Bind address of those workers' /metrics.")
+    lag_sample_interval_s: float = Field(
+        15.0, ge=0, description="How often the projections service samples consumer-group lag into consumer_lag "
+        "(ConsumerLagSampled events); 0 = off.",
+    )  # fmt: skip
     log_level: str = Field("INFO", description="Python log level.")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="Log lines of every process: one JSON object per line (trace ids, tenant), or text."
+    )
+    otel_exporter: Literal["none", "console", "otlp", "file"] = Field(
+        "none", description="Where spans go (issue 11): none = no tracing, otlp = a collector over HTTP, file = JSONL."
+    )
+    otel_endpoint: str = Field(
+        "", description="OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces (empty = the SDK's default/env)."
+    )
+    otel_file: str = Field(
+        "", description="JSON-lines span file for otel_exporter=file; {service} and {pid} are filled in "
+        "(empty = data_dir/traces/{service}-{pid}.jsonl).",
+    )  # fmt: skip
+    otel_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="Share of new traces sampled; a request's sampled flag is kept downstream."
+    )
 
     @field_validator("log_level")
     @classmethod
@@ -286,6 +315,10 @@ class Settings(BaseSettings):
     @property
     def ledger_key_path(self) -> Path:
         return self.ledger_key_file or self.resolved_data_dir / "ledger" / "signing.key"
+
+    @property
+    def otel_file_path(self) -> str:
+        return self.otel_file or str(self.resolved_data_dir / "traces" / "{service}-{pid}.jsonl")
 
     @property
     def gateway_url(self) -> str:

@@ -37,6 +37,7 @@ class Child:
     env: dict[str, str]
     url: str = ""
     proc: subprocess.Popen[bytes] | None = None
+    metrics: str = ""  # its Prometheus /metrics URL, if it serves one (issue 11)
     restarts: int = 0
     next_start: float = 0.0
     started_at: float = 0.0
@@ -170,7 +171,13 @@ class Supervisor:
         state = {
             "supervisor_pid": os.getpid(),
             "children": [
-                {"name": c.name, "pid": c.proc.pid if c.proc else None, "url": c.url, "log": str(c.log)}
+                {
+                    "name": c.name,
+                    "pid": c.proc.pid if c.proc else None,
+                    "url": c.url,
+                    "log": str(c.log),
+                    "metrics": c.metrics,
+                }
                 for c in self.children
             ],
             **self.extra_state,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -18,7 +19,9 @@ import orjson
 
 from domain.keys import KeyStore
 from projections.access import ReadAccess, load_or_create_token
+from projections.lag import WatchedGroup
 from projections.service import ProjectionService, serve
+from streams import telemetry
 from streams.topics import DEFAULT_PARTITIONS, Topics
 
 
@@ -41,8 +44,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--allow-fault-injection", action="store_true", help="chaos tests: POST /faults/store-outage cuts the store"
     )
+    p.add_argument(
+        "--lag-group", action="append", default=[], metavar="GROUP=key,...",
+        help="sample this consumer group's lag on these catalogue topics (GROUP=* for all); repeatable",
+    )  # fmt: skip
+    p.add_argument("--lag-interval", type=float, default=0.0, help="seconds between lag samples (0 = off)")
     p.add_argument("--open", action="store_true", help="no authentication at all (a throwaway local store only)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    # issue 11: logs and traces; defaults from the LEDGERFLOW_* environment `ledgerflow up` passes on
+    env = os.environ.get
+    p.add_argument("--log-format", default=env("LEDGERFLOW_LOG_FORMAT", "json"), choices=["json", "text"])
+    p.add_argument(
+        "--otel-exporter", default=env("LEDGERFLOW_OTEL_EXPORTER", "none"), choices=["none", "console", "otlp", "file"]
+    )
+    p.add_argument("--otel-endpoint", default=env("LEDGERFLOW_OTEL_ENDPOINT", ""), help="OTLP/HTTP traces URL")
+    p.add_argument("--otel-file", default=env("LEDGERFLOW_OTEL_FILE", ""), help="JSON-lines span file")
+    p.add_argument("--otel-sample-ratio", type=float, default=float(env("LEDGERFLOW_OTEL_SAMPLE_RATIO", "1.0")))
     args = p.parse_args(argv)
     if not args.no_sink and not args.bootstrap:
         p.error("--bootstrap is required unless --no-sink")
@@ -63,18 +80,21 @@ def access_of(args: argparse.Namespace) -> ReadAccess:
 
 
 async def _main(args: argparse.Namespace) -> None:
+    topics = Topics(args.topic_prefix, args.partitions)
     service = ProjectionService(
         store_url=args.store,
         database=args.database,
         bootstrap=args.bootstrap,
         group=args.group,
-        topics=Topics(args.topic_prefix, args.partitions),
+        topics=topics,
         run_sink=not args.no_sink,
         batch_max=args.batch_max,
         batch_ms=args.batch_ms,
         instance_id=args.instance_id,
         access=access_of(args),
         fault_injection=args.allow_fault_injection,
+        lag_groups=[WatchedGroup.parse(spec, topics) for spec in args.lag_group],
+        lag_interval_s=args.lag_interval,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -89,7 +109,12 @@ async def _main(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    telemetry.setup_logging("projections", args.log_level, args.log_format)
+    telemetry.configure(
+        telemetry.TelemetryConfig(
+            "ledgerflow-projections", args.otel_exporter, args.otel_endpoint, args.otel_file, args.otel_sample_ratio
+        )
+    )
     try:
         asyncio.run(_main(args))
     except Exception as exc:  # a broken store or an edited migration: say why, exit non-zero

@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from aiohttp import web
+
 from domain.keys import KeyStore
 
 READ_ROLES = frozenset({"admin", "analyst"})
@@ -43,6 +45,9 @@ class Reader:
     @property
     def operator(self) -> bool:
         return self.tenant is None
+
+
+READER = web.RequestKey("reader", Reader)  # set by the read side's guard on every authorised request
 
 
 class AccessDenied(Exception):

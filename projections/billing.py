@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from projections.access import AccessDenied, scoped_tenant
+from projections.access import READER, AccessDenied, scoped_tenant
 
 PATHS = ("/v1/billing/export",)
 ReadRows = Callable[[str, dict[str, Any]], list[dict[str, Any]]]
@@ -168,7 +168,7 @@ def register(app: web.Application, read: ReadRows) -> None:
 
     async def export(request: web.Request) -> web.Response:
         try:
-            tenant = scoped_tenant(request["reader"], request.query.get("tenant"))
+            tenant = scoped_tenant(request[READER], request.query.get("tenant"))
             if not tenant:
                 raise AccessDenied(400, "name the tenant to bill: ?tenant=T&period=YYYY-MM")
             since, until = period(request.query.get("period", ""))

@@ -54,7 +54,7 @@ from domain.dp import (
     reallocation,
     release,
 )
-from projections.access import AccessDenied, Reader, scoped_tenant
+from projections.access import READER, AccessDenied, Reader, scoped_tenant
 from streams.events import (
     DpBudgetGranted,
     DpQueryCharged,
@@ -421,7 +421,7 @@ def register(app: web.Application, get: Callable[[], DpReadSide | None]) -> None
                 raise DpRefused(400, {"error": f"the body is not JSON ({exc})"}) from None
             if not isinstance(body, dict):
                 raise DpRefused(400, {"error": "send a JSON object"})
-            return reply(200, await side().query(request["reader"], body))
+            return reply(200, await side().query(request[READER], body))
         except DpRefused as exc:
             return reply(exc.status, exc.body)
         except AccessDenied as exc:
@@ -430,7 +430,7 @@ def register(app: web.Application, get: Callable[[], DpReadSide | None]) -> None
             return reply(400, {"error": str(exc)})
 
     def _scoped(request: web.Request) -> str | None:
-        return scoped_tenant(request["reader"], request.query.get("tenant"))
+        return scoped_tenant(request[READER], request.query.get("tenant"))
 
     async def budgets(request: web.Request) -> web.Response:
         try:

@@ -51,11 +51,20 @@ def _snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
+# Tables not named after their event type (the name the read side asked for)
+TABLE_NAMES: dict[str, str] = {
+    "ConsumerLagSampled": "consumer_lag",  # issue 11: the portal and Grafana query this name
+    "LedgerVerified": "ledger_verifications",
+    "SpendForecasted": "spend_forecasts",  # issue 7: the portal draws them against the budget
+    "BudgetVarianceAlerted": "budget_variance_alerts",
+}
+
+
 def table_for(event_type: str) -> str:
     """Table holding `event_type` (RequestReceived → request_received); KeyError if unknown."""
     if event_type not in EVENT_TYPES:
         raise KeyError(f"no projection table for unknown event type {event_type!r}")
-    return _snake(event_type)
+    return TABLE_NAMES.get(event_type) or _snake(event_type)
 
 
 def event_tables() -> dict[str, str]:

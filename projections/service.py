@@ -13,7 +13,8 @@ settings change (so `SETTINGS readonly=0` in a query fails). `sqlguard` adds wha
 does not cover in clickhouse-local: one statement only, no INTO OUTFILE, no file() & co.
 Settings sent as URL parameters are ignored (a `readonly` other than 1 is refused).
 
-Endpoints: `/` (SQL, GET ?query= or POST body), `/ping`, `/readyz`, `/status`, and replay
+Endpoints: `/` (SQL, GET ?query= or POST body), `/ping`, `/readyz`, `/status`, `/metrics`
+(Prometheus, `projections/metrics.py`; operator token like every route but the two health checks), and replay
 (`projections/replay.py`; it runs here because in embedded mode only this process may write
 the store): `POST /replay` {"into", "tables", "since", "replace"} starts one background
 rebuild (202; 400 for a bad request, naming the fix; 409 while one runs or when `into` holds
@@ -36,7 +37,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, cast
@@ -61,8 +62,11 @@ from domain.policy import (
 )
 from projections import billing
 from projections import dp as dp_read
-from projections.access import AccessDenied, ReadAccess, scoped_tenant
+from projections import slo as slo_read
+from projections.access import READER, AccessDenied, ReadAccess, scoped_tenant
 from projections.faults import OutageClient, StoreOutage
+from projections.lag import LagSampler, WatchedGroup
+from projections.metrics import ReadSideMetrics
 from projections.migrations import applied, migrate
 from projections.portal import Portal
 from projections.replay import BadReplayRequest, ReplayJob, TargetNotEmpty, idle_status, parse_request, target_check
@@ -84,7 +88,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SINK_REBUILD_S = 2.0  # wait before a new consumer after a fatal client error
 _PUBLIC_PATHS = frozenset({"/ping", "/readyz"})
 # What a tenant's key may call; the handler scopes each to the key's tenant (projections/access.py).
-_TENANT_PATHS = frozenset({"/v1/usage", "/v1/policy/dry-run", *dp_read.PATHS, *billing.PATHS})
+_TENANT_PATHS = frozenset({"/v1/usage", "/v1/policy/dry-run", *dp_read.PATHS, *billing.PATHS, *slo_read.PATHS})
 USAGE_MAX_DAYS = 366
 
 _USAGE_SQL = """
@@ -406,6 +410,8 @@ class ProjectionService:
         instance_id: str | None = None,
         access: ReadAccess | None = None,
         fault_injection: bool = False,
+        lag_groups: Sequence[WatchedGroup] = (),
+        lag_interval_s: float = 0.0,
     ) -> None:
         if run_sink and not bootstrap:
             raise ValueError("the sink needs a Kafka bootstrap (or run without the sink)")
@@ -443,6 +449,11 @@ class ProjectionService:
         self.sink_rebuilds = 0
         self.dp: dp_read.DpReadSide | None = None  # DP queries (projections/dp.py); needs Kafka
         self.portal = Portal(self.access, self.read_rows)  # issue 12: /portal pages, cookie sessions
+        # issue 11: /metrics (operator token), the sink's hook, and the consumer-lag sampler (off at 0 s)
+        self.metrics = ReadSideMetrics(lambda: self.sink.status() if self.sink is not None else None)
+        self.lag_groups = list(lag_groups)
+        self.lag_interval_s = lag_interval_s
+        self.lag_sampler: LagSampler | None = None
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -471,13 +482,18 @@ class ProjectionService:
                 self.sink = self._new_sink()
                 self._thread = threading.Thread(target=self._sink_main, name="projection-sink", daemon=True)
                 self._thread.start()
+            if self.bootstrap and self.lag_interval_s > 0 and self.lag_groups:
+                self.lag_sampler = LagSampler(
+                    self.bootstrap, self.topics, self.lag_groups, self.lag_interval_s, self.metrics
+                )
+                self.lag_sampler.start()
         except Exception as exc:
             self.start_error = f"{type(exc).__name__}: {exc}"
             raise
 
     def _new_sink(self) -> Sink:
         assert self.writer is not None
-        return Sink(
+        sink = Sink(
             self.bootstrap,
             self.group,
             self.topics,
@@ -486,6 +502,8 @@ class ProjectionService:
             batch_ms=self.batch_ms,
             consumer_config=self.consumer_config,
         )
+        sink.hooks = self.metrics
+        return sink
 
     def _sink_main(self) -> None:
         """Run the sink; rebuild it after a fatal client error (a fenced consumer cannot recover).
@@ -522,6 +540,8 @@ class ProjectionService:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("sink thread did not stop within %.0fs", timeout)
+        if self.lag_sampler is not None:
+            self.lag_sampler.close()
         if self._key_follower is not None:
             self._key_follower.close()
         if self.dp is not None:
@@ -690,10 +710,11 @@ class ProjectionService:
     # --- HTTP -------------------------------------------------------------------------
 
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_QUERY_BYTES, middlewares=[self._guard])
+        app = web.Application(client_max_size=MAX_QUERY_BYTES, middlewares=[self.metrics.middleware(), self._guard])
         app.router.add_get("/ping", self._ping)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._status)
+        app.router.add_get("/metrics", self.metrics.handler)  # operator token, like /status
         app.router.add_post("/replay", self._replay_start)
         app.router.add_get("/replay/status", self._replay_status)
         app.router.add_delete("/replay", self._replay_cancel)
@@ -703,6 +724,7 @@ class ProjectionService:
             app.router.add_post("/faults/store-outage", self._store_outage)
         dp_read.register(app, lambda: self.dp)
         billing.register(app, self.read_rows)  # issue 7: /v1/billing/export, tenant-scoped
+        slo_read.register(app, self.read_rows)  # issue 11: /v1/slo, burn per window, tenant-scoped
         self.portal.register(app)  # issue 12: /portal/*, every page scoped by scoped_tenant
         app.router.add_get("/", self._sql)
         app.router.add_post("/", self._sql)
@@ -725,7 +747,7 @@ class ProjectionService:
                 )
         except AccessDenied as exc:
             return self._denied(request, exc)
-        request["reader"] = reader
+        request[READER] = reader
         return await handler(request)
 
     def _denied(self, request: web.Request, exc: AccessDenied) -> web.Response:
@@ -775,7 +797,7 @@ class ProjectionService:
         try:
             req = DryRunRequest.parse(await request.read(), request.content_type, request.query)
             try:
-                req = replace(req, tenant=scoped_tenant(request["reader"], req.tenant) or "")
+                req = replace(req, tenant=scoped_tenant(request[READER], req.tenant) or "")
             except AccessDenied as exc:
                 raise BadDryRun(exc.status, exc.message) from None
             if self.reader is None and self.store_url.startswith("chdb:"):
@@ -793,7 +815,7 @@ class ProjectionService:
     async def _usage(self, request: web.Request) -> web.Response:
         """Per-day, per-model usage and spend from the raw charges; a tenant key sees its own only."""
         try:
-            tenant = scoped_tenant(request["reader"], request.query.get("tenant"))
+            tenant = scoped_tenant(request[READER], request.query.get("tenant"))
             since, until = usage_window(request.query.get("since"), request.query.get("until"))
             if self.reader is None and self.store_url.startswith("chdb:"):
                 raise AccessDenied(503, "projections service is starting (migrations); retry shortly")

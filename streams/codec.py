@@ -122,14 +122,14 @@ class Codec:
         if type(data) is bytes:
             read = self._readers.get(data[:HEADER_LEN])
             if read is not None:
-                return read(data, HEADER_LEN)
+                return _guarded(read, data)
         if data is None or len(data) < HEADER_LEN or data[:2] != MAGIC:
             raise PoisonEvent("not-single-object-encoding", "missing C3 01 header")
         data = bytes(data)  # bytearray, memoryview...
         read = self._readers.get(data[:HEADER_LEN])
         if read is None:
             raise PoisonEvent("unknown-fingerprint", data[2:HEADER_LEN].hex())
-        return read(data, HEADER_LEN)
+        return _guarded(read, data)
 
     # -- the compiled path --
 
@@ -206,6 +206,17 @@ class Codec:
             return cls(envelope=env, **record)
         except TypeError as exc:
             raise PoisonEvent("schema-mismatch", str(exc)) from None
+
+
+def _guarded(read: Callable[[bytes, int], Event], data: bytes) -> Event:
+    """An event's own checks (`__post_init__`) run after the body is read and may raise
+    ValueError or TypeError: that is a poison record too, never an error its consumer must know."""
+    try:
+        return read(data, HEADER_LEN)
+    except PoisonEvent:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise PoisonEvent("invalid-value", f"{type(exc).__name__}: {exc}") from None
 
 
 def _body_error(exc: BaseException | None, pos: int, end: int) -> PoisonEvent:

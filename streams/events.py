@@ -16,6 +16,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, ClassVar, TypedDict
 
+PLATFORM_TENANT = "_platform"  # the envelope tenant of platform-wide facts (prices, policies, shared entities)
+
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
@@ -301,6 +303,8 @@ class BudgetSettled(Event):
     reserved_amount: Decimal
     actual_amount: Decimal
     currency: str
+    limit_amount: Decimal | None = None
+    enforced: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +365,45 @@ class CostAnomalyDetected(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class SpendForecasted(Event):
+    budget_id: str
+    scope: str
+    scope_id: str
+    period: str
+    period_start: datetime
+    period_end: datetime
+    month_to_date: Decimal
+    forecast: Decimal
+    method: str
+    days_of_history: int
+    currency: str
+    source_partition: int
+    source_offset: int
+    limit: Decimal | None = None
+    enforced: bool | None = None
+    projected_variance: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetVarianceAlerted(Event):
+    budget_id: str
+    scope: str
+    scope_id: str
+    period: str
+    period_start: datetime
+    period_end: datetime
+    month_to_date: Decimal
+    forecast: Decimal
+    method: str
+    currency: str
+    source_partition: int
+    source_offset: int
+    limit: Decimal | None = None
+    enforced: bool | None = None
+    projected_variance: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerEntryChained(Event):
     chain_tenant: str
     seq: int
@@ -370,6 +413,23 @@ class LedgerEntryChained(Event):
     audit_sha256: str
     source_partition: int
     source_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerVerified(Event):
+    chain_tenant: str
+    scope: str
+    source: str
+    ok: bool
+    entries_checked: int
+    checkpoints_checked: int
+    root_hash: str
+    duration_ms: int
+    key_fingerprint: str
+    key_id: str
+    verifier: str
+    first_bad_seq: int | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -534,6 +594,48 @@ class SubjectErasureRequested(Event):
     due_by: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class RequestCompleted(Event):
+    request_id: str
+    route: str
+    method: str
+    status: int
+    latency_ms: int
+    streamed: bool
+    error_kind: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SloBurnRateAlerted(Event):
+    slo: str
+    objective: float
+    severity: str
+    state: str
+    long_window_s: int
+    short_window_s: int
+    long_burn_rate: float
+    short_burn_rate: float
+    threshold: float
+    long_requests: int
+    long_bad: int
+    short_requests: int
+    short_bad: int
+    evaluated_at: datetime
+    source_partition: int
+    source_offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerLagSampled(Event):
+    group_id: str
+    topic: str
+    partition: int
+    owner: str
+    committed: int
+    end_offset: int
+    lag: int
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls
     for cls in (
@@ -555,8 +657,11 @@ EVENT_TYPES: dict[str, type[Event]] = {
         BudgetThresholdCrossed,
         SavingsSnapshotted,
         CostAnomalyDetected,
+        SpendForecasted,
+        BudgetVarianceAlerted,
         LedgerEntryChained,
         LedgerCheckpointSigned,
+        LedgerVerified,
         DpBudgetGranted,
         DpQueryRequested,
         DpQueryCharged,
@@ -572,5 +677,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         SubjectErasureRequested,
         PolicyAttributesSet,
         PolicyShadowDiverged,
+        ConsumerLagSampled,
+        RequestCompleted,
+        SloBurnRateAlerted,
     )
 }

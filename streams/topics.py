@@ -52,17 +52,22 @@ CATALOGUE: tuple[TopicSpec, ...] = (
     TopicSpec("policy-shadow", ("PolicyShadowDiverged",)),
     TopicSpec("ledger", ("LedgerEntryChained",), derived=True),
     TopicSpec("ledger-checkpoints", ("LedgerCheckpointSigned",), derived=True),
+    # `ledgerflow audit verify` results (issue 6): what the portal shows as the last verification
+    TopicSpec("ledger-verifications", ("LedgerVerified",), derived=True),
     # issue 7 (accounting). Every price version is kept (key: models@version): charges cite versions.
     TopicSpec("price-lists", ("PriceListPublished",), compacted=True, partitions=1, keyed_by="price_key"),
     TopicSpec("budgets", ("BudgetSet",), compacted=True, partitions=1, keyed_by="budget_id"),
     TopicSpec("budget-holds", ("BudgetReserved", "BudgetSettled", "BudgetReleased", "BudgetThresholdCrossed")),
     TopicSpec("savings-snapshots", ("SavingsSnapshotted",), derived=True),
     TopicSpec("cost-anomalies", ("CostAnomalyDetected",), derived=True),
+    TopicSpec("spend-forecasts", ("SpendForecasted", "BudgetVarianceAlerted"), derived=True),
     # Sizes and hashes of memory turns, and erasures: facts (the content lives on `memory()`).
     TopicSpec("memory-facts", ("MemoryWritten", "MemoryErased")),
     # issue 9 (routing). The priors topic keeps the newest priors per algorithm (what a gateway
     # loads at start); every version stays reconstructible by replaying the facts it was learned from.
     TopicSpec("routes", ("RouteChosen",)),
+    # What each model call did (latency, retries, tokens) or how it failed: the router's latency term.
+    TopicSpec("adapter-outcomes", ("AdapterCalled", "AdapterFailed")),
     TopicSpec(
         "routing-priors", ("RoutingPriorsPublished",), derived=True, compacted=True, partitions=1, keyed_by="algorithm"
     ),
@@ -73,6 +78,13 @@ CATALOGUE: tuple[TopicSpec, ...] = (
     TopicSpec("dp-budget-log", ("DpBudgetGranted", "DpQueryRequested"), keyed_by="budget_key"),
     TopicSpec("dp-decisions", ("DpQueryCharged", "DpQueryRefused"), derived=True, keyed_by="budget_key"),
     TopicSpec("dp-releases", ("DpReleasePublished",), keyed_by="budget_key"),
+    # issue 11 (SLOs): how every answered request ended, and the burn-rate alerts folded from it
+    # per tenant by the slo-burn agent (co-partitioned: its table's changelog follows this topic).
+    TopicSpec("request-completions", ("RequestCompleted",)),
+    TopicSpec("slo-alerts", ("SloBurnRateAlerted",), derived=True),
+    # issue 11 (metrics): consumer-group lag sampled by the projections service, keyed by group;
+    # kept like every fact, so consumer_lag is rebuilt by replay like every table
+    TopicSpec("consumer-lag", ("ConsumerLagSampled",), derived=True, keyed_by="group_id"),
 )
 
 # The memory state topic holds turn content sealed with per-session data keys, and the keys:
@@ -133,6 +145,11 @@ class Topics:
     def redrives(self) -> str:
         """Compacted topic recording which dead-lettered source records were re-driven."""
         return self.prefix + "dlq-redrives"
+
+    def ledger_heads(self) -> str:
+        """Compacted state topic of the ledger worker's chain-head snapshots (JSON, keyed by tenant;
+        written in the worker's transactions with the entries; see agents/ledger.py)."""
+        return self.prefix + "ledger-heads"
 
     def memory(self) -> str:
         """Compacted state topic of sealed memory turns and session keys (raw records, not Avro facts)."""

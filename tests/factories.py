@@ -19,6 +19,8 @@ from streams.events import (
     BudgetSet,
     BudgetSettled,
     BudgetThresholdCrossed,
+    BudgetVarianceAlerted,
+    ConsumerLagSampled,
     CostAnomalyDetected,
     DpBudgetGranted,
     DpQueryCharged,
@@ -30,6 +32,7 @@ from streams.events import (
     FeedbackReceived,
     LedgerCheckpointSigned,
     LedgerEntryChained,
+    LedgerVerified,
     MemoryErased,
     MemoryWritten,
     ModelPrice,
@@ -38,6 +41,7 @@ from streams.events import (
     PolicyPublished,
     PolicyShadowDiverged,
     PriceListPublished,
+    RequestCompleted,
     RequestReceived,
     RequestRedacted,
     RouteCandidate,
@@ -45,6 +49,8 @@ from streams.events import (
     RoutingPriorsPublished,
     RoutingRegretRecorded,
     SavingsSnapshotted,
+    SloBurnRateAlerted,
+    SpendForecasted,
     SubjectErasureRequested,
     TenantTotalsUpdated,
     TokensCharged,
@@ -317,6 +323,8 @@ def budget_settled(tenant: str = "acme") -> BudgetSettled:
         reserved_amount=Decimal("0.012"),
         actual_amount=Decimal("0.000123450000"),
         currency="USD",
+        limit_amount=Decimal("250"),
+        enforced=True,
     )
 
 
@@ -383,6 +391,49 @@ def cost_anomaly(tenant: str = "acme") -> CostAnomalyDetected:
         detector="river.anomaly.GaussianScorer(window_size=168, grace_period=24)",
         source_partition=1,
         source_offset=99,
+    )
+
+
+def spend_forecast(tenant: str = "acme") -> SpendForecasted:
+    return SpendForecasted(
+        envelope=envelope("SpendForecasted", tenant),
+        budget_id="acme:tenant:month:hard",
+        scope="tenant",
+        scope_id=tenant,
+        period="2026-11",
+        period_start=_MONTH,
+        period_end=datetime(2026, 12, 1, tzinfo=UTC),
+        month_to_date=Decimal("120.000000000001"),
+        forecast=Decimal("260.5"),
+        method="river.time_series.HoltWinters(alpha=0.3, beta=0.1)",
+        days_of_history=12,
+        currency="USD",
+        source_partition=1,
+        source_offset=77,
+        limit=Decimal("250"),
+        enforced=True,
+        projected_variance=Decimal("10.5"),
+    )
+
+
+def budget_variance_alert(tenant: str = "acme") -> BudgetVarianceAlerted:
+    return BudgetVarianceAlerted(
+        envelope=envelope("BudgetVarianceAlerted", tenant),
+        budget_id="acme:tenant:month:hard",
+        scope="tenant",
+        scope_id=tenant,
+        period="2026-11",
+        period_start=_MONTH,
+        period_end=datetime(2026, 12, 1, tzinfo=UTC),
+        month_to_date=Decimal("120.000000000001"),
+        forecast=Decimal("260.5"),
+        method="run_rate",
+        currency="USD",
+        source_partition=1,
+        source_offset=77,
+        limit=Decimal("250"),
+        enforced=False,
+        projected_variance=Decimal("10.5"),
     )
 
 
@@ -578,6 +629,74 @@ def erasure_request(tenant: str = "acme") -> SubjectErasureRequested:
     )
 
 
+def ledger_verified(tenant: str = "acme") -> LedgerVerified:
+    return LedgerVerified(
+        envelope=envelope("LedgerVerified", tenant),
+        chain_tenant=tenant,
+        scope="all",
+        source="log",
+        ok=False,
+        entries_checked=30,
+        checkpoints_checked=1,
+        root_hash=_sha("root"),
+        duration_ms=120,
+        key_fingerprint=_sha("key"),
+        key_id="0a1b2c3d",
+        verifier="python",
+        first_bad_seq=30,
+        reason="gap: seq 30 missing (next found is 31)",
+    )
+
+
+def consumer_lag(tenant: str = "_platform") -> ConsumerLagSampled:
+    return ConsumerLagSampled(
+        envelope=envelope("ConsumerLagSampled", tenant),
+        group_id="ledgerflow-sink",
+        topic="ledgerflow.token-charges",
+        partition=7,
+        owner="projections-sink:ledgerflow-sink-0a1b2c3d",
+        committed=1200,
+        end_offset=1242,
+        lag=21,
+    )
+
+
+def request_completed(tenant: str = "acme") -> RequestCompleted:  # issue 11 (SLOs)
+    rid = str(uuid7())
+    return RequestCompleted(
+        envelope=envelope("RequestCompleted", tenant, rid),
+        request_id=rid,
+        route="/v1/ask",
+        method="POST",
+        status=503,
+        latency_ms=1834,
+        streamed=False,
+        error_kind="event_log_unavailable",
+    )
+
+
+def slo_alert(tenant: str = "acme") -> SloBurnRateAlerted:
+    return SloBurnRateAlerted(
+        envelope=envelope("SloBurnRateAlerted", tenant),
+        slo="availability",
+        objective=0.999,
+        severity="page",
+        state="fired",
+        long_window_s=3600,
+        short_window_s=300,
+        long_burn_rate=19.607843,
+        short_burn_rate=19.607843,
+        threshold=14.4,
+        long_requests=102,
+        long_bad=2,
+        short_requests=102,
+        short_bad=2,
+        evaluated_at=datetime.now(UTC).replace(second=0, microsecond=0),
+        source_partition=1,
+        source_offset=101,
+    )
+
+
 BUILDERS: dict[str, Callable[[], Event]] = {
     "RequestReceived": request,
     "PolicyDecided": decision,
@@ -597,8 +716,11 @@ BUILDERS: dict[str, Callable[[], Event]] = {
     "BudgetThresholdCrossed": budget_threshold,
     "SavingsSnapshotted": savings_snapshot,
     "CostAnomalyDetected": cost_anomaly,
+    "SpendForecasted": spend_forecast,
+    "BudgetVarianceAlerted": budget_variance_alert,
     "LedgerEntryChained": ledger_entry,
     "LedgerCheckpointSigned": checkpoint,
+    "LedgerVerified": ledger_verified,
     "DpBudgetGranted": dp_grant,
     "DpQueryCharged": dp_charge,
     "DpQueryRequested": dp_request,
@@ -614,5 +736,8 @@ BUILDERS: dict[str, Callable[[], Event]] = {
     "SubjectErasureRequested": erasure_request,
     "PolicyAttributesSet": policy_attributes,
     "PolicyShadowDiverged": shadow_diverged,
+    "ConsumerLagSampled": consumer_lag,
+    "RequestCompleted": request_completed,
+    "SloBurnRateAlerted": slo_alert,
 }
 """Event type → a builder of a valid event of that type (every type has one; a test checks)."""

@@ -60,6 +60,10 @@ def platform_env(bootstrap: str, data_dir: Path) -> dict[str, str]:
         # to the live database in the middle of a replay-vs-live comparison.
         "LEDGERFLOW_LEDGER_CHECKPOINT_INTERVAL_S": "86400",
         "LEDGERFLOW_LEDGER_CHECKPOINT_EVERY": "10",
+        # Off for the same reason (the lag sampler writes consumer_lag every few seconds), and no
+        # fixed /metrics ports that parallel platforms would fight over (tests/test_metrics_kafka.py).
+        "LEDGERFLOW_LAG_SAMPLE_INTERVAL_S": "0",
+        "LEDGERFLOW_AGENT_METRICS_PORT": "0",
     }
 
 

@@ -88,3 +88,25 @@ def test_bytes_of_an_earlier_release_decode_into_todays_event() -> None:
     assert event.decision  # the v1 payload itself came through
     with pytest.raises(PoisonEvent, match="unknown-fingerprint"):
         Codec(released={}).decode(v1.sample)
+
+
+def test_an_events_own_check_failing_is_poison_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event's `__post_init__` runs after its body is read; a ValueError or TypeError it raises
+    must reach consumers as PoisonEvent (dead-lettered with a reason), on the compiled path too."""
+    from streams import codec as codec_module
+    from streams.events import ConsumerLagSampled
+
+    good = CODEC.encode(factories.consumer_lag())
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Checked(ConsumerLagSampled):
+        def __post_init__(self) -> None:
+            if self.lag >= 0:
+                raise ValueError("lag must not be negative")
+
+    monkeypatch.setitem(codec_module.EVENT_TYPES, "ConsumerLagSampled", Checked)
+    codec = codec_module.Codec()  # compiles its readers against the checked class
+    for data in (good, bytearray(good)):
+        with pytest.raises(PoisonEvent) as exc:
+            codec.decode(data)  # type: ignore[arg-type]
+        assert exc.value.reason == "invalid-value" and "lag must not be negative" in str(exc.value)

@@ -27,7 +27,7 @@ from gateway.auth import KeyStore
 from gateway.models import Message
 from gateway.upstream import UpstreamError, UpstreamStreamBroken
 from ledgerflow.settings import hash_key
-from streams.events import AuditRecorded, Event, TokensCharged
+from streams.events import AdapterCalled, AdapterFailed, AuditRecorded, Event, TokensCharged
 from streams.ids import derived_uuid7
 
 KEY = "lf_test_stream_breaks"
@@ -68,10 +68,10 @@ class FakeAdapter:
         self.yielded = 0
         self.closed = False
 
-    async def complete(self, model: str, messages: list[Message]) -> Completion:
+    async def complete(self, model: str, messages: list[Message], max_tokens: int | None = None) -> Completion:
         raise UpstreamError("the fake upstream is down")
 
-    async def stream(self, model: str, messages: list[Message]) -> AsyncIterator[str]:
+    async def stream(self, model: str, messages: list[Message], max_tokens: int | None = None) -> AsyncIterator[str]:
         try:
             for i, piece in enumerate(self.pieces):
                 if i == 1 and self.gate is not None:
@@ -86,7 +86,7 @@ class FakeAdapter:
             self.closed = True
             raise
 
-    def usage(self, model: str, messages: list[Message], text: str) -> Completion:
+    def usage(self, model: str, messages: list[Message], text: str, max_tokens: int | None = None) -> Completion:
         return Completion(model, text, PROMPT_TOKENS, len(text.split()))
 
 
@@ -106,15 +106,16 @@ def data_of(frame: str) -> dict[str, Any]:
 
 def assert_partial_closing(rec: Recorder, completion_tokens: int, reason: str) -> tuple[TokensCharged, AuditRecorded]:
     """Opening then closing facts, one TokensCharged for the partial usage, an audit "failed"."""
+    lost = ["AdapterFailed"] if reason == "upstream_error" else []  # issue 9: the upstream's failure, same transaction
     assert [[e.event_type for e in b] for b in rec.batches] == [
         ["RequestReceived", "PolicyDecided"],
-        ["TokensCharged", "AuditRecorded"],
+        ["TokensCharged", "AuditRecorded", *lost],
     ]
     request_id = rec.batches[0][0].request_id  # type: ignore[attr-defined]
     every = [e for b in rec.batches for e in b]
     assert {e.envelope.correlation_id for e in every} == {request_id}
     assert {e.tenant for e in every} == {"acme"}
-    charged, audited = rec.batches[1]
+    charged, audited = rec.batches[1][:2]
     assert isinstance(charged, TokensCharged) and isinstance(audited, AuditRecorded)
     assert sum(isinstance(e, TokensCharged) for e in every) == 1
     assert (charged.request_id, charged.prompt_tokens, charged.completion_tokens) == (
@@ -192,7 +193,8 @@ async def test_client_disconnect_mid_stream_charges_what_the_model_produced(hand
 
 
 async def test_upstream_failure_before_the_first_piece_is_a_status_and_records_nothing() -> None:
-    """As for a whole answer: nothing was answered, so nothing is recorded (and nothing is half-recorded)."""
+    """As for a whole answer: nothing was answered, so nothing of the request is recorded (and nothing is
+    half-recorded); only the adapter's failure, on its own (issue 9: AdapterFailed, a stable error class)."""
     adapter = FakeAdapter([], breaks=True)
     rec = Recorder()
     async with TestClient(TestServer(app_for(adapter, rec))) as client:
@@ -200,7 +202,9 @@ async def test_upstream_failure_before_the_first_piece_is_a_status_and_records_n
         assert resp.status == 502 and (await resp.json())["error"]["code"] == "upstream_stream_broken"
         whole = await client.post("/v1/ask", json={"prompt": "hi"}, headers=AUTH)
         assert whole.status == 502
-    assert rec.batches == []
+    assert [[e.event_type for e in b] for b in rec.batches] == [["AdapterFailed"], ["AdapterFailed"]]
+    for [lost] in rec.batches:
+        assert isinstance(lost, AdapterFailed) and lost.error_kind == "server_error" and not lost.will_fall_back
 
 
 async def test_a_complete_stream_still_records_success() -> None:
@@ -210,8 +214,9 @@ async def test_a_complete_stream_still_records_success() -> None:
         resp = await client.post("/v1/ask", json={"prompt": "hi", "stream": True}, headers=AUTH)
         frames = frames_of(await resp.text())
     assert frames[-1].startswith("event: done\n")
-    charged, audited = rec.batches[1]
+    charged, audited, outcome = rec.batches[1]
     assert isinstance(charged, TokensCharged) and charged.completion_tokens == 4
+    assert isinstance(outcome, AdapterCalled) and outcome.streamed and outcome.completion_tokens == 4
     assert isinstance(audited, AuditRecorded) and audited.outcome == "success" and "partial" not in audited.details
 
 
@@ -230,7 +235,7 @@ async def test_partial_closing_ids_derive_from_the_request_id() -> None:
 class BuggyAdapter(FakeAdapter):
     """A stream that fails with something that is not an UpstreamError (a bug in an adapter)."""
 
-    async def stream(self, model: str, messages: list[Message]) -> AsyncIterator[str]:
+    async def stream(self, model: str, messages: list[Message], max_tokens: int | None = None) -> AsyncIterator[str]:
         async for piece in super().stream(model, messages):
             yield piece
         raise RuntimeError("adapter bug")

@@ -17,7 +17,7 @@ from domain.policy import AttributeChange
 from gateway.app import STATE, always_ready, create_app
 from gateway.auth import KeyStore
 from ledgerflow.settings import hash_key
-from streams.events import Event, TokensCharged
+from streams.events import AdapterCalled, Event, TokensCharged
 from streams.publisher import PublishFailed
 
 KEY = "lf_test_secret"
@@ -56,11 +56,18 @@ async def test_ask_answers_and_records_four_facts(client: TestClient, publisher:
     body = await resp.json()
     assert body["model"] == "sim-small" and body["usage"]["total_tokens"] > 0
     [batch] = publisher.batches
-    assert [e.event_type for e in batch] == ["RequestReceived", "PolicyDecided", "TokensCharged", "AuditRecorded"]
+    assert [e.event_type for e in batch] == [
+        "RequestReceived", "PolicyDecided", "TokensCharged", "AuditRecorded", "AdapterCalled",
+    ]  # fmt: skip
     assert {e.envelope.correlation_id for e in batch} == {body["request_id"]}
     assert {e.tenant for e in batch} == {"acme"}
-    charge = batch[2]
+    charge, outcome = batch[2], batch[4]
     assert isinstance(charge, TokensCharged) and Decimal(body["cost"]) == charge.cost
+    # issue 9: the adapter's outcome rides in the same transaction (the router's latency term learns from it)
+    assert isinstance(outcome, AdapterCalled) and outcome.model == "sim-small" and outcome.adapter == "simulated"
+    assert (outcome.status, outcome.retries, outcome.streamed, outcome.finish_reason) == (200, 0, False, "stop")
+    assert (outcome.prompt_tokens, outcome.completion_tokens) == (charge.prompt_tokens, charge.completion_tokens)
+    assert outcome.latency_ms >= 0 and outcome.first_token_ms is None
     assert "What is 2+2" not in repr(batch)  # the prompt text never reaches an event
 
 
@@ -110,8 +117,11 @@ async def test_streamed_ask_records_opening_facts_first_and_closing_facts_before
     assert events[0] == "event: delta" and events[-1] == "event: done"
     assert [[e.event_type for e in b] for b in publisher.batches] == [
         ["RequestReceived", "PolicyDecided"],
-        ["TokensCharged", "AuditRecorded"],
+        ["TokensCharged", "AuditRecorded", "AdapterCalled"],
     ]
+    outcome = publisher.batches[1][2]
+    assert isinstance(outcome, AdapterCalled) and outcome.streamed and outcome.first_token_ms is not None
+    assert outcome.first_token_ms <= outcome.latency_ms
     done = orjson.loads(text.strip().split("\n\n")[-1].split("data: ", 1)[1])
     deltas = [orjson.loads(b.split("data: ", 1)[1])["text"] for b in text.strip().split("\n\n")[:-1]]
     assert "".join(deltas) == done["answer"]
@@ -125,7 +135,7 @@ async def test_chat_completions_matches_openai_shape(client: TestClient, publish
     data = await resp.json()
     assert data["object"] == "chat.completion" and data["choices"][0]["message"]["role"] == "assistant"
     assert data["usage"]["total_tokens"] == data["usage"]["prompt_tokens"] + data["usage"]["completion_tokens"]
-    assert len(publisher.batches) == 1 and len(publisher.batches[0]) == 4
+    assert len(publisher.batches) == 1 and len(publisher.batches[0]) == 5  # four facts and AdapterCalled
     bad = await client.post("/v1/chat/completions", json={"model": "sim-small", "messages": []}, headers=AUTH)
     assert bad.status == 422 and "messages" in (await bad.json())["error"]["message"]
 

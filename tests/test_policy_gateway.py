@@ -90,12 +90,12 @@ class SpyAdapter(SimulatedAdapter):
         self.calls: list[str] = []
         self.prompts: list[str] = []
 
-    async def complete(self, model: str, messages: list[Message]) -> Completion:
+    async def complete(self, model: str, messages: list[Message], max_tokens: int | None = None) -> Completion:
         self.calls.append(model)
         self.prompts.append("\n".join(m.content for m in messages))
         return await super().complete(model, messages)
 
-    def stream(self, model: str, messages: list[Message]) -> AsyncIterator[str]:
+    def stream(self, model: str, messages: list[Message], max_tokens: int | None = None) -> AsyncIterator[str]:
         self.calls.append(model)
         self.prompts.append("\n".join(m.content for m in messages))
         return super().stream(model, messages)

@@ -26,6 +26,8 @@ from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.kafka
 CHARGE_TABLES = ("tenant-totals", "savings-rollups", "cost-anomalies")  # agents co-partitioned with the charges
+HOLD_TABLES = ("spend-forecasts",)  # agents co-partitioned with the budget holds (issue 7)
+SLO_TABLES = ("slo-burn",)  # agents co-partitioned with the request completions (issue 11)
 CODEC = Codec()
 
 
@@ -182,11 +184,15 @@ def test_two_workers_split_partitions_then_fold_across_added_partitions(
             # the workers with the new count (Faust checks source == changelog partitions and
             # only reads new partitions after a metadata refresh), then fold on old and new ones.
             # Every agent reading the charges keeps a co-partitioned table: all of them grow.
-            changelogs = [f"{w.group}-{t}-state-changelog" for t in CHARGE_TABLES]
+            changelogs = [f"{w.group}-{t}-state-changelog" for t in CHARGE_TABLES + HOLD_TABLES + SLO_TABLES]
             existing = admin(kafka_bootstrap).list_topics(timeout=10).topics
             assert all(c in existing for c in changelogs), sorted(t for t in existing if "changelog" in t)
             grown = topics.partitions + 1
-            add_partitions(kafka_bootstrap, {source: grown, **dict.fromkeys(changelogs, grown)})
+            holds = topics.name("budget-holds")  # the forecast's source grows with its changelog
+            completions = topics.name("request-completions")  # the slo-burn table's source, likewise
+            add_partitions(
+                kafka_bootstrap, {source: grown, holds: grown, completions: grown, **dict.fromkeys(changelogs, grown)}
+            )
             w.stop()
             w.start(2, grown)
             desc = wait_split(w, source, grown)

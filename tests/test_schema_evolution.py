@@ -74,9 +74,12 @@ def test_issue_3_catalogue_is_complete() -> None:
         *("DpReleasePublished", "RoutingPriorsPublished", "FeedbackReceived", "MemoryWritten"),
         *("MemoryErased", "ApiKeyIssued", "ApiKeyRevoked", "SubjectErasureRequested", "TenantTotalsUpdated"),
         *("PolicyAttributesSet", "PolicyShadowDiverged"),  # issue 5
-        *("SavingsSnapshotted", "CostAnomalyDetected"),  # issue 7
+        *("SavingsSnapshotted", "CostAnomalyDetected", "SpendForecasted", "BudgetVarianceAlerted"),  # issue 7
         *("DpQueryRequested", "DpQueryRefused"),  # issue 8
         "RoutingRegretRecorded",  # issue 9
+        "ConsumerLagSampled",  # issue 11 (metrics)
+        *("RequestCompleted", "SloBurnRateAlerted"),  # issue 11 (SLOs)
+        "LedgerVerified",  # issue 6 (audit verify results)
     }
     assert set(SCHEMAS) == wanted == set(EVENT_TYPES) == set(factories.BUILDERS)
 
