@@ -143,7 +143,7 @@ async def test_broker_unreachable_is_503_with_retry_after_fast(tmp_path: Path, m
             elapsed = time.monotonic() - started
             assert resp.status == 503
             assert resp.headers["Retry-After"] == "1"
-            assert elapsed < 10.0, f"took {elapsed:.2f}s"  # a hang guard (the publish timeout is 1.8 s), not a speed test
+            assert elapsed < 10.0, f"took {elapsed:.2f}s"  # a hang guard (publish timeout 1.8 s), not a speed test
         ready = await client.get("/readyz")
         assert ready.status == 503 and "unreachable" in (await ready.json())["detail"]
 
