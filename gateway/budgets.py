@@ -126,7 +126,7 @@ class BudgetLedger(Protocol):
 @dataclass
 class _LocalHold:
     amount: int
-    counters: tuple[str, ...]
+    counters: tuple[tuple[str, str], ...]  # (tenant, counter)
     expires: float
     open: bool = True
     lapsed: bool = False  # released by expiry: a late settle still spends, without returning it twice
@@ -135,62 +135,65 @@ class _LocalHold:
 class LocalBudgetLedger:
     """The hold arithmetic in this process: exact for one replica (N replicas would each allow the budget).
 
-    Safe within one event loop: no await between reading and writing a counter.
+    Safe within one event loop: no await between reading and writing a counter. Counters are
+    keyed by (tenant, counter) and holds by (tenant, request id), as the Redis ledger's keys are:
+    two tenants may choose the same budget_id (or request id).
     """
 
     def __init__(self) -> None:
-        self._counters: dict[str, BudgetCounter] = {}
-        self._holds: dict[str, _LocalHold] = {}
+        self._counters: dict[tuple[str, str], BudgetCounter] = {}
+        self._holds: dict[tuple[str, str], _LocalHold] = {}  # (tenant, request id)
 
     def _sweep(self, now: float) -> None:
-        for rid, h in list(self._holds.items()):
+        for key, h in list(self._holds.items()):
             if h.open and h.expires <= now:
                 release([self._counters[c] for c in h.counters if c in self._counters], h.amount)
                 h.open, h.lapsed = False, True
             if not h.open and h.expires + 3600 <= now:
-                del self._holds[rid]
+                del self._holds[key]
 
     async def reserve(
         self, tenant: str, rid: str, counters: Sequence[str], lines: Sequence[Line], amount: int, now: float,
         expires: float,
     ) -> ReserveOutcome:  # fmt: skip
         self._sweep(now)
-        for i, key in enumerate(counters):
+        keys = [(tenant, k) for k in counters]
+        for i, key in enumerate(keys):
             c = self._counters.get(key)
             if c is None or not c.initialised:
                 return ReserveOutcome("uninitialised", i)
-        if rid in self._holds:
+        if (tenant, rid) in self._holds:
             return ReserveOutcome("duplicate")
-        refusal = reserve([self._counters[k] for k in counters], lines, amount)
+        refusal = reserve([self._counters[k] for k in keys], lines, amount)
         if refusal is not None:
             return ReserveOutcome("refused", refusal.index, refusal.left)
-        self._holds[rid] = _LocalHold(amount, tuple(counters), expires)
+        self._holds[(tenant, rid)] = _LocalHold(amount, tuple(keys), expires)
         return ReserveOutcome("ok")
 
     async def settle(
         self, tenant: str, rid: str, counters: Sequence[str], lines: Sequence[Line], actual: int
     ) -> list[CounterAfter]:
-        hold = self._holds.get(rid)
+        hold = self._holds.get((tenant, rid))
         if hold is not None and not hold.open and not hold.lapsed:
             return []  # already closed: settling twice must not spend twice
-        cs = [self._counters.setdefault(k, BudgetCounter()) for k in counters]
+        cs = [self._counters.setdefault((tenant, k), BudgetCounter()) for k in counters]
         crossed = settle(cs, lines, hold.amount if hold is not None and hold.open else None, actual)
         if hold is not None:
             hold.open, hold.lapsed = False, False
         return [CounterAfter(c.spent, c.held, tuple(x)) for c, x in zip(cs, crossed, strict=True)]
 
     async def release(self, tenant: str, rid: str, counters: Sequence[str]) -> None:
-        hold = self._holds.get(rid)
+        hold = self._holds.get((tenant, rid))
         if hold is None or not hold.open:
             return
-        release([self._counters.setdefault(k, BudgetCounter()) for k in counters], hold.amount)
+        release([self._counters.setdefault((tenant, k), BudgetCounter()) for k in counters], hold.amount)
         hold.open = False
 
     async def restore(self, tenant: str, counter: str, spent: int, ttl_s: float | None) -> None:
-        restore(self._counters.setdefault(counter, BudgetCounter()), spent)
+        restore(self._counters.setdefault((tenant, counter), BudgetCounter()), spent)
 
     async def read(self, tenant: str, counter: str) -> BudgetCounter:
-        c = self._counters.get(counter, BudgetCounter())
+        c = self._counters.get((tenant, counter), BudgetCounter())
         return BudgetCounter(c.spent, c.held, set(c.alerted), c.initialised)
 
     async def aclose(self) -> None:

@@ -408,7 +408,7 @@ class ProjectionService:
         batch_ms: int = 200,
         sql_handles: int = 3,
         instance_id: str | None = None,
-        access: ReadAccess | None = None,
+        access: ReadAccess,
         fault_injection: bool = False,
         lag_groups: Sequence[WatchedGroup] = (),
         lag_interval_s: float = 0.0,
@@ -440,9 +440,8 @@ class ProjectionService:
         self._replay_lock = threading.Lock()
         self._server_reader: Client | None = None  # read-only client for a server store (dry-runs)
         self._server_lock = threading.Lock()
-        # In-process callers (tests, tools) that pass no access get an open service; the
-        # `python -m projections` entry point always passes a real one (see projections/access.py).
-        self.access = access or ReadAccess.open()
+        # Required: an open service is a decision its caller writes down (`ReadAccess.open()`), never a default.
+        self.access = access
         self._key_follower: StateFollower | None = None
         # Chaos tests only (projections/faults.py): None unless the process allows injection.
         self.outage: StoreOutage | None = StoreOutage() if fault_injection else None

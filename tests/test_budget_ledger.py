@@ -161,3 +161,18 @@ def test_budget_from_event_refuses_what_gateways_could_not_enforce() -> None:
     ev = factories.budget_set("acme")
     with pytest.raises(ValueError):
         Budget.from_event(replace(ev, period="week"))
+
+
+@pytest.mark.redis
+async def test_two_tenants_with_the_same_budget_id_and_request_id_never_share_a_counter(ledger: BudgetLedger) -> None:
+    """Tenants choose their budget ids (and may send request ids): the same names in two tenants
+    are two counters and two holds, in process as in Redis."""
+    c, lines = "team:1", [Line(10, True, ())]
+    for tenant in ("acme", "globex"):
+        await ledger.restore(tenant, c, 0, None)
+    assert (await ledger.reserve("acme", "r", [c], lines, 10, 0.0, 60.0)).status == "ok"
+    assert (await ledger.reserve("globex", "r", [c], lines, 10, 0.0, 60.0)).status == "ok"  # not a duplicate
+    await ledger.settle("acme", "r", [c], lines, 7)
+    await ledger.release("globex", "r", [c])
+    acme, globex = await ledger.read("acme", c), await ledger.read("globex", c)
+    assert (acme.spent, acme.held, globex.spent, globex.held) == (7, 0, 0, 0)

@@ -39,6 +39,7 @@ from gateway.policy import PolicyPoint, jurisdiction, seeds_from_regions
 from gateway.registry import default_registry
 from ledgerflow import policy as lf_policy
 from ledgerflow.settings import Settings, hash_key
+from projections.access import ReadAccess
 from projections.schema import columns_for, event_to_row, table_for
 from projections.service import ProjectionService
 from streams.events import (
@@ -555,7 +556,9 @@ CANDIDATE = default_bundle_text().replace(
 @pytest.fixture
 def service(chdb_url: str) -> Iterator[ProjectionService]:
     database = f"t_{uuid.uuid4().hex[:12]}"
-    svc = ProjectionService(store_url=chdb_url, database=database, run_sink=False, sql_handles=1)
+    svc = ProjectionService(
+        access=ReadAccess.open(), store_url=chdb_url, database=database, run_sink=False, sql_handles=1
+    )
     svc.start()
     yield svc
     assert svc.writer is not None

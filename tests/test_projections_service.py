@@ -25,6 +25,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from clickhouse_connect.driver.exceptions import DatabaseError
 from confluent_kafka import Producer
 
+from projections.access import ReadAccess
 from projections.migrations import discover
 from projections.schema import columns_for, event_to_row, table_for
 from projections.service import ProjectionService
@@ -41,7 +42,9 @@ N_REQUESTS = sum(e.event_type == "RequestReceived" for e in EVENTS)
 def service(chdb_url: str) -> Iterator[ProjectionService]:
     """The service without a sink (no broker needed), with a few rows in its tables (shared: read-only)."""
     ch_database = f"t_{uuid.uuid4().hex[:12]}"
-    svc = ProjectionService(store_url=chdb_url, database=ch_database, run_sink=False, sql_handles=2)
+    svc = ProjectionService(
+        access=ReadAccess.open(), store_url=chdb_url, database=ch_database, run_sink=False, sql_handles=2
+    )
     svc.start()
     assert svc.writer is not None
     for i, e in enumerate(EVENTS):
@@ -70,12 +73,14 @@ async def test_health_endpoints(http: TestClient[Any, Any], service: ProjectionS
 
 
 async def test_before_start_it_is_not_ready_and_a_server_store_is_not_proxied() -> None:
-    starting = ProjectionService(store_url="chdb:///nowhere", database="lf", run_sink=False)
+    starting = ProjectionService(access=ReadAccess.open(), store_url="chdb:///nowhere", database="lf", run_sink=False)
     async with TestClient(TestServer(starting.make_app(), host="127.0.0.1")) as client:
         assert (await client.get("/readyz")).status == 503
         assert (await client.get("/", params={"query": "SELECT 1"})).status == 503
         assert (await client.head("/ping")).status == 200
-    server = ProjectionService(store_url="http://user:secret@127.0.0.1:1", database="lf", run_sink=False)
+    server = ProjectionService(
+        access=ReadAccess.open(), store_url="http://user:secret@127.0.0.1:1", database="lf", run_sink=False
+    )
     async with TestClient(TestServer(server.make_app(), host="127.0.0.1")) as client:
         r = await client.get("/", params={"query": "SELECT 1"})
         assert r.status == 501 and "secret" not in await r.text()

@@ -22,6 +22,7 @@ from clickhouse_connect.driver.client import Client
 
 from ledgerflow import cli
 from ledgerflow.replay import progress_line
+from projections.access import ReadAccess
 from projections.replay import (
     BadReplayRequest,
     ReplayJob,
@@ -211,7 +212,13 @@ async def test_service_endpoints_start_report_refuse_and_finish(
     extra_dbs.extend([live, f"{live}_r"])
     await asyncio.to_thread(produce, kafka_bootstrap, encoded(topics, make_events(200)))
     svc = ProjectionService(
-        store_url=chdb_url, database=live, bootstrap=kafka_bootstrap, topics=topics, run_sink=False, sql_handles=1
+        access=ReadAccess.open(),
+        store_url=chdb_url,
+        database=live,
+        bootstrap=kafka_bootstrap,
+        topics=topics,
+        run_sink=False,
+        sql_handles=1,
     )
     await asyncio.to_thread(svc.start)
     try:
