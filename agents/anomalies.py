@@ -27,11 +27,17 @@ DETECTORS = "|detectors"
 
 def restore(table: MutableMapping[Any, Any], key: str) -> HourlySpend | None:
     open_hour = table.get(key)
-    return HourlySpend.from_parts(open_hour, table[key + DETECTORS]) if open_hour else None
+    if not open_hour:
+        return None
+    if "detector" in open_hour:  # written before detectors had their own key: the whole state
+        return HourlySpend.from_json(open_hour)
+    return HourlySpend.from_parts(open_hour, table[key + DETECTORS])
 
 
 def save(table: MutableMapping[Any, Any], key: str, old: HourlySpend | None, new: HourlySpend) -> None:
     detectors = detectors_json(new, old)
+    if detectors is None and table.get(key + DETECTORS) is None:  # first save over an old layout
+        detectors = detectors_json(new, None)
     if detectors is not None:  # first, so the open hour never names a detector that was lost
         table[key + DETECTORS] = detectors
     table[key] = new.open_hour_json()

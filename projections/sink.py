@@ -748,7 +748,7 @@ class Sink:
         for why such a block is still exactly-once. A partition's k-th due run goes in a job
         submitted before its (k+1)-th, so each partition's inserts keep offset order (2).
         """
-        parts = [p for p in self._parts.values() if p.due]
+        parts = [p for p in self._parts.values() if p.due and not p.unresolved]  # (1) first: see _landed
         for p in parts:
             _coalesce(p.due)
         jobs: list[_Job] = []
@@ -896,6 +896,11 @@ class Sink:
                     log.warning("inserts into %s[%d] given up: resuming from ClickHouse", p.topic, p.partition)
                     p.unresolved = p.rewind = p.paused = True
                     p.retry_at = 0.0
+                    # what was consumed after the given-up run must not land before it does: a
+                    # later run landing first would move max(_offset) past the gap (rows lost)
+                    p.backlog.clear()
+                    p.run = None
+                    p.due.clear()
                     self._consumer.pause([p.tp])
 
     def _commit(self, parts: list[_Partition], offsets: list[int]) -> None:

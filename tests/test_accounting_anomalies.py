@@ -154,3 +154,18 @@ def test_a_crash_between_the_two_writes_learns_the_hour_once() -> None:
     table: dict[str, Any] = {}
     anomalies.save(table, "acme", None, straight)
     assert len(orjson.dumps(table["acme"])) < 400  # per charge: the open hour only, not the ~6 KB detector
+
+
+def test_state_stored_by_the_previous_layout_is_read_and_migrated() -> None:
+    """Before this layout the table held the whole state (detector included) under the tenant and
+    no `|detectors` key: the first charge after an upgrade must fold, not crash the worker."""
+    charges = traffic()[:40]
+    straight, _ = fold_through_table(charges)
+    assert straight is not None
+    table: dict[str, Any] = {"acme": straight.to_json()}  # what the old agent stored
+    old = anomalies.restore(table, "acme")
+    assert old == straight
+    new, _ = fold(old, charges[-1], 0, 10_000)
+    anomalies.save(table, "acme", old, new)
+    assert "detector" not in table["acme"] and table["acme|detectors"]  # now in the new layout
+    assert anomalies.restore(table, "acme") == new

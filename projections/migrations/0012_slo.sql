@@ -86,7 +86,7 @@ SELECT
     sli.1 AS slo,
     sli.2 AS objective,
     sli.3 AS bad
-FROM {db}.request_completed
+FROM (SELECT * FROM {db}.request_completed LIMIT 1 BY event_id)  -- a re-sent batch (unknown commit outcome) counts once
 ARRAY JOIN arrayFilter(
     s -> s.4 = 1,
     [
