@@ -22,6 +22,8 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
 
 from projections.portal import PAGES, Page
 from projections.service import ProjectionService
@@ -119,6 +121,9 @@ def log_in(driver: WebDriver, base: str, secret: str) -> None:
     box = driver.find_element(By.NAME, "secret")
     box.send_keys(secret)
     driver.find_element(By.CSS_SELECTOR, "#login button[type=submit]").click()
+    # click() returns before the form's POST navigates: wait for the login page to be replaced,
+    # or the next assertion reads the old URL on a slow machine.
+    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(box))
 
 
 def visit_every_page(
