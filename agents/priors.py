@@ -29,11 +29,12 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from agents.metrics import AgentMetrics
+from domain.routing_features import FeatureConfig
 from domain.routing_priors import LearnerState, fold, publish
 from streams import telemetry
 from streams.codec import Codec, PoisonEvent
@@ -53,6 +54,7 @@ class PriorsConfig:
     every_s: float = 5.0  # ... or this long, if anything was folded
     batch_max: int = 2000
     poll_s: float = 0.2
+    features: FeatureConfig = field(default_factory=FeatureConfig)  # what fresh priors record (the gateways' setting)
 
 
 def source_topics(topics: Topics) -> list[str]:
@@ -66,7 +68,9 @@ def source_topics(topics: Topics) -> list[str]:
     return sorted(set(names))
 
 
-def load_state(bootstrap: str, topics: Topics, codec: Codec, timeout: float = 120.0) -> LearnerState:
+def load_state(
+    bootstrap: str, topics: Topics, codec: Codec, timeout: float = 120.0, features: FeatureConfig | None = None
+) -> LearnerState:
     """The newest published priors and every tenant's newest regret record, from the log."""
     newest: RoutingPriorsPublished | None = None
     regrets: dict[str, RoutingRegretRecorded] = {}
@@ -79,7 +83,7 @@ def load_state(bootstrap: str, topics: Topics, codec: Codec, timeout: float = 12
             newest = event
         elif isinstance(event, RoutingRegretRecorded):
             regrets[event.tenant] = event
-    return LearnerState.resume(newest, regrets.values())
+    return LearnerState.resume(newest, regrets.values(), features)
 
 
 class PriorsWorker:
@@ -115,7 +119,7 @@ class PriorsWorker:
         self._producer.init_transactions(60)
         self.metrics = AgentMetrics()  # issue 11: served by main() at --metrics-port
         self.batches = self.metrics.batches(AGENT_NAME, group)
-        self.state = load_state(bootstrap, topics, self._codec)
+        self.state = load_state(bootstrap, topics, self._codec, features=self._config.features)
         self._last_publish = time.monotonic()
         self.published = 0
 
@@ -217,11 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     settings = load()
     telemetry.start("priors", settings, level=args.loglevel.upper())
     topics = Topics(settings.topic_prefix, settings.partitions)
+    features = FeatureConfig()
+    if settings.routing_embedding_model is not None:  # the same model id the gateways compute features with
+        from domain.routing_embedding import load_encoder
+
+        model = load_encoder(settings.routing_embedding_model).model_id
+        features = FeatureConfig(embedding=model, embedding_dims=settings.routing_embedding_dims)
     worker = PriorsWorker(
         settings.bootstrap,
         f"{settings.worker_id}-routing-priors",
         topics,
-        PriorsConfig(publish_every=args.publish_every, every_s=args.every_s),
+        PriorsConfig(publish_every=args.publish_every, every_s=args.every_s, features=features),
     )
     serve(worker.metrics.registry, args.metrics_host, args.metrics_port)
     stop = threading.Event()

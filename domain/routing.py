@@ -36,13 +36,16 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 from river.linear_model import BayesianLinearRegression
 
 from domain.routing_features import FeatureConfig, context_key, features
+
+if TYPE_CHECKING:
+    from domain.routing_embedding import SentenceEncoder
 
 ALGORITHM = "blr-capped-thompson-v1"
 GLOBAL = "*"  # the priors' context holding each model's regression; other keys hold per-context counts
@@ -260,8 +263,9 @@ class Priors:
             found = self.models[model] = ModelStats()
         return found
 
-    def features(self, text: str) -> dict[str, float]:
-        return features(text, self.config)
+    def features(self, text: str, encoder: SentenceEncoder | None = None) -> dict[str, float]:
+        """The request's features as these priors were learned on (`encoder`: when they name an embedding)."""
+        return features(text, self.config, encoder)
 
     def predict(self, model: str, x: Mapping[str, float]) -> tuple[float, float]:
         """Posterior quality of `model` on `x`; a model never seen gets the prior (mean 0, wide)."""

@@ -19,6 +19,10 @@ import re
 import string
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # numpy loads only where an embedding is configured
+    from domain.routing_embedding import SentenceEncoder
 
 FEATURES_VERSION = "f1"
 MAX_SCAN_CHARS = 4000  # markers read this much; length features see the whole prompt
@@ -41,14 +45,26 @@ class FeatureConfig:
     # (bench/bench_routing.py); into 16 buckets, the n-grams past the first ~170 words add noise,
     # not signal (BENCHMARKS.md, routing study). Priors carry it, so older ones keep their 4000.
     ngram_chars: int = NGRAM_SCAN_CHARS
+    # Optional sentence embedding (domain/routing_embedding.py): the encoder's model id and how
+    # many projected dimensions join the vector; "" and 0 = none (the default, and the < 1 ms path).
+    embedding: str = ""
+    embedding_dims: int = 0
+
+    def __post_init__(self) -> None:
+        if self.embedding_dims < 0 or bool(self.embedding) != bool(self.embedding_dims):
+            raise ValueError("an embedding needs both its model id and embedding_dims > 0")
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "version": FEATURES_VERSION,
             "buckets": self.buckets,
             "bigrams": self.bigrams,
             "ngram_chars": self.ngram_chars,
         }
+        if self.embedding_dims:  # absent otherwise: priors without an embedding keep their bytes and hash
+            out["embedding"] = self.embedding
+            out["embedding_dims"] = self.embedding_dims
+        return out
 
     @staticmethod
     def from_dict(raw: dict[str, object]) -> FeatureConfig:
@@ -58,6 +74,8 @@ class FeatureConfig:
             buckets=int(raw.get("buckets", 16)),  # type: ignore[call-overload]
             bigrams=bool(raw.get("bigrams", True)),
             ngram_chars=int(raw.get("ngram_chars", LEGACY_NGRAM_CHARS)),  # type: ignore[call-overload]
+            embedding=str(raw.get("embedding", "")),
+            embedding_dims=int(raw.get("embedding_dims", 0)),  # type: ignore[call-overload]
         )
 
 
@@ -104,8 +122,14 @@ def _script(raw: bytes, rest: str) -> tuple[float, float, float]:
     return cyr / letters, cjk / letters, max(0, non_latin - cyr - cjk) / letters
 
 
-def features(text: str, config: FeatureConfig = FeatureConfig()) -> dict[str, float]:
-    """The feature vector of one prompt (all of a request's messages, joined)."""
+def features(
+    text: str, config: FeatureConfig = FeatureConfig(), encoder: SentenceEncoder | None = None
+) -> dict[str, float]:
+    """The feature vector of one prompt (all of a request's messages, joined).
+
+    `encoder` is needed when `config` names an embedding, and must be that model: features
+    from other weights would be read by a regression that never saw them.
+    """
     n = len(text)
     head = text[:MAX_SCAN_CHARS]
     lower = head.lower()
@@ -131,6 +155,13 @@ def features(text: str, config: FeatureConfig = FeatureConfig()) -> dict[str, fl
     }
     if words and config.buckets > 0:
         _hash_ngrams(words, config, x)
+    if config.embedding_dims:
+        if encoder is None or encoder.model_id != config.embedding:
+            have = encoder.model_id if encoder is not None else "none"
+            raise ValueError(f"these features need the embedding model {config.embedding!r}; this process has {have!r}")
+        from domain.routing_embedding import embedding_features
+
+        x.update(embedding_features(encoder, text, config.embedding_dims))
     return x
 
 

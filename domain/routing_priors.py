@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from domain.routing import ALGORITHM, Priors
+from domain.routing_features import FeatureConfig
 from streams.events import (
     AdapterCalled,
     Envelope,
@@ -73,11 +74,24 @@ class LearnerState:
     previous_version: str | None = None
 
     @staticmethod
-    def resume(published: RoutingPriorsPublished | None, regrets: Iterable[RoutingRegretRecorded] = ()) -> LearnerState:
-        """The state after `published` (the newest priors on the topic) and the tenants' regret records."""
-        state = LearnerState()
+    def resume(
+        published: RoutingPriorsPublished | None,
+        regrets: Iterable[RoutingRegretRecorded] = (),
+        features: FeatureConfig | None = None,
+    ) -> LearnerState:
+        """The state after `published` (the newest priors on the topic) and the tenants' regret records.
+
+        `features`: the feature set wanted now. Priors learned with another embedding (or with
+        one when none is wanted now) are not resumed: their regressions read other features, so
+        learning starts again under the new set; the hashed and dense features' own settings
+        travel with the priors and are kept.
+        """
+        wanted = features or FeatureConfig()
+        state = LearnerState(priors=Priors(config=wanted))
         if published is not None:
-            state.priors = Priors.from_json(published.priors, published.version)
+            old = Priors.from_json(published.priors, published.version)
+            if (old.config.embedding, old.config.embedding_dims) == (wanted.embedding, wanted.embedding_dims):
+                state.priors = old
             state.trained_until = published.trained_until
             state.previous_version = published.version
         for r in regrets:  # in log order: the newest per tenant wins

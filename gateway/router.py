@@ -22,13 +22,17 @@ import logging
 import threading
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from domain.pricing import Price, cost
 from domain.routing import ALGORITHM, Candidate, Choice, Exploration, Priors, Weights, choose
-from domain.routing_features import context_key
+from domain.routing_features import FeatureConfig, context_key
 from gateway.facts import CallContext
 from streams.events import Event, RouteChosen, RoutingPriorsPublished
 from streams.follower import StateFollower
+
+if TYPE_CHECKING:
+    from domain.routing_embedding import SentenceEncoder
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +46,15 @@ class Router:
         weights: Mapping[str, Weights] | None = None,
         default_weights: Weights = DEFAULT_WEIGHTS,
         exploration: Exploration | None = None,
+        encoder: SentenceEncoder | None = None,
+        embedding_dims: int = 0,
     ) -> None:
-        self._priors = Priors()
+        """`encoder`/`embedding_dims`: add a sentence embedding to the features (`routing_embedding_model`)."""
+        self._encoder = encoder
+        config = FeatureConfig()
+        if encoder is not None:
+            config = FeatureConfig(embedding=encoder.model_id, embedding_dims=embedding_dims)
+        self._priors = Priors(config=config)
         self._weights = dict(weights or {})
         self._default = default_weights
         self._exploration = exploration or Exploration()
@@ -65,6 +76,13 @@ class Router:
         if not isinstance(event, RoutingPriorsPublished) or event.algorithm != ALGORITHM:
             return
         priors = Priors.from_json(event.priors, event.version)
+        wanted = priors.config.embedding
+        if wanted and (self._encoder is None or self._encoder.model_id != wanted):
+            # Refused, not half-applied: its regressions read features this replica cannot compute.
+            have = self._encoder.model_id if self._encoder is not None else "none"
+            log.error("routing priors %s need the embedding model %s (this replica: %s): kept %s",
+                      event.version, wanted, have, self._priors.version)  # fmt: skip
+            return
         self._priors = priors
         self.applied_versions += 1
         log.info("routing priors %s loaded (%d feedback)", event.version, event.feedback_count)
@@ -97,7 +115,7 @@ class Router:
     ) -> tuple[Choice, dict[str, float]]:
         """The choice among `models` (those not in `allowed` are listed as forbidden) and the features."""
         priors = self._priors  # one read: the whole decision uses one version
-        x = priors.features(text)
+        x = priors.features(text, self._encoder)
         permitted = set(allowed)
         candidates = []
         for m in models:

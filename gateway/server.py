@@ -282,9 +282,16 @@ def build_router(settings: Settings, topics: Topics) -> Router:
     from gateway.router import Router
 
     """The replica's router, following the compacted routing-priors topic (started with the app)."""
+    encoder = None
+    if settings.routing_embedding_model is not None:
+        from domain.routing_embedding import load_encoder
+
+        encoder = load_encoder(settings.routing_embedding_model)
     router = Router(
         default_weights=Weights(quality=1.0, cost=settings.routing_cost_weight),
         exploration=Exploration(cap=settings.routing_explore_cap),
+        encoder=encoder,
+        embedding_dims=settings.routing_embedding_dims,
     )
     router.follow(settings.bootstrap, topics.name("routing-priors"))
     return router

@@ -27,12 +27,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from domain.pricing import DEFAULT_PRICES, Price, cost
 from domain.routing import Candidate, Choice, Exploration, Priors, Weights, choose, expected_tokens
 from domain.routing_features import FeatureConfig, context_key
 from ledgerflow.settings import Settings
+
+if TYPE_CHECKING:
+    from domain.routing_embedding import SentenceEncoder
 
 DEFAULT_SWEEP = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 TARGET = Decimal("0.95")
@@ -150,13 +153,14 @@ class Setup:
     rows: Sequence[Row]
     prices: dict[str, Price]
     default_completion_tokens: int
+    encoder: SentenceEncoder | None = None  # when the priors' features include an embedding
     _features: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def features(self, row: Row, priors: Priors) -> dict[str, float]:
         """Features of a row's prompt, computed once per evaluation (they depend on the text and config only)."""
         x = self._features.get(id(row))
         if x is None:
-            x = self._features[id(row)] = priors.features(row.prompt)
+            x = self._features[id(row)] = priors.features(row.prompt, self.encoder)
         return x
 
     @property
@@ -314,10 +318,11 @@ def evaluate(
     completion_tokens: int = 16,
     seed: int = 0,
     save_priors: Path | None = None,
+    encoder: SentenceEncoder | None = None,
 ) -> dict[str, Any]:
     """Everything the report prints, as data (the CLI formats it; tests assert on it)."""
     ex = exploration or Exploration()
-    setup = Setup(rows, prices, completion_tokens)
+    setup = Setup(rows, prices, completion_tokens, encoder)
     train_rows, eval_rows = split(rows, split_by, train_fraction)
     if not eval_rows:
         raise ValueError("nothing left to evaluate: lower --train-fraction")
@@ -447,6 +452,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--latency-weight", type=float, default=0.0)
     p.add_argument("--explore-cap", type=float, default=0.1)
     p.add_argument("--buckets", type=int, default=FeatureConfig().buckets, help="hashed n-gram buckets")
+    p.add_argument(
+        "--embedding-model",
+        type=Path,
+        metavar="DIR|WHEEL",
+        help="add a sentence embedding to the features (a BERT model directory or wheel; ~0.1 CPU-s a prompt)",
+    )
+    p.add_argument("--embedding-dims", type=int, default=16, help="projected embedding dimensions kept")
     p.add_argument("--price", action="append", default=[], metavar="MODEL=IN/OUT", help="per million tokens")
     p.add_argument("--prices", type=Path, metavar="FILE.json", help='{"model": {"input_per_mtok": .., ...}}')
     p.add_argument("--map", action="append", default=[], metavar="MODEL=CATALOGUE_MODEL")
@@ -458,7 +470,13 @@ def cmd(settings: Settings | None, args: argparse.Namespace) -> int:
     rows = load_rows(args.data)
     prices = resolve_prices(rows[0].quality, catalogue(settings), args.price, args.prices, args.map)
     fraction = args.train_fraction if args.train_fraction is not None else (0.5 if args.split_by != "none" else 0.0)
+    encoder = None
     config = FeatureConfig(buckets=args.buckets)
+    if args.embedding_model is not None:
+        from domain.routing_embedding import load_encoder
+
+        encoder = load_encoder(args.embedding_model)
+        config = FeatureConfig(buckets=args.buckets, embedding=encoder.model_id, embedding_dims=args.embedding_dims)
     report = evaluate(
         rows,
         prices,
@@ -472,6 +490,7 @@ def cmd(settings: Settings | None, args: argparse.Namespace) -> int:
         config=config,
         completion_tokens=args.completion_tokens,
         save_priors=args.save_priors,
+        encoder=encoder,
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report), file=sys.stdout)
     return 0
