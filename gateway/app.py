@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -358,7 +359,12 @@ async def begin_call(
     ctx = await enforce_obligations(state, ctx, started, prompt_tokens, max_tokens)
     if state.router is not None:  # issue 9: an unpinned call goes where the router sends it
         allowed = state.policy.allowed_models(ctx.decision, state.candidate_models())
-        ctx = state.router.route(ctx, state.candidate_models(), allowed, state.prices, prompt_tokens, max_tokens)
+        decide = functools.partial(
+            state.router.route, ctx, state.candidate_models(), allowed, state.prices, prompt_tokens, max_tokens
+        )
+        # With a sentence embedding a decision is tens of ms of numpy (which releases the GIL):
+        # off the event loop, so other requests go on meanwhile. The cheap features stay inline.
+        ctx = await asyncio.to_thread(decide) if state.router.slow else decide()
     price = state.prices[ctx.model]  # one price for the whole call: its budget hold, its charge, its answer
     return req, await account(state, ctx, price, started, prompt_tokens, max_tokens), price
 

@@ -63,6 +63,11 @@ class Router:
         self.applied_versions = 0
 
     @property
+    def slow(self) -> bool:
+        """Whether a decision runs an embedding model (milliseconds: the gateway runs it off its event loop)."""
+        return self._encoder is not None
+
+    @property
     def priors(self) -> Priors:
         return self._priors
 
