@@ -36,12 +36,14 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+import confluent_kafka
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from agents.metrics import AgentMetrics
 from domain.dp import Budget, GrantRejected, fold
 from streams import telemetry
 from streams.admin import read_to_end
+from streams.clients import Consumer, Producer
 from streams.codec import Codec, PoisonEvent
 from streams.deadletter import DeadLetter
 from streams.events import DpBudgetGranted, DpQueryRequested, Event
@@ -103,14 +105,14 @@ class DpBudgetWorker:
 
     # -- assignment -------------------------------------------------------------------------
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
         committed = consumer.committed(partitions, 30) if partitions else []
         for tp in committed:
             self._parts[tp.partition] = self._rebuild(tp.partition, max(tp.offset, 0))
         consumer.incremental_assign(partitions)
         self.assigned.set()
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_revoke(self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._parts.pop(tp.partition, None)
         consumer.incremental_unassign(partitions)

@@ -31,12 +31,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from agents.metrics import AgentMetrics
 from domain.routing_features import FeatureConfig
 from domain.routing_priors import LearnerState, fold, publish
 from streams import telemetry
+from streams.clients import Consumer, Producer
 from streams.codec import Codec, PoisonEvent
 from streams.events import Event, RoutingPriorsPublished, RoutingRegretRecorded
 from streams.log_scan import scan_to_end

@@ -859,7 +859,9 @@ def kafka_spend_source(bootstrap: str, topic: str, timeout: float = 30.0) -> Spe
 def read_since(bootstrap: str, topic: str, since: datetime, timeout: float) -> list[bytes]:
     """Values of the committed records of `topic` timestamped at or after `since`, up to the end offsets seen
     now; TimeoutError if the end is not reached in time (a restore must never take a prefix for the whole)."""
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import TopicPartition
+
+    from streams.clients import Consumer
 
     consumer = Consumer(
         {

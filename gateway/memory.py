@@ -52,13 +52,14 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from redis.exceptions import RedisError
 
 from gateway.auth import Principal
 from gateway.models import SESSION_PATTERN
+from streams.clients import Consumer
 from streams.events import Envelope, Event, MemoryErased, MemoryWritten
 from streams.ids import uuid7
 from streams.publisher import PublishFailed, Record

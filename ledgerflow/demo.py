@@ -125,8 +125,7 @@ def spike_charges(tenant: str = SPIKE_TENANT, now: datetime | None = None, seed:
 
 def inject_spike(settings: Settings, tenant: str = SPIKE_TENANT) -> datetime:
     """Record the spike history on the charges topic (one transaction); returns the spike hour."""
-    from confluent_kafka import Producer
-
+    from streams.clients import Producer
     from streams.codec import Codec
     from streams.topics import Topics
 
@@ -174,8 +173,7 @@ def caught_up(settings: Settings) -> bool:
 
 def produce_poison(settings: Settings) -> None:
     """One hand-made bad record on the charges topic: consumers must dead-letter it and go on."""
-    from confluent_kafka import Producer
-
+    from streams.clients import Producer
     from streams.topics import Topics
 
     producer = Producer({"bootstrap.servers": settings.bootstrap, "enable.idempotence": True})

@@ -21,10 +21,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from confluent_kafka import Producer
-
 from projections.metrics import ReadSideMetrics
 from streams.admin import GroupDescription, describe_group
+from streams.clients import Producer
 from streams.codec import Codec
 from streams.events import ConsumerLagSampled, Envelope
 from streams.ids import uuid7

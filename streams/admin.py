@@ -6,9 +6,10 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, Message, TopicPartition
-from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
+from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import NewPartitions, NewTopic
 
+from streams.clients import AdminClient, Consumer
 from streams.topics import MEMORY_CONFIGS, Topics
 
 

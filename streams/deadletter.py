@@ -11,9 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from confluent_kafka import Message, Producer
+from confluent_kafka import Message
 
 from streams.admin import read_to_end
+from streams.clients import Producer
 
 HEADER_REASON = "lf.dlq.reason"
 HEADER_DETAIL = "lf.dlq.detail"

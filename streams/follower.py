@@ -15,8 +15,9 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
+from streams.clients import Consumer
 from streams.codec import Codec, PoisonEvent
 from streams.events import Event
 

@@ -34,8 +34,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException
 
+from streams.clients import Producer
 from streams.codec import Codec
 from streams.events import Event
 from streams.topics import Topics
