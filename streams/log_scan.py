@@ -26,11 +26,12 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from struct import Struct
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from streams.avro_fast import AvroDecodeError, compile_reader
 from streams.avro_write import NotCompilable
@@ -40,7 +41,15 @@ MAGIC = b"\xc3\x01"
 HEADER_LEN = 10
 BATCH = 10_000
 
-__all__ = ["AvroDecodeError", "NotCompilable", "RecordReaders", "compile_extractor", "scan_to_end"]
+__all__ = [
+    "AvroDecodeError",
+    "NotCompilable",
+    "RawBatch",
+    "RecordReaders",
+    "compile_extractor",
+    "scan_raw",
+    "scan_to_end",
+]
 
 
 def scan_to_end(
@@ -61,38 +70,11 @@ def scan_to_end(
     Raises TimeoutError when the end is not reached within `timeout` seconds (callers rebuild
     or verify state from the result and must not take a prefix for the whole).
     """
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"ledgerflow-scan-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            "fetch.max.bytes": 64 * 1024 * 1024,
-            "max.partition.fetch.bytes": 16 * 1024 * 1024,
-        }
-    )
+    consumer = _consumer(bootstrap, eof=True)
     try:
-        md = consumer.list_topics(timeout=timeout)
-        ends: dict[tuple[str, int], int] = {}
-        assign = []
-        for topic in topics:
-            if topic not in md.topics:
-                continue
-            for p in md.topics[topic].partitions:
-                if partitions is not None and p not in partitions:
-                    continue
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
-                if ends_seen is not None:
-                    ends_seen[(topic, p)] = high
-                if start is not None and p in start:
-                    low = max(low, start[p])
-                if high > low:
-                    ends[(topic, p)] = high
-                    assign.append(TopicPartition(topic, p, low))
-        if not assign:
+        ends = _assign(consumer, topics, timeout, partitions, start, ends_seen)
+        if not ends:
             return
-        consumer.assign(assign)
         wanted = None if keys is None else frozenset(keys)
         deadline = time.monotonic() + timeout
         pending = set(ends)
@@ -115,6 +97,120 @@ def scan_to_end(
                         pending.discard((pos.topic or "", pos.partition))
     finally:
         consumer.close()
+
+
+@dataclass(slots=True)
+class RawBatch:
+    """One consume call's records of one topic: their values, in the order read (each
+    partition's in offset order)."""
+
+    topic: str
+    values: list[bytes]
+
+
+def scan_raw(
+    bootstrap: str, topics: Collection[str], timeout: float, *, partitions: Collection[int] | None = None
+) -> Iterator[RawBatch]:
+    """`scan_to_end` for readers that hand the bytes on in bulk (`audit verify` into ClickHouse):
+    per record only its value is taken, in a list comprehension (about 50 ns a record against
+    the ~2 µs consume itself costs), no Message is kept, and each topic is read by a consumer
+    of its own (so no per-record topic lookup). Tombstones (a None value) and error events are
+    left out. Raises TimeoutError like `scan_to_end`.
+    """
+    for topic in topics:
+        yield from _scan_topic_raw(bootstrap, topic, timeout, partitions)
+
+
+def _scan_topic_raw(
+    bootstrap: str, topic: str, timeout: float, partitions: Collection[int] | None
+) -> Iterator[RawBatch]:
+    consumer = _consumer(bootstrap, eof=False)
+    try:
+        ends = _assign(consumer, [topic], timeout, partitions, None, None)
+        deadline = time.monotonic() + timeout
+        pending = set(ends)
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {sorted(pending)} to their end within {timeout} s")
+            batch = consumer.consume(BATCH, 0.05)  # short: the last, partial batch must not wait long
+            full = len(batch) == BATCH
+            if batch:
+                values = [m.value() for m in batch]
+                if None in values or any([m.error() for m in batch]):
+                    values = [m.value() for m in batch if m.error() is None and m.value() is not None]
+                yield RawBatch(topic, values)  # type: ignore[arg-type]  # no None left
+            if not full:  # no EOF events here: the end is where the position reaches the end offset
+                for pos in consumer.position([TopicPartition(t, p) for t, p in pending]):
+                    if pos.offset >= ends[(pos.topic or "", pos.partition)]:
+                        pending.discard((pos.topic or "", pos.partition))
+    finally:
+        consumer.close()
+
+
+def _consumer(bootstrap: str, eof: bool) -> Consumer:
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"ledgerflow-scan-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": eof,
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            "max.partition.fetch.bytes": 16 * 1024 * 1024,
+            # a reader to the end, not a tailer: ask again at once rather than wait for more data
+            # (the 500 ms default stalls every small last fetch), and prefetch deep
+            "fetch.wait.max.ms": 10,
+            "queued.min.messages": 1_000_000,
+            "queued.max.messages.kbytes": 256 * 1024,
+        }
+    )
+
+
+def _assign(
+    consumer: Consumer,
+    topics: Collection[str],
+    timeout: float,
+    partitions: Collection[int] | None,
+    start: Mapping[int, int] | None,
+    ends_seen: dict[tuple[str, int], int] | None,
+) -> dict[tuple[str, int], int]:
+    """Assign every non-empty (topic, partition) asked for from its start; → their end offsets."""
+    md = consumer.list_topics(timeout=timeout)
+    ends: dict[tuple[str, int], int] = {}
+    assign = []
+    for topic in topics:
+        if topic not in md.topics:
+            continue
+        for p in md.topics[topic].partitions:
+            if partitions is not None and p not in partitions:
+                continue
+            low, high = _watermarks(consumer, TopicPartition(topic, p), timeout)
+            if ends_seen is not None:
+                ends_seen[(topic, p)] = high
+            if start is not None and p in start:
+                low = max(low, start[p])
+            if high > low:
+                ends[(topic, p)] = high
+                assign.append(TopicPartition(topic, p, low))
+    if assign:
+        consumer.assign(assign)
+    return ends
+
+
+_NO_LEADER_YET = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE})
+
+
+def _watermarks(consumer: Consumer, tp: TopicPartition, timeout: float) -> tuple[int, int]:
+    """The partition's (low, high) offsets, waiting out a leader election (a topic just created)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            low, high = consumer.get_watermark_offsets(tp, timeout=timeout)
+            return low, high
+        except KafkaException as exc:
+            if exc.args[0].code() not in _NO_LEADER_YET or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
