@@ -291,6 +291,9 @@ def _chains_query(audits: str, entries: str, *, log: bool = False) -> str:
     `log`, the entries also carry `pos`, their place in the log, and a row is sound only if
     the log holds the chain in seq order, as `verify_chain` walks it.
 
+    An entry without its audit record is unsound: with `join_use_nulls = 0` the missing side's
+    `h` is '', so `a.h != ''` is what tells "no record" from an entry that cites an empty hash.
+
     Anything unusual leaves a chain to Python rather than being judged here: a seq twice
     (identical redeliveries, which Python collapses, included: n > distinct_seq), an audit
     event id twice (the join doubles the entry's row), a value with a control character.
@@ -303,7 +306,8 @@ def _chains_query(audits: str, entries: str, *, log: bool = False) -> str:
     in_order = " AND pos_before < pos" if log else ""
     return f"""
 SELECT t, count() AS n, min(seq) AS lo, max(seq) AS hi, uniqExact(seq) AS distinct_seq,
-    countIf(NOT (hash_ok AND chain_tenant = t AND prev_hash = before AND a.h = audit_sha256{in_order})) AS unsound,
+    countIf(NOT (hash_ok AND chain_tenant = t AND prev_hash = before AND a.h != '' AND a.h = audit_sha256{in_order}))
+        AS unsound,
     arrayStringConcat(arrayMap(x -> hex(x.2), arraySort(x -> x.1, groupArray((seq, leaf))))) AS leaves
 FROM (
     SELECT *, lagInFrame(entry_hash, 1, repeat('0', 64)) OVER (PARTITION BY t ORDER BY seq

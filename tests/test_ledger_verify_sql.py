@@ -8,6 +8,7 @@ chain is handed to Python, which names the first bad seq): the reports are then 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from domain.checkpoint import SigningKey, generate_key
-from domain.ledger import ChainState, chain, make_checkpoint
+from domain.ledger import ChainState, chain, entry_bytes, make_checkpoint
 from ledgerflow import audit
 from projections.schema import columns_for, event_to_row, table_for
 from streams.events import AuditRecorded, Envelope, Event
@@ -126,3 +127,28 @@ def test_tampering_is_noticed_by_clickhouse_and_named_as_python_names_it(
     assert fast == python
     acme = next(r for r in fast if r.tenant == "acme")
     assert (acme.ok, acme.bad_seq) == (False, bad_seq), acme
+
+
+def test_an_entry_citing_no_audit_record_is_never_sound(loaded: Client, key: SigningKey) -> None:
+    """A forged last entry (after the last checkpoint) citing an empty audit hash, its record deleted:
+    its own hash recomputes, so only the missing audit record gives it away (a LEFT JOIN's default
+    '' must not match the forged '')."""
+    row = loaded.query(
+        "SELECT prev_hash, audit_event_id FROM ledger_entry_chained WHERE tenant = 'acme' AND seq = 44"
+    ).result_rows[0]
+    forged = hashlib.sha256(entry_bytes("acme", 44, row[0], row[1], "")).hexdigest()
+    loaded.command(
+        "ALTER TABLE ledger_entry_chained UPDATE entry_hash = {h:String}, audit_sha256 = '' "
+        "WHERE tenant = 'acme' AND seq = 44",
+        parameters={"h": forged},
+        settings={"mutations_sync": 2},
+    )
+    loaded.command(
+        "ALTER TABLE audit_recorded DELETE WHERE tenant = 'acme' AND event_id = {e:String}",
+        parameters={"e": row[1]},
+        settings={"mutations_sync": 2},
+    )
+    fast, python, slow = both(loaded, key)
+    assert slow == ["acme"] and fast == python
+    acme = next(r for r in fast if r.tenant == "acme")
+    assert (acme.ok, acme.bad_seq) == (False, 44), acme
