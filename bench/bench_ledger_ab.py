@@ -55,6 +55,7 @@ from ledgerflow.settings import load
 from streams.topics import Topics
 
 bootstrap, prefix, n, key_path, jobs = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+batch_max, chain_only = int(sys.argv[6]), sys.argv[7] == "1"
 key = load_signing_key_file(Path(key_path))
 topics = Topics(prefix=prefix, partitions=3)
 out = {}
@@ -72,21 +73,27 @@ def timed(name, fn):
     return result
 
 class Timed(LedgerWorker):
+    # step() returns the records committed during the call (before overlapping commits, the
+    # batch it consumed): the window runs from the first commit to the one of the last entry
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
-        self.first = None; self.first_n = 0; self.last = 0.0; self.stop = threading.Event()
+        self.first = None; self.first_n = 0; self.last = 0.0; self.stop = threading.Event(); self.txns = 0
     def step(self):
         got = super().step()
         if got:
             now = time.perf_counter()
-            if self.first is None:
-                self.first, self.first_n, self.cpu0 = now, got, cpu()
-            self.last, self.cpu1 = now, cpu()
+            if self.first is None:  # a batch chained but not committed yet counts as before the window
+                flying = getattr(self, "_inflight", None)
+                self.first, self.cpu0, self.thread0 = now, cpu(), time.thread_time()
+                self.first_n = self.chained + (flying.records if flying is not None else 0)
+            else:
+                self.txns += 1
+            self.last, self.cpu1, self.thread1 = now, cpu(), time.thread_time()
         if self.chained >= n:
             self.stop.set()
         return got
 
-config = LedgerConfig(key=key, origin="ledgerflow.bench", every_n=1000, every_s=3600.0, batch_max=2000)
+config = LedgerConfig(key=key, origin="ledgerflow.bench", every_n=1000, every_s=3600.0, batch_max=batch_max)
 w = Timed(bootstrap, prefix + "g", topics, config)
 guard = threading.Timer(300.0, w.stop.set); guard.daemon = True; guard.start()
 gc.collect()
@@ -95,6 +102,11 @@ guard.cancel()
 assert w.chained >= n, w.chained
 out["chain_rate"] = (w.chained - w.first_n) / (w.last - w.first)
 out["chain_rate_cpu"] = (w.chained - w.first_n) / (w.cpu1 - w.cpu0)  # entries per CPU-second
+out["chain_thread_cpu"] = (w.thread1 - w.thread0) / (w.last - w.first)  # share of the wall the worker thread ran
+out["chain_txns"] = w.txns
+if chain_only:
+    print(json.dumps(out))
+    sys.exit(0)
 
 with tempfile.TemporaryDirectory() as tmp:
     settings = load(kafka_bootstrap=bootstrap, topic_prefix=prefix, partitions=3, data_dir=Path(tmp))
@@ -131,6 +143,8 @@ print(json.dumps(out))
 ROWS = [
     ("chain_rate", "one LedgerWorker, entries/s (steady state)", "{:,.0f}/s"),
     ("chain_rate_cpu", "one LedgerWorker, entries per CPU-second (process)", "{:,.0f}/s"),
+    ("chain_thread_cpu", "one LedgerWorker, its thread on CPU (share of wall)", "{:.0%}"),
+    ("chain_txns", "one LedgerWorker, transactions in the window", "{:.0f}"),
     ("verify_total", "`audit verify` from the log: from_log + verify", "{:.2f} s"),
     ("from_log", "  of which from_log (read + decode)", "{:.2f} s"),
     ("verify", "  of which verify (hashes, links, audit records, signatures)", "{:.2f} s"),
@@ -152,6 +166,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--bootstrap", default="127.0.0.1:19192")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--batch-max", type=int, default=2000, help="the workers' batch_max (both sides)")
+    parser.add_argument(
+        "--chain-only", action="store_true", help="only the chaining rate (skip verify, prove, rebuild)"
+    )
     args = parser.parse_args()
     from domain.checkpoint import generate_key, save_key_pair
 
@@ -179,7 +197,7 @@ def main() -> None:
                     started = time.perf_counter()
                     child = subprocess.run(
                         [sys.executable, "-c", CHILD, args.bootstrap, topics.prefix, str(args.entries),
-                         str(key_path), str(args.jobs)],
+                         str(key_path), str(args.jobs), str(args.batch_max), "1" if args.chain_only else "0"],
                         cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True,
                         timeout=1800,
                     )  # fmt: skip
@@ -197,7 +215,7 @@ def main() -> None:
     print("\n| measure | A (old) | B (new) | B/A |\n| --- | ---: | ---: | ---: |")
     for key, label, fmt in ROWS:
         for suffix, kind in (("", "wall"), ("_cpu", "CPU")):
-            if key.startswith("chain_rate") and suffix:
+            if key.startswith("chain_") and suffix:
                 continue
             k = key + suffix if key != "chain_rate_cpu" else key
             a = [r[k] for r in results["A"] if k in r]
@@ -208,7 +226,7 @@ def main() -> None:
             av = statistics.median(a) if a else None
             ratio = f"{bv / av:.2f}×" if av else "—"
             a_text = fmt.format(av) if av is not None else "—"
-            what = "" if key.startswith("chain_rate") else f", {kind}"
+            what = "" if key.startswith("chain_") else f", {kind}"
             print(f"| {label}{what} | {a_text} | {fmt.format(bv)} | {ratio} |")
 
 

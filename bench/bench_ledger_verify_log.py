@@ -40,10 +40,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_ledger_kafka import PARTITIONS, audits, make_topics, produce_audits
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from bench.bench_ledger_kafka import PARTITIONS, audits, make_topics, produce_audits
 from domain.checkpoint import SigningKey, generate_key, load_signing_key_file, save_key_pair
 from domain.ledger import ChainHead
 from ledgerflow import audit

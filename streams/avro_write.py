@@ -51,12 +51,24 @@ class NotCompilable(ValueError):
     """The schema uses something the compiled writer does not handle; use fastavro for it."""
 
 
+# n bytes of varint -> the continuation bits of its first n - 1 bytes
+_CONTINUED = tuple(sum(0x80 << (8 * i) for i in range(n - 1)) for n in range(10))
+
+
 def _uvarint(u: int) -> bytes:
     """Varint of an unsigned value below 2**64 (already zigzag-encoded)."""
     if u < 0x80:
         return _VARINT1[u]
     if u < 0x4000:
         return bytes(((u & 0x7F) | 0x80, u >> 7))
+    if u < 0x100000000000000:  # up to 8 bytes (times in micros are 8): its 7-bit groups spread to bytes at once
+        n = (u.bit_length() + 6) // 7
+        spread = (
+            (u & 0x7F) | ((u & 0x3F80) << 1) | ((u & 0x1FC000) << 2) | ((u & 0xFE00000) << 3)
+            | ((u & 0x7F0000000) << 4) | ((u & 0x3F800000000) << 5) | ((u & 0x1FC0000000000) << 6)
+            | ((u & 0xFE000000000000) << 7)
+        )  # fmt: skip
+        return (spread | _CONTINUED[n]).to_bytes(n, "little")
     out = bytearray()
     while u >= 0x80:
         out.append((u & 0x7F) | 0x80)
@@ -206,8 +218,11 @@ class _Compiler:
             code.emit(indent, f"if type({expr}) is not bool:")
             code.emit(indent + 1, "raise TypeError('boolean')")
             code.emit(indent, f"out += b'\\x01' if {expr} else b'\\x00'")
-        elif t in ("int", "long"):  # small non-negative values (versions, partitions) inline
-            code.emit(indent, f"out += _V1[{expr} << 1] if type({expr}) is int and 0 <= {expr} < 64 else _long({expr})")
+        elif t in ("int", "long"):  # non-negative values (versions, offsets, times) without _long's checks
+            code.emit(indent, f"if type({expr}) is int and 0 <= {expr} < 0x4000000000000000:")
+            code.emit(indent + 1, f"out += _V1[{expr} << 1] if {expr} < 64 else _uv({expr} << 1)")
+            code.emit(indent, "else:")
+            code.emit(indent + 1, f"out += _long({expr})")
         elif t in ("float", "double"):
             code.emit(indent, f"if type({expr}) is not float:")
             code.emit(indent + 1, f"raise TypeError({t!r})")

@@ -18,13 +18,17 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from clickhouse_connect.driver.client import Client
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from agents.ledger import LedgerConfig, LedgerWorker, load_or_create_key, snapshot_record
 from domain.checkpoint import load_verifier_key_file, open_checkpoint
@@ -32,6 +36,7 @@ from domain.ledger import ChainHead, LedgerEntry, audit_canonical_bytes
 from domain.ledger_replay import resume
 from ledgerflow import audit
 from ledgerflow.settings import Settings, load
+from streams import telemetry
 from streams.admin import read_to_end
 from streams.codec import Codec
 from streams.events import AuditRecorded, Envelope, LedgerEntryChained
@@ -262,7 +267,8 @@ def test_chain_verify_tamper_and_offline_proof(
         ("log", "globex"): ("all", True, 45, 1),
     }
     assert all(r["first_bad_seq"] is None and r["reason"] is None for r in ok_rows)
-    assert {(r["source"], r["verifier"]) for r in ok_rows} == {("clickhouse", "clickhouse"), ("log", "python")}
+    # both by ClickHouse: the log in a scratch chDB (in a spawned child: this process holds the store)
+    assert {(r["source"], r["verifier"]) for r in ok_rows} == {("clickhouse", "clickhouse"), ("log", "clickhouse")}
     assert {r["root_hash"] for r in ok_rows if r["tenant"] == "acme"} == {reports["acme"].root_hash}
     (bad_row,) = [r for r in rows if r["correlation_id"] == run_bad]
     assert (bad_row["tenant"], bad_row["scope"], bad_row["source"], bad_row["ok"]) == (
@@ -384,3 +390,130 @@ def test_restart_reads_the_snapshots_and_the_tail_only_and_a_stale_snapshot_fall
     assert {t: (r.ok, r.size) for t, r in reports.items()} == {"acme": (True, 450), "initech": (True, 450)}
     for chain in chains.values():  # no seq twice, none missing
         assert sorted(e.seq for e in chain.entries) == list(range(450))
+
+
+class _FailingCommit(LedgerWorker):
+    """A worker whose `fail_at`-th transaction fails at its commit: its records are flushed to
+    the broker (as a commit does first), then the offsets and the commit never come, as when
+    the group's generation fences them (KIP-447); the worker must abort it."""
+
+    def __init__(self, *args: Any, fail_at: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fail_at = fail_at
+        self.commits = 0
+        self.failures: list[int] = []  # per failed transaction: chains the batch behind it had touched
+
+    def _commit(self, offsets: Any, group: Any) -> None:
+        self.commits += 1
+        if self.commits == self.fail_at:
+            assert self._producer.flush(30) == 0
+            raise KafkaException(KafkaError(KafkaError._FAIL, "injected commit failure"))
+        super()._commit(offsets, group)
+
+    def _settle(self, later: Any = None) -> int | None:
+        done = super()._settle(later)
+        if done is None:
+            self.failures.append(len(later or {}))
+        return done
+
+
+def _uncommitted(bootstrap: str, topic: str) -> int:
+    """Records of `topic` read_uncommitted: committed and aborted entries alike."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"raw-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": True,
+            "isolation.level": "read_uncommitted",
+        }
+    )
+    try:
+        parts = consumer.list_topics(topic, 30).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+        n, ended = 0, set[int]()
+        deadline = time.monotonic() + 60
+        while len(ended) < len(parts) and time.monotonic() < deadline:
+            for msg in consumer.consume(500, 0.5):
+                err = msg.error()
+                if err is None:
+                    n += 1
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    ended.add(msg.partition() or 0)
+        return n
+    finally:
+        consumer.close()
+
+
+def test_a_failed_commit_undoes_its_batch_and_the_one_chained_behind_it(
+    kafka_bootstrap: str, topics: Topics, tmp_path: Path
+) -> None:
+    """Overlapping commits: batch k+1 is chained while batch k's commit is in flight. When that
+    commit fails, both are undone (the heads, then the consumer's positions) and chained
+    again: no gap, no duplicate, every entry of the aborted transaction invisible. The same
+    without overlap, after a restart, with tracing on: each entry carries its audit record's
+    trace context in its headers, and each transaction has its span.
+
+    Every 50 records (one batch) start a new chain, all on one partition, so batch k+1 makes
+    a chain batch k never touched: left standing after the abort, that head would take the
+    re-read records for redeliveries (their offsets are behind it) and open a gap."""
+    settings = settings_for(kafka_bootstrap, topics, tmp_path)
+    key = load_or_create_key(settings.ledger_key_path, settings.ledger_origin)
+    group = f"ledger-{uuid.uuid4().hex[:8]}"
+    tenants = [f"tenant-{i:02d}" for i in range(12)]
+    records = [r for t in tenants for r in audits(t, 50)]
+    # the traced part: runs of two records of one request, every fifth record untraced
+    for i in range(400, 600):
+        parent = None if i % 5 == 0 else f"00-{uuid.UUID(int=i // 2).hex}-00f067aa0ba902b7-01"
+        records[i] = replace(records[i], envelope=replace(records[i].envelope, trace_parent=parent))
+    source = topics.name("audit")
+
+    def run(part: list[AuditRecorded], overlap: bool, fail_at: int) -> _FailingCommit:
+        producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
+        for r in part:
+            producer.produce(source, CODEC.encode(r), r.tenant.encode(), 0)
+        assert producer.flush(30) == 0
+        config = LedgerConfig(key=key, origin=settings.ledger_origin, every_n=40, every_s=3600, batch_max=50)
+        w = _FailingCommit(kafka_bootstrap, group, topics, replace(config, overlap=overlap), fail_at=fail_at)
+        w.subscribe()
+        _run_until_chained(w, len(part))
+        w.close()
+        return w
+
+    first = run(records[:400], overlap=True, fail_at=3)
+    # the failed batch's transaction aborted, and a batch already chained behind it was undone too
+    assert len(first.failures) == 1 and first.failures[0] > 0, first.failures
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    telemetry.use(provider)
+    try:
+        second = run(records[400:], overlap=False, fail_at=2)
+    finally:
+        telemetry.use(None)
+    assert second.failures == [] and second.commits > 2  # without overlap a failure is handled in its own step
+    batches = [s for s in spans.get_finished_spans() if s.name == "audit-ledger"]
+    assert len(batches) >= second.commits  # one per transaction (the aborted one too)
+    parent_of = {r.envelope.event_id: r.envelope.trace_parent for r in records}
+    traced = 0
+    for msg in read_all(kafka_bootstrap, [topics.name("ledger")], expect=len(records)):
+        entry = CODEC.decode(msg.value())
+        assert isinstance(entry, LedgerEntryChained)
+        headers = dict(msg.headers() or [])
+        parent = parent_of[entry.audit_event_id]
+        if entry.chain_tenant in tenants[8:] and parent is not None:
+            assert headers == {"traceparent": parent.encode()}, (entry.seq, headers)
+            traced += 1
+        else:
+            assert "traceparent" not in headers, (entry.chain_tenant, entry.seq, headers)
+    assert traced == 160
+
+    chains = audit.from_log(settings)
+    reports = {r.tenant: r for r in audit.verify(chains, key.verifier)}
+    assert {t: (r.ok, r.size, r.checkpoints_checked) for t, r in reports.items()} == {
+        t: (True, 50, 1) for t in tenants
+    }, reports
+    for chain in chains.values():  # no seq twice, none missing
+        assert sorted(e.seq for e in chain.entries) == list(range(50))
+    # the aborted transactions' entries reached the log, but no read_committed reader saw them
+    assert _uncommitted(kafka_bootstrap, topics.name("ledger")) > len(records)
