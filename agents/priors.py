@@ -224,10 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     topics = Topics(settings.topic_prefix, settings.partitions)
     features = FeatureConfig()
     if settings.routing_embedding_model is not None:  # the same model id the gateways compute features with
-        from domain.routing_embedding import load_encoder
+        from domain.routing_embedding import check_embedding_dims, load_encoder
 
-        model = load_encoder(settings.routing_embedding_model).model_id
-        features = FeatureConfig(embedding=model, embedding_dims=settings.routing_embedding_dims)
+        encoder = load_encoder(settings.routing_embedding_model)
+        check_embedding_dims(encoder, settings.routing_embedding_dims)
+        features = FeatureConfig(embedding=encoder.model_id, embedding_dims=settings.routing_embedding_dims)
     worker = PriorsWorker(
         settings.bootstrap,
         f"{settings.worker_id}-routing-priors",

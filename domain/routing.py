@@ -51,6 +51,10 @@ ALGORITHM = "blr-capped-thompson-v1"
 GLOBAL = "*"  # the priors' context holding each model's regression; other keys hold per-context counts
 
 
+class NoCandidate(ValueError):
+    """Every candidate is forbidden for this call: nothing to route to (the caller decides what then)."""
+
+
 @dataclass(frozen=True)
 class Weights:
     """A tenant's trade-off; only ratios matter (quality 1, cost 0.1: the whole price gap is worth 0.1 quality)."""
@@ -391,7 +395,7 @@ def choose(
     """Pick one allowed candidate and its exact probability (see the module docstring)."""
     allowed = [c for c in candidates if c.allowed]
     if not allowed:
-        raise ValueError("no allowed candidate to route to")
+        raise NoCandidate("no allowed candidate to route to")
     max_cost = max((c.expected_cost for c in allowed), default=Decimal(0))
     max_lat = max((c.expected_latency_ms for c in allowed), default=0.0)
     rows: list[tuple[Candidate, float, float, float]] = []  # candidate, score, mean, std

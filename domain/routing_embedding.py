@@ -15,9 +15,9 @@ Nothing is fetched at run time.
 
 The 384-dim embedding is projected to a few dimensions (`FeatureConfig.embedding_dims`) by a
 fixed orthonormal random projection seeded by the model's id, so the Bayesian regression per
-model stays small and a replay computes the same features. The model id (name and a SHA-256
-prefix of the weights) is recorded in the priors, so a gateway with other weights refuses
-them rather than misreading them.
+model stays small and a replay computes the same features. The model id (name, a SHA-256
+prefix of weights, vocabulary and config, and the truncation) is recorded in the priors, so a
+gateway with another model refuses them rather than misreading them.
 """
 
 from __future__ import annotations
@@ -188,8 +188,28 @@ class WordPiece:
         return pieces
 
     def ids(self, text: str) -> list[int]:
-        """The model's input ids: `[CLS]`, at most max_tokens − 2 subwords, `[SEP]`."""
-        body = self.tokens(text)[: self.max_tokens - 2]
+        """The model's input ids: `[CLS]`, at most max_tokens − 2 subwords, `[SEP]`.
+
+        Only a prefix of the text is normalised and split (a 1 MB prompt must not cost a second
+        of Python for 126 tokens), growing until it holds enough whole words: the prefix's last
+        word may be cut at the boundary, so its pieces count only when the prefix is the text.
+        """
+        need = self.max_tokens - 2
+        limit = max(256, need * 16)
+        while True:
+            whole = limit >= len(text)
+            words = list(_words(_normalise(text if whole else text[:limit])))
+            if not whole and words:
+                words.pop()
+            body: list[str] = []
+            for word in words:
+                body.extend(self._word(word))
+                if len(body) >= need:
+                    break
+            if whole or len(body) >= need:
+                break
+            limit *= 4
+        body = body[:need]
         v = self.vocab
         return [v["[CLS]"], *(v.get(t, v["[UNK]"]) for t in body), v["[SEP]"]]
 
@@ -247,7 +267,7 @@ class SentenceEncoder:
 
     @property
     def model_id(self) -> str:
-        """What the priors record: the encoder's name; equal ids mean equal weights and vocabulary."""
+        """What the priors record: name, hash of weights + vocabulary + config, and truncation."""
         return self.name
 
     def embed(self, text: str) -> np.ndarray:
@@ -285,13 +305,25 @@ def load_encoder(path: Path | str, max_tokens: int = MAX_TOKENS) -> SentenceEnco
     p = Path(path)
     raw, vocab, config = _read_model_files(p)
     cfg = json.loads(config)
-    digest = hashlib.sha256(raw).hexdigest()[:12]
+    h = hashlib.sha256(raw)
+    for part in (vocab, config):  # another vocabulary or config over the same weights embeds differently
+        h.update(b"\0" + part.encode())
+    digest = h.hexdigest()[:12]
     base = str(cfg.get("_name_or_path") or p.stem).rsplit("/", 1)[-1]
     name = f"{base}@{digest}:{max_tokens}"  # the truncation changes the embedding, so it is part of the id
     return SentenceEncoder(load_safetensors(raw), WordPiece.from_text(vocab, max_tokens), cfg, name)
 
 
 # --- features -----------------------------------------------------------------------------
+
+
+def check_embedding_dims(encoder: SentenceEncoder, dims: int) -> None:
+    """Refuse, at start-up, a dimension count the projection cannot give (it would fail every decision)."""
+    if not 0 < dims <= encoder.dim:
+        raise ValueError(
+            f"routing_embedding_dims (LEDGERFLOW_ROUTING_EMBEDDING_DIMS) must be 1..{encoder.dim} "
+            f"for {encoder.model_id}, got {dims}"
+        )
 
 
 @cache

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -142,11 +142,24 @@ def _route(state: LearnerState, ev: RouteChosen) -> None:
             r.regret += gap
     if not ev.features:
         return  # nothing to learn quality from (pinned)
+    if not _same_feature_set(state.priors.config, ev.features):
+        return  # computed by a replica on another embedding (a rolling change): not these regressions' inputs
     slot = _slot(state, ev.tenant, ev.request_id)
     slot.model, slot.features, slot.context_key = ev.chosen_model, dict(ev.features), ev.context_key
     for score in slot.scores:
         state.priors.learn_quality(ev.chosen_model, slot.features, score, slot.context_key)
     slot.scores.clear()
+
+
+def _same_feature_set(config: FeatureConfig, x: Mapping[str, float]) -> bool:
+    """Whether `x` has exactly the embedding dimensions `config` names (none, or emb0..emb{n-1}).
+
+    Which model computed them is not on the event; dimensions are what a replica with other
+    settings most often differs in, and the gateway refuses priors whose model it lacks.
+    """
+    dims = config.embedding_dims
+    n = sum(1 for k in x if k.startswith("emb"))
+    return n == dims and (dims == 0 or f"emb{dims - 1}" in x)
 
 
 def _feedback(state: LearnerState, ev: FeedbackReceived) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import logging
@@ -364,7 +365,11 @@ async def begin_call(
         )
         # With a sentence embedding a decision is tens of ms of numpy (which releases the GIL):
         # off the event loop, so other requests go on meanwhile. The cheap features stay inline.
-        ctx = await asyncio.to_thread(decide) if state.router.slow else decide()
+        if state.router.slow:
+            loop = asyncio.get_running_loop()
+            ctx = await loop.run_in_executor(state.router.executor, contextvars.copy_context().run, decide)
+        else:
+            ctx = decide()
     price = state.prices[ctx.model]  # one price for the whole call: its budget hold, its charge, its answer
     return req, await account(state, ctx, price, started, prompt_tokens, max_tokens), price
 

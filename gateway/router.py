@@ -21,11 +21,13 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from domain.pricing import Price, cost
-from domain.routing import ALGORITHM, Candidate, Choice, Exploration, Priors, Weights, choose
+from domain.routing import ALGORITHM, Candidate, Choice, Exploration, NoCandidate, Priors, Weights, choose
+from domain.routing_embedding import check_embedding_dims
 from domain.routing_features import FeatureConfig, context_key
 from gateway.facts import CallContext
 from streams.events import Event, RouteChosen, RoutingPriorsPublished
@@ -53,6 +55,7 @@ class Router:
         self._encoder = encoder
         config = FeatureConfig()
         if encoder is not None:
+            check_embedding_dims(encoder, embedding_dims)
             config = FeatureConfig(embedding=encoder.model_id, embedding_dims=embedding_dims)
         self._priors = Priors(config=config)
         self._weights = dict(weights or {})
@@ -61,11 +64,20 @@ class Router:
         self._follower: StateFollower | None = None
         self.loaded = threading.Event()
         self.applied_versions = 0
+        self._executor: ThreadPoolExecutor | None = None
 
     @property
     def slow(self) -> bool:
         """Whether a decision runs an embedding model (milliseconds: the gateway runs it off its event loop)."""
         return self._encoder is not None
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """Threads of its own for slow decisions: the loop's default pool also serves health checks,
+        budgets and memory, which a burst of long prompts must not queue behind."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="router-embedding")
+        return self._executor
 
     @property
     def priors(self) -> Priors:
@@ -82,7 +94,8 @@ class Router:
             return
         priors = Priors.from_json(event.priors, event.version)
         wanted = priors.config.embedding
-        if wanted and (self._encoder is None or self._encoder.model_id != wanted):
+        enc = self._encoder
+        if wanted and (enc is None or enc.model_id != wanted or priors.config.embedding_dims > enc.dim):
             # Refused, not half-applied: its regressions read features this replica cannot compute.
             have = self._encoder.model_id if self._encoder is not None else "none"
             log.error("routing priors %s need the embedding model %s (this replica: %s): kept %s",
@@ -103,6 +116,8 @@ class Router:
     def close(self) -> None:
         if self._follower is not None:
             self._follower.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- the decision --
 
@@ -155,7 +170,7 @@ class Router:
             choice, x = self.decide(
                 ctx.principal.tenant, ctx.request_id, text, models, allowed, prices, prompt_tokens, max_tokens, max_cost
             )
-        except ValueError:  # nothing allowed: the obligations step has already refused or rerouted
+        except NoCandidate:  # nothing allowed: the obligations step has already refused or rerouted
             return ctx
         event = RouteChosen(
             envelope=ctx.envelope("RouteChosen"),

@@ -7,9 +7,9 @@ import uuid
 from dataclasses import dataclass
 
 from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, Message, TopicPartition
-from confluent_kafka.admin import NewPartitions, NewTopic
+from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
-from streams.clients import AdminClient, Consumer
+from streams.clients import Consumer
 from streams.topics import MEMORY_CONFIGS, Topics
 
 

@@ -6,6 +6,7 @@ a `logger`, it hands them to Python instead: records of the `librdkafka` logger,
 every other line (`streams.telemetry`). They are delivered from the client's own poll, consume
 and flush calls, which every client here makes anyway. Import these instead of
 `confluent_kafka`'s; they are subclasses, so type hints and isinstance checks do not change.
+Not the AdminClient: nothing polls it, so its lines would queue unread instead of reaching stderr.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import logging
 from typing import Any
 
 import confluent_kafka
-import confluent_kafka.admin
 
 LOGGER_NAME = "librdkafka"
 _LOG = logging.getLogger(LOGGER_NAME)
@@ -30,10 +30,5 @@ class Producer(confluent_kafka.Producer):
 
 
 class Consumer(confluent_kafka.Consumer):
-    def __init__(self, conf: dict[str, Any], **kwargs: Any) -> None:
-        super().__init__(_logged(conf), **kwargs)
-
-
-class AdminClient(confluent_kafka.admin.AdminClient):
     def __init__(self, conf: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(_logged(conf), **kwargs)

@@ -9,6 +9,7 @@ fetches into `.cache/models`), it must rank a paraphrase above an unrelated sent
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -304,3 +305,65 @@ def test_real_minilm_ranks_a_paraphrase_first_and_matches_its_tokenizer() -> Non
     hf = _hf_tokenizer(vocab)
     for text in [*TRICKY, "Find the degree for the given field extension Q(sqrt(2), sqrt(3), sqrt(18)) over Q."]:
         assert enc.tokenizer.tokens(text) == hf.encode(text, add_special_tokens=False).tokens, text
+
+
+# --- review fixes ------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["hello", "world,", "playing", "東京", "x", "unknown!", "  ", "\n", "a" * 120]), max_size=400
+    )
+)
+def test_ids_read_a_prefix_yet_equal_the_whole_texts_first_tokens(words: list[str]) -> None:
+    text = " ".join(words)
+    wp = WordPiece.from_text("\n".join(VOCAB), max_tokens=12)
+    v = wp.vocab
+    assert wp.ids(text) == [v["[CLS]"], *(v[t] for t in wp.tokens(text)[:10]), v["[SEP]"]]
+
+
+def test_a_huge_prompt_is_tokenised_from_its_head_only() -> None:
+    wp = WordPiece.from_text("\n".join(VOCAB), max_tokens=32)
+    calls: list[int] = []
+    import domain.routing_embedding as emb
+
+    real = emb._normalise
+    try:
+        emb._normalise = lambda t: calls.append(len(t)) or real(t)  # type: ignore[func-returns-value]
+        wp.ids("hello world " * 100_000)  # 1.2 MB
+    finally:
+        emb._normalise = real
+    assert max(calls) < 10_000
+
+
+def test_dimensions_the_projection_cannot_give_are_refused_at_start(encoder: SentenceEncoder) -> None:
+    with pytest.raises(ValueError, match="LEDGERFLOW_ROUTING_EMBEDDING_DIMS"):
+        Router(encoder=encoder, embedding_dims=HIDDEN + 1)
+    too_wide = Priors(config=FeatureConfig(embedding=encoder.model_id, embedding_dims=HIDDEN + 1))
+    replica = Router(encoder=encoder, embedding_dims=4)
+    replica.apply(_published(too_wide))  # type: ignore[arg-type]
+    assert replica.applied_versions == 0  # refused: every decision would fail
+
+
+def test_another_vocabulary_over_the_same_weights_is_another_model(model_dir: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in model_dir.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    (other / "vocab.txt").write_text("\n".join([*VOCAB[:-1], "yesterday"]) + "\n")
+    assert load_encoder(other).model_id != load_encoder(model_dir).model_id
+
+
+def test_the_learner_skips_features_of_another_embedding(encoder: SentenceEncoder) -> None:
+    from domain.routing_priors import fold
+    from tests.factories import route
+
+    state = LearnerState(priors=Priors(config=FeatureConfig(embedding=encoder.model_id, embedding_dims=4)))
+    plain = route()  # a replica without the embedding (features of the cheap set only)
+    fold(state, plain)
+    assert (plain.tenant, plain.request_id) not in state.pending
+    good = route()
+    good = dataclasses.replace(good, features={**good.features, **{f"emb{i}": 0.1 for i in range(4)}})
+    fold(state, good)
+    assert (good.tenant, good.request_id) in state.pending
