@@ -2,11 +2,12 @@
 
 Run: .venv/bin/python bench/bench_sink.py [--events 1000000] [--bootstrap 127.0.0.1:19292]
      [--row-events 200000] [--fresh-rate 5000] [--fresh-seconds 20] [--fresh-sinks 5000/200,20000/200]
-     [--sink-batches 5000/200,20000/200] [--skip-replay] [--baseline DIR]
+     [--sink-batches 5000/200,20000/200] [--skip-replay] [--baseline DIR] [--block-rows 50000]
 
 `--baseline DIR`: DIR holds another checkout (e.g. `git archive HEAD | tar -x -C DIR`); its
 `projections/sink.py` and `avro_block.py` are loaded beside this tree's and every sink,
-replay and freshness row is measured for both, alternately, on the same records.
+replay and freshness row is measured for both, alternately, on the same records. A batch size
+named twice in `--sink-batches` is measured twice; the summary gives the mean of the samples.
 
 Needs a running broker; creates its own topics under a unique prefix (`bench-sink-<hex>.`),
 its own chDB directory (a temporary one, or --chdb DIR), and deletes the topics and groups at
@@ -17,6 +18,9 @@ machine even where the absolute figures do not:
    PolicyDecided, TokensCharged, AuditRecorded, TenantTotalsUpdated in equal parts, 50 tenants,
    each event built and encoded on its own: distinct ids, Decimal money) across the catalogue
    topics (3 partitions each), non-transactional idempotent producer.
+1b. One block alone (`--block-rows`, 0 to skip): a block of that many records of each fact
+   type inserted by each avro_block (baseline, ours) alternately, median wall and CPU time of
+   `--block-reps` inserts (the insert without Kafka or the driver; also warms chDB up).
 2. Bare loop: a confluent-kafka consumer (the sink's own fetch settings, read_committed) that
    only consumes and counts, `consume(10000)` at a time, until it has seen every record. Also
    with librdkafka's default fetch settings, for reference.
@@ -35,7 +39,10 @@ machine even where the absolute figures do not:
    its produced → visible time; p50/p95/max over all rows.
 
 Rates are events per second of wall time in this process (its Python thread drives the
-consumer; librdkafka's and chDB's threads run beside it).
+consumer; librdkafka's and chDB's threads run beside it). Each bare, sink and replay row also
+gives this process's CPU time per event (every thread, chDB's background merges included):
+other processes' load stretches wall time far more than CPU time, so on a shared box the CPU
+figures compare old and new more steadily.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import dataclasses
 import multiprocessing as mp
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -60,9 +68,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from confluent_kafka import Consumer, Producer
 
 import projections.replay as replay_module
+from projections import avro_block
 from projections.migrations import migrate
 from projections.replay import ReplayJob, ReplayRequest, check, known_tables
-from projections.schema import DEAD_LETTERS, event_tables
+from projections.schema import DEAD_LETTERS, event_tables, table_for
 from projections.sink import Sink
 from projections.store import open_store
 from streams.admin import admin, ensure_topics
@@ -81,8 +90,8 @@ SINK_FETCH = {
 }
 
 
-def load_baseline(tree: Path) -> type[Sink]:
-    """The Sink class of another checkout, loaded beside ours (its avro_block too; the rest shared)."""
+def load_baseline(tree: Path) -> tuple[type[Sink], Any]:
+    """The Sink class of another checkout and its avro_block module, loaded beside ours (the rest shared)."""
     import types
 
     ab = types.ModuleType("baseline_avro_block")
@@ -95,7 +104,53 @@ def load_baseline(tree: Path) -> type[Sink]:
     src = src.replace("from projections import avro_block\n", "import baseline_avro_block as avro_block\n")
     exec(compile(src, str(tree / "projections" / "sink.py"), "exec"), sk.__dict__)
     cls: type[Sink] = sk.Sink
-    return cls
+    return cls, ab
+
+
+def block_insert(url: str, modules: list[tuple[str, Any]], rows: int, reps: int) -> dict[str, float]:
+    """One `rows`-row Avro block per core fact type, inserted alone by each avro_block (old, new)
+    alternately `reps` times into a fresh database; prints the medians (wall, and this process's
+    CPU time, which other processes' load disturbs less). Also warms chDB up before the sink rows."""
+    codec = Codec()
+    db = f"bench_block_{uuid.uuid4().hex[:8]}"
+    client = fresh_database(url, db)
+    out: dict[str, float] = {}
+    try:
+        for kind, builder in enumerate(BUILDERS):
+            values = [codec.encode(builder(tenant=TENANTS[i % len(TENANTS)])) for i in range(rows)]
+            made = []
+            for name, ab in modules:
+                writer = ab.writers()[values[0][:10]]
+                table = table_for(writer.event_type)
+                found = client.query(ab.TABLE_TYPES_SQL, parameters={"tables": [table]}).result_rows
+                plan = ab.plan(writer, ab.table_types(found)[table])
+                made.append((name, ab, plan, ab.block(plan, "bench", 0, list(range(rows)), values)))
+            wall: dict[str, list[float]] = {m[0]: [] for m in made}
+            cpu: dict[str, list[float]] = {m[0]: [] for m in made}
+            for r in range(reps):
+                for name, ab, plan, data in made if r % 2 == 0 else made[::-1]:
+                    params = ab.parameters("bench", 0, 0, rows - 1, token=f"{name}-{kind}-{r}")
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    ab.insert_block(client, plan, data, params)
+                    wall[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
+            client.command(f"TRUNCATE TABLE {table}")
+            med = {name: (statistics.median(wall[name]) * 1000, statistics.median(cpu[name]) * 1000) for name in wall}
+            line = ", ".join(f"{name or 'new'} {w:.0f} ms (cpu {c:.0f})" for name, (w, c) in med.items())
+            print(f"one {rows:,}-row block into {table:24s} median of {reps}: {line}  load {os.getloadavg()[0]:.1f}")
+            for name, *_ in made:
+                out[f"{name}{table}"] = statistics.median(wall[name])
+                out[f"{name}{table} cpu"] = statistics.median(cpu[name])
+        if len(modules) == 2:
+            old_name = modules[0][0]
+            tables = sorted({k.removeprefix(old_name).removesuffix(" cpu") for k in out if k.startswith(old_name)})
+            w = sum(out[old_name + t] for t in tables) / sum(out[t] for t in tables)
+            c = sum(out[f"{old_name}{t} cpu"] for t in tables) / sum(out[f"{t} cpu"] for t in tables)
+            print(f"one block, all five tables: new vs baseline {w:.2f}x wall, {c:.2f}x cpu")
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {db} SYNC")
+        client.close()
+    return out
 
 
 def build(i: int, now: datetime | None = None) -> Event:
@@ -132,6 +187,9 @@ def produce(bootstrap: str, topics: Topics, n: int) -> float:
     return time.perf_counter() - t0
 
 
+CPU: list[float] = [0.0]  # this process's CPU seconds (every thread) of the last bare loop, sink or replay
+
+
 def bare_loop(bootstrap: str, topics: Topics, n: int, tuned: bool) -> float:
     """Consume and count every record; seconds from the first record to the n-th."""
     conf: dict[str, Any] = {
@@ -147,31 +205,39 @@ def bare_loop(bootstrap: str, topics: Topics, n: int, tuned: bool) -> float:
     c.subscribe(topics.all())
     seen = 0
     t0: float | None = None
+    c0 = 0.0
     try:
         while seen < n:
             msgs = c.consume(10000, 1.0)
             if msgs and t0 is None:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
             for m in msgs:
                 if m.error() is None:
                     seen += 1
         assert t0 is not None
+        CPU[0] = time.process_time() - c0
         return time.perf_counter() - t0
     finally:
         c.close()
 
 
 def run_sink(sink: Sink, n: int, timeout: float = 600.0) -> float:
-    """Drive `sink` until it landed n rows; seconds from the first record consumed."""
+    """Drive `sink` until it landed n rows; seconds from the first record consumed.
+
+    Also leaves in CPU[0] the CPU seconds this process spent meanwhile (driver, inserter, chDB's
+    and librdkafka's threads): on a shared box, other processes' load stretches the wall time
+    far more than the CPU time, so CPU µs per event compares old and new more steadily."""
     t0: float | None = None
+    c0 = 0.0
     deadline = time.monotonic() + timeout
     while sink.rows_inserted + sink.dead_lettered < n:
         got = sink.poll_once(0.1)
         if got and t0 is None:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
         if time.monotonic() > deadline:
             raise RuntimeError(f"sink stalled: {sink.status()}")
     assert t0 is not None
+    CPU[0] = time.process_time() - c0
     return time.perf_counter() - t0
 
 
@@ -226,11 +292,16 @@ def main() -> None:
     ap.add_argument("--sink-batches", default="5000/200,20000/200", help="batch_max/batch_ms runs")
     ap.add_argument("--chdb", default=None, help="chDB directory (default: a temporary one, removed)")
     ap.add_argument("--baseline", type=Path, default=None, help="another checkout to measure side by side")
+    ap.add_argument("--block-rows", type=int, default=50_000, help="rows of the one-block insert rows (0: skip)")
+    ap.add_argument("--block-reps", type=int, default=5, help="inserts of each one-block row")
     args = ap.parse_args()
     n = args.events
     impls: list[tuple[str, type[Sink]]] = [("", Sink)]
+    blocks: list[tuple[str, Any]] = [("", avro_block)]
     if args.baseline is not None:
-        impls = [("baseline ", load_baseline(args.baseline)), ("", Sink)]
+        old_sink, old_avro_block = load_baseline(args.baseline)
+        impls = [("baseline ", old_sink), ("", Sink)]
+        blocks = [("baseline ", old_avro_block), ("", avro_block)]
     prefix = f"bench-sink-{uuid.uuid4().hex[:8]}."
     topics = Topics(prefix=prefix, partitions=args.partitions)
     fresh_topic_sets: list[Topics] = []
@@ -238,17 +309,26 @@ def main() -> None:
     chdb_dir = args.chdb or tempfile.mkdtemp(prefix="bench-sink-chdb-")
     url = f"chdb://{chdb_dir}"
     groups: list[str] = []
-    results: dict[str, float] = {}
+    samples: dict[str, list[float]] = {}  # a row measured several times (--sink-batches repeats) keeps each
+    results: dict[str, float] = {}  # label → mean of its samples
+
+    def record(label: str, value: float) -> None:
+        samples.setdefault(label, []).append(value)
+        results[label] = statistics.fmean(samples[label])
+
     print(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
     try:
         secs = produce(args.bootstrap, topics, n)
         print(f"produced {n:,} events in {secs:.1f} s ({n / secs:,.0f}/s, build + encode + produce)")
 
+        if args.block_rows:
+            block_insert(url, blocks, args.block_rows, args.block_reps)
+
         for tuned in (True, False):
             secs = bare_loop(args.bootstrap, topics, n, tuned)
             key = "bare" if tuned else "bare (librdkafka default fetch)"
-            results[key] = n / secs
-            print(f"{key:48s} {n / secs:>12,.0f} events/s  ({secs:.2f} s)")
+            record(key, n / secs)
+            print(f"{key:48s} {n / secs:>12,.0f} events/s  ({secs:.2f} s, cpu {CPU[0] / n * 1e6:.1f} µs/event)")
 
         live_db, live_client = "", None
         specs = args.sink_batches.split(",")
@@ -269,11 +349,12 @@ def main() -> None:
                 counts = table_counts(client)
                 assert sum(counts.values()) == n, counts
                 assert status["fast_rows"] == n, status
-                results[label] = n / secs
+                record(label, n / secs)
+                record(label + " cpu", CPU[0] / n * 1e6)
                 print(
                     f"{label:48s} {n / secs:>12,.0f} events/s  ({secs:.2f} s, {status['batches']} inserts, "
                     f"{status['fast_fallbacks']} refused, {n / secs / results['bare']:.0%} of bare, "
-                    f"load {os.getloadavg()[0]:.1f})"
+                    f"cpu {CPU[0] / n * 1e6:.1f} µs/event, load {os.getloadavg()[0]:.1f})"
                 )
                 if not name and k == len(specs) - 1:
                     live_db, live_client = db, client
@@ -290,7 +371,7 @@ def main() -> None:
             sink = Sink(args.bootstrap, group, topics, client, batch_max=5000, batch_ms=200, fast=False)
             secs = run_sink(sink, m)
             sink.close()
-            results["row path"] = m / secs
+            record("row path", m / secs)
             print(
                 f"{'sink row path (fast=False), 5000/200ms':48s} {m / secs:>12,.0f} events/s  ({secs:.2f} s over "
                 f"{m:,}, {m / secs / results['bare']:.0%} of bare)"
@@ -312,18 +393,21 @@ def main() -> None:
                 groups.append(job.group)
                 replay_module.Sink = cls  # type: ignore[misc]
                 try:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     status = job.run()
                     secs = time.perf_counter() - t0
+                    CPU[0] = time.process_time() - c0
                 finally:
                     replay_module.Sink = Sink  # type: ignore[misc]
                 rows = int(status["rows"]) + int(status["dead_letters"])
                 assert rows == n, status
                 label = f"{name}replay"
-                results[label] = n / secs
+                record(label, n / secs)
+                record(label + " cpu", CPU[0] / n * 1e6)
                 print(
                     f"{name + 'replay (ReplayJob, all tables)':48s} {n / secs:>12,.0f} events/s  ({secs:.2f} s end to "
-                    f"end, consuming at {status['rate_per_s']:,.0f} offsets/s, load {os.getloadavg()[0]:.1f})"
+                    f"end, consuming at {status['rate_per_s']:,.0f} offsets/s, cpu {CPU[0] / n * 1e6:.1f} µs/event, "
+                    f"load {os.getloadavg()[0]:.1f})"
                 )
                 report = check(run_sql, live_db, into)
                 print(f"{name}replay --check against the sink's database: {'equal' if report.equal else 'DIFFERENT'}")
@@ -375,12 +459,16 @@ def main() -> None:
                 client.close()
         print()
         for label, v in results.items():
-            if not label.startswith("bare"):
-                print(f"{label:48s} {v / results['bare']:.2f} x bare loop")
+            if not label.startswith("bare") and not label.endswith(" cpu"):
+                k = len(samples[label])
+                print(f"{label:48s} {v / results['bare']:.2f} x bare loop" + (f" (mean of {k})" if k > 1 else ""))
         for label, v in results.items():
             ours = label.removeprefix("baseline ")
             if ours != label and ours in results:
-                print(f"{ours + ': new vs baseline':48s} {results[ours] / v:.2f} x")
+                if label.endswith(" cpu"):  # µs per event: less is better
+                    print(f"{ours + ': new vs baseline':48s} {v / results[ours]:.2f} x less CPU per event")
+                else:
+                    print(f"{ours + ': new vs baseline':48s} {results[ours] / v:.2f} x")
     finally:
         try:
             client_admin = admin(args.bootstrap)

@@ -31,7 +31,9 @@ costs a decode):
   occurred_at in [2020-01-01, now + 23 h] (the Codec: now + 24 h);
 - every string, array element and map key/value is valid UTF-8 (ClickHouse stores any
   bytes; Python's strict decoder refuses surrogates, overlongs, > U+10FFFF, as does
-  `isValidUTF8`); map keys are distinct (a Python dict keeps only the last duplicate);
+  `isValidUTF8`); map keys are distinct (a Python dict keeps only the last duplicate).
+  Not checked again where a check above already passes only ASCII: event_type (equal to a
+  literal), event_id and correlation_id (the hex pattern);
 - decimals lie within their precision (ClickHouse fits up to 2**127 in a Decimal(38, _));
 - a `["null", T]` union is described as `["null", T, <empty record>]` and read as
   `Variant(T, Tuple())`: ClickHouse reads any index other than T's as NULL, so without the
@@ -42,6 +44,10 @@ costs a decode):
   writer schema). A record with trailing or missing bytes shifts every later field, so its
   suffix does not parse back (ClickHouse does not check that a block ends where its size
   says, so this check is what catches a record of the wrong length).
+
+Each field is read as its column's type without `LowCardinality` (ClickHouse's Avro reader
+fills such a column value by value through its dictionary: a third of an insert's CPU); the
+INSERT converts to the column's type, so the same values land.
 
 ClickHouse itself fails the block on an int outside 32 bits, a varint over 10 bytes, a
 boolean byte other than 0/1, a decimal over 16 bytes. Older writer versions (schemas/fixtures)
@@ -58,6 +64,8 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
+from operator import itemgetter, lt
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
@@ -70,7 +78,19 @@ from streams.schemas import EventSchema, load_all
 META_FIELDS: tuple[tuple[str, str], ...] = (("_topic", "string"), ("_partition", "int"), ("_offset", "long"))
 _UUID = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 _DEC_MAX = {38: "99999999999999999999999999.999999999999"}  # precision 38, scale 12: 26 + 12 nines
+# Columns whose envelope check passes only ASCII text (a literal type name, canonical hex ids),
+# so a UTF-8 check on them would never refuse anything the first did not.
+_ASCII_CHECKED = frozenset({"event_type", "event_id", "correlation_id"})
 REFUSED = "ledgerflow fast path: a record needs the codec"
+# The insert reads its block in chunks of this many rows: one chunk for any block the sink
+# makes (at most 200,000 rows), instead of ClickHouse's 65,409-row chunks squashed together
+# again before the write (9-17% less CPU per 200,000-row block, BENCHMARKS.md round three).
+# Still below `min_insert_block_size_rows` (1,048,449), so a block lands whole or not at all.
+READ_BLOCK_ROWS = 1_000_000
+# The statement also turns off ClickHouse's JIT compilation of expressions: the checks' constants
+# (each block's offsets) differ from insert to insert, so it compiled them anew every time, on a
+# background thread: 30-70 ms of CPU per 20,000-row insert, none saved at 200,000 rows
+# (BENCHMARKS.md, round three). Same results either way; only how the expressions run changes.
 
 
 def varint(n: int) -> bytes:
@@ -166,6 +186,19 @@ def _inner(ch_type: str) -> str:
     if t.startswith("DateTime64(6,"):
         t = "DateTime64(6)"
     return t
+
+
+def _read_type(ch_type: str) -> str:
+    """The type a non-union field is read as: the column's type without `LowCardinality`.
+
+    Why: ClickHouse's Avro reader fills a LowCardinality column one value at a time through
+    its dictionary, which cost a quarter to a third of a whole insert's CPU (one 50,000-row
+    block, BENCHMARKS.md, round three); read as plain `String` and converted by the INSERT
+    to the column's type, the same values land. Only a top-level wrapper appears in our tables.
+    """
+    if ch_type.startswith("LowCardinality(") and ch_type.endswith(")"):
+        return ch_type[len("LowCardinality(") : -1]
+    return ch_type
 
 
 def _default_literal(value: Any, ch_type: str) -> str:
@@ -272,6 +305,11 @@ def plan(writer: Writer, table_types: Mapping[str, str], sync: bytes | None = No
     for i, f in enumerate(writer.fields):
         name, avro = f["name"], f["type"]
         ch_type = table_types[name]
+        if name in _ASCII_CHECKED and _is_string(avro):  # its check above passes only ASCII: valid UTF-8
+            avro_fields.append({"name": name, "type": avro})
+            structure.append(f"{name} {_read_type(ch_type)}")
+            exprs[name] = name
+            continue
         if isinstance(avro, list):
             if len(avro) != 2 or avro[0] != "null":
                 raise Unsupported(f"{name}: union {avro!r}")
@@ -285,22 +323,23 @@ def plan(writer: Writer, table_types: Mapping[str, str], sync: bytes | None = No
             checks.extend(f"ifNull({c}, true)" for c in _value_checks(name, avro[1], inner, value))
         else:
             avro_fields.append({"name": name, "type": avro})
-            structure.append(f"{name} {ch_type}")
+            structure.append(f"{name} {_read_type(ch_type)}")
             exprs[name] = name
             checks.extend(_value_checks(name, avro, ch_type, name))
     for name, default in writer.defaults.items():
         exprs[name] = _default_literal(default, table_types[name])
     for name, avro in META_FIELDS:
         avro_fields.append({"name": name, "type": avro})
-        structure.append(f"{name} {table_types[name]}")
+        structure.append(f"{name} {_read_type(table_types[name])}")
         exprs[name] = name
-    # alignment: each row's coordinates are one of the block's runs (a partition and its range)
-    run = "indexOf({lf_partitions:Array(UInt16)}, _partition)"
+    # alignment: each row's coordinates are one of the block's runs (a partition and its range).
+    # `transform` maps the row's partition to its run's first and last offset; a partition not
+    # in the block gets the empty range [1, 0], so it is refused as `indexOf(...) > 0` did
+    # (half the cost of the indexOf/arrayElement form; partitions in a block are distinct).
     checks += [
         "_topic = {lf_topic:String}",
-        f"{run} > 0",
-        f"_offset >= arrayElement({{lf_firsts:Array(UInt64)}}, {run})",
-        f"_offset <= arrayElement({{lf_lasts:Array(UInt64)}}, {run})",
+        "_offset BETWEEN transform(_partition, {lf_partitions:Array(UInt16)}, {lf_firsts:Array(UInt64)}, 1) "
+        "AND transform(_partition, {lf_partitions:Array(UInt16)}, {lf_lasts:Array(UInt64)}, 0)",
     ]
     unknown = [c for c in columns if c not in exprs]
     if unknown:
@@ -311,7 +350,8 @@ def plan(writer: Writer, table_types: Mapping[str, str], sync: bytes | None = No
     header += varint(0) + sync
     cols = ", ".join(columns)
     select = (
-        f"INSERT INTO {table} ({cols}) SETTINGS insert_deduplication_token = {{lf_token:String}} "
+        f"INSERT INTO {table} ({cols}) SETTINGS insert_deduplication_token = {{lf_token:String}}, "
+        f"max_block_size = {READ_BLOCK_ROWS}, compile_expressions = 0 "
         f"SELECT {', '.join(exprs[c] for c in columns)} FROM {{source}} "
         f"WHERE throwIf(NOT ({' AND '.join(checks)}), {_quote_string(REFUSED)}) = 0"
     )
@@ -331,8 +371,21 @@ def suffixes(topic: str, partition: int, offsets: Sequence[int]) -> list[bytes]:
     so each window of 64 is encoded once and every record then costs two list lookups.
     """
     pre = suffix_prefix(topic, partition)
+    if not offsets:
+        return []
+    first, last = offsets[0], offsets[-1]
+    if last - first + 1 == len(offsets) and all(map(lt, offsets, islice(offsets, 1, None))):
+        # consecutive (the usual run): whole slices of windows, no Python step per record
+        out: list[bytes] = []
+        for w in range(first >> 6, (last >> 6) + 1):
+            lo, hi = max(first - (w << 6), 0), min(last - (w << 6), 63) + 1
+            out += _window(pre, w)[lo:hi]
+        return out
     windows = {w: _window(pre, w) for w in {o >> 6 for o in offsets}}
     return [windows[o >> 6][o & 63] for o in offsets]
+
+
+_BODY = itemgetter(slice(HEADER_LEN, None))  # a record without its single-object header
 
 
 # Offset o = 64w + i (o >= 64) is the zigzag long 2o = 128w + 2i: its varint is one byte
@@ -379,7 +432,7 @@ def block_of_runs(p: Plan, topic: str, runs: Sequence[Run]) -> bytes:
         if len(r.offsets) != len(r.values):
             raise ValueError("one offset per record")
         chunk: list[bytes] = [b""] * (2 * len(r.values))
-        chunk[0::2] = [v[HEADER_LEN:] for v in r.values]
+        chunk[0::2] = map(_BODY, r.values)
         chunk[1::2] = suffixes(topic, r.partition, r.offsets)
         parts += chunk
         count += len(r.values)

@@ -274,7 +274,7 @@ def test_cli_replay_and_check_through_the_running_platform(
     with pytest.MonkeyPatch.context() as mp, running_platform(mp, kafka_bootstrap, tmp_path_factory.mktemp("rp")) as p:
         tenants = sorted(DEMO_KEYS)
         n = 60
-        bodies = [(DEMO_KEYS[tenants[i % 3]], {"prompt": f"replay me {i}"}) for i in range(n)]
+        bodies: list[tuple[str, object]] = [(DEMO_KEYS[tenants[i % 3]], {"prompt": f"replay me {i}"}) for i in range(n)]
         assert [s for s, _ in asyncio.run(post_many(p.settings.gateway_url, bodies))] == [200] * n
 
         def caught_up() -> bool:

@@ -23,13 +23,14 @@ from typing import Any
 
 import pytest
 from clickhouse_connect.driver.client import Client
+from confluent_kafka import KafkaError, Message
 from fastavro import schemaless_writer
 
 from projections import avro_block
 from projections.migrations import migrate
 from projections.replay import check
 from projections.schema import columns_for, event_tables, event_to_row, table_for
-from projections.sink import Keep, Sink
+from projections.sink import Keep, Sink, _FastSeg, _Partition
 from projections.store import open_store
 from streams.codec import HEADER_LEN, MAGIC, Codec, PoisonEvent
 from streams.events import Event
@@ -306,8 +307,15 @@ def _body_edit(value: bytes, old: bytes, new: bytes) -> bytes:
     return value.replace(old, new)
 
 
+def _first_edit(value: bytes, old: bytes, new: bytes) -> bytes:
+    """`value` with the first `old` (the envelope's copy of a repeated id) replaced by `new`."""
+    assert old in value and len(old) == len(new), old
+    return value.replace(old, new, 1)
+
+
 def _corruptions() -> dict[str, bytes]:
     ok = _charge_bytes(baseline_model=None, baseline_cost=None, savings=None)
+    env = CODEC.decode(ok).envelope
     # The record ends with three ["null", X] unions written as null (index byte 0x00 each);
     # index 2 is no branch at all, index -1 (0x01) neither.
     assert ok.endswith(b"\x00\x00\x00")
@@ -327,6 +335,14 @@ def _corruptions() -> dict[str, bytes]:
         "insane time": _charge_bytes(occurred_at=datetime(2019, 12, 31, tzinfo=UTC)),
         "time two days ahead": _charge_bytes(occurred_at=datetime.now(UTC) + timedelta(days=2)),
         "envelope type mismatch": _charge_bytes(event_type="RequestReceived"),
+        # round three dropped the UTF-8 checks of these three columns: the id and type checks
+        # must still refuse a byte that is not UTF-8 there
+        "invalid UTF-8 in the event id": _first_edit(ok, env.event_id.encode(), env.event_id[:-1].encode() + b"\xff"),
+        "invalid UTF-8 in the correlation id": _first_edit(
+            ok, env.correlation_id.encode(), env.correlation_id[:-1].encode() + b"\xff"
+        ),
+        "invalid UTF-8 in the event type": _first_edit(ok, b"TokensCharged", b"TokensCharge\xff"),
+        "event id with a trailing newline": _charge_bytes(event_id=str(uuid7()) + "\n"),
     }
 
 
@@ -356,6 +372,29 @@ def test_a_block_with_a_record_the_codec_refuses_is_refused_whole(
     data = avro_block.block(p, topic, PARTITION, [5, 7], [good[0], good[1]])
     avro_block.insert_block(fast_db, p, data, avro_block.parameters(topic, PARTITION, 5, 7))
     assert landed() == 2
+
+
+def test_id_forms_the_codec_takes_beyond_canonical_lowercase(two_stores: tuple[Client, Client], topic: str) -> None:
+    """Upper-case canonical ids land through the fast path; the other forms `uuid.UUID()` takes
+    (braces, no hyphens, urn:) are refused by ClickHouse, so the sink decodes them (a false
+    alarm, never a loss)."""
+    _rows, fast_db = two_stores
+    plans = _plans(fast_db)
+    rid = str(uuid7())
+    forms = {"upper": rid.upper(), "braces": "{" + rid + "}", "hex": rid.replace("-", ""), "urn": "urn:uuid:" + rid}
+    for k, (name, form) in enumerate(forms.items()):
+        value = _charge_bytes(event_id=form, correlation_id=form)
+        assert CODEC.decode(value).envelope.event_id == form  # the Codec takes every one of them
+        p = plans[value[:HEADER_LEN]]
+        data = avro_block.block(p, topic, PARTITION, [k], [value])
+        params = avro_block.parameters(topic, PARTITION, k, k)
+        if name == "upper":
+            avro_block.insert_block(fast_db, p, data, params)
+        else:
+            with pytest.raises(Exception, match="fast path"):
+                avro_block.insert_block(fast_db, p, data, params)
+    q = "SELECT event_id FROM tokens_charged WHERE _topic = {topic:String}"
+    assert [r[0] for r in fast_db.query(q, parameters={"topic": topic}).result_rows] == [rid.upper()]
 
 
 def test_mutated_records_the_fast_path_accepts_are_exactly_what_the_codec_accepts(
@@ -428,6 +467,114 @@ def test_keep_fast_agrees_with_keep_on_decoded_rows() -> None:
     micros = avro_block.occurred_at_micros(CODEC.encode(exact))
     assert micros == (since - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
     assert uuid.UUID(str(uuid7()))  # ids used above are canonical
+
+
+# --- the driver's batch intake: the same backlog as record by record ----------------------------
+
+
+def _backlogs(sink: Sink) -> dict[tuple[str, int], Any]:
+    """Each partition's backlog, next offset and the refusal count, in a comparable form."""
+    out: dict[tuple[str, int], Any] = {}
+    for key, p in sink._parts.items():
+        items: list[Any] = []
+        for item in p.backlog:
+            if isinstance(item, _FastSeg):
+                items.append(("fast", item.route.table, item.offsets, item.keys, item.values))
+            else:
+                items.append(("row", item.offset, item.table, item.dead.reason if item.dead else None))
+        out[key] = (p.next_offset, items)
+    out[("refused", 0)] = sink._refused[0]
+    return out
+
+
+def test_batch_intake_builds_the_backlog_record_by_record_intake_builds(
+    two_stores: tuple[Client, Client], topic: str
+) -> None:
+    """`_take_batch` (C-level, one Python step per stretch) against `_take_each` on the same
+    consume() batches: interleaved partitions, redeliveries, tombstones, unknown headers,
+    poison, wrong-topic events, an older writer version, unassigned/unresolved/slow partitions,
+    and replay's `Keep` (tables, dead_letters wanted or not, end offsets mid-batch)."""
+    _rows, fast_db = two_stores
+    topics = Topics(prefix=f"{topic}.", partitions=3)
+    charges, requests = topics.for_event("TokensCharged"), topics.for_event("RequestReceived")
+    old = [v for v in _old_versions() if CODEC.decode(v).event_type == "TokensCharged"][:2]
+    assert old, "an older TokensCharged writer (schemas/fixtures)"
+    rng = random.Random(20261129)
+
+    def value(t: str) -> bytes | None:
+        roll = rng.random()
+        if roll < 0.03:
+            return None  # tombstone
+        if roll < 0.06:
+            return b"not avro at all"
+        if roll < 0.09:
+            return CODEC.encode(factories.decision())  # wrong topic either way
+        if roll < 0.12:
+            return CODEC.encode(factories.charge())[:-3]  # poison behind a known header
+        if t == charges:
+            return rng.choice(old) if roll < 0.2 else CODEC.encode(factories.charge())
+        return CODEC.encode(factories.request())
+
+    def batch(next_offsets: dict[tuple[str, int], int]) -> list[Message]:
+        msgs: list[Message] = []
+        for _ in range(rng.randint(1, 6)):  # stretches of one partition, as librdkafka hands them over
+            t, p = rng.choice([charges, requests]), rng.randint(0, 3)  # partition 3 is not assigned
+            start = next_offsets.get((t, p), 0)
+            if rng.random() < 0.2:
+                start = max(0, start - rng.randint(1, 5))  # redeliveries
+            n = rng.randint(1, 40)
+            for o in range(start, start + n):
+                key = rng.choice([b"acme", None])
+                msgs.append(Message(topic=t, partition=p, offset=o, key=key, value=value(t)))
+            next_offsets[(t, p)] = start + n + rng.choice([0, 0, 1])  # a skipped offset: a marker
+            if rng.random() < 0.2:  # replay's end-of-partition event (past a trailing marker)
+                eof = KafkaError(KafkaError._PARTITION_EOF)
+                msgs.append(Message(topic=t, partition=p, offset=next_offsets[(t, p)], error=eof))
+        return msgs
+
+    ends = {(charges, p): 60 for p in range(3)} | {(requests, p): 45 for p in range(3)}
+    keeps: list[Keep | None] = [
+        None,
+        Keep(frozenset({"tokens_charged", "dead_letters"}), None, ends),
+        Keep(frozenset({"request_received"}), None, ends),
+    ]
+    sinks: list[Sink] = []
+    try:
+        for keep in keeps:
+            pair = [
+                Sink(
+                    "127.0.0.1:9",
+                    f"g-{uuid.uuid4().hex[:6]}",
+                    topics,
+                    fast_db,
+                    CODEC,
+                    keep=keep,
+                    subscribe=[charges, requests],
+                    consumer_config={"log_level": 0},  # no broker: the consumer is never polled
+                )
+                for _ in range(2)
+            ]
+            sinks += pair
+            for s in pair:
+                for t in (charges, requests):
+                    for p in range(3):
+                        s._parts[(t, p)] = _Partition(t, p, next_offset=-1)
+                s._parts[(requests, 1)].unresolved = True
+                s._parts[(charges, 2)].slow_until = 25
+            seen: dict[tuple[str, int], int] = {}
+            for _round in range(12):
+                msgs = batch(seen)
+                pair[0]._take_batch(msgs)
+                pair[1]._take_each(msgs)
+                assert _backlogs(pair[0]) == _backlogs(pair[1]), keep
+            fast_records = sum(
+                len(i.offsets) for p in pair[0]._parts.values() for i in p.backlog if isinstance(i, _FastSeg)
+            )
+            assert fast_records > 0 or (keep is not None and "request_received" in keep.tables)
+    finally:
+        for s in sinks:
+            s._inserter.stop()
+            s._consumer.close()
 
 
 # --- through Kafka: the fast sink and the row-path sink build the same database -----------------

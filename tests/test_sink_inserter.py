@@ -60,6 +60,15 @@ def test_a_block_of_several_partitions_lands_whole_and_checks_each_run(
         avro_block.insert_block(db, p, data, avro_block.parameters_of_runs(topic, [(0, 10, 11), (2, 7, 8)]))
     with pytest.raises(Exception, match="fast path"):  # a partition the parameters do not name
         avro_block.insert_block(db, p, data, avro_block.parameters_of_runs(topic, [(0, 10, 11), (1, 7, 9)]))
+    with pytest.raises(Exception, match="fast path"):  # rows below their run's first offset
+        avro_block.insert_block(db, p, data, avro_block.parameters_of_runs(topic, [(0, 11, 11), (2, 7, 9)]))
+    with pytest.raises(Exception, match="fast path"):  # partition 0 not named at all (its default range is empty)
+        avro_block.insert_block(db, p, data, avro_block.parameters_of_runs(topic, [(2, 7, 9)]))
+    at_zero = avro_block.block_of_runs(p, topic, [avro_block.Run(0, [0], values[:1]), runs[1]])
+    with pytest.raises(Exception, match="fast path"):  # offset 0 of a partition not named (no default range)
+        avro_block.insert_block(db, p, at_zero, avro_block.parameters_of_runs(topic, [(2, 7, 9)]))
+    with pytest.raises(Exception, match="fast path"):  # the rows say another topic
+        avro_block.insert_block(db, p, data, avro_block.parameters_of_runs(topic + "x", spans))
     assert _landed(db, topic) == []
 
     params = avro_block.parameters_of_runs(topic, spans)
