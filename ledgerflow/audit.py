@@ -484,7 +484,8 @@ class _Loader:
     def __init__(self, session: Any, directory: Path, sep: bytes) -> None:
         self.session, self.directory, self.sep = session, directory, sep
         self.headers = {kind: MAGIC + load_all()[name].fingerprint for kind, name in _LOG_KINDS}
-        self.queue: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
+        # Bounded: when hashing lags the read, the reader waits rather than filling /dev/shm.
+        self.queue: queue.Queue[tuple[str, str] | None] = queue.Queue(maxsize=8)
         self.error: Exception | None = None
         for kind, name in _LOG_KINDS:  # the tables, typed from a file with no records
             empty = directory / f"{kind}-empty.avro"
@@ -654,13 +655,25 @@ def verify_log_sql(
 
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
     with _scratch_chdb() as session:
-        directory = Path(tempfile.mkdtemp(prefix="lf-verify-", dir=base))
         try:
-            loader = _Loader(session, directory, os.urandom(SEPARATOR_LEN))
-            lap("start chDB")
+            directory = Path(tempfile.mkdtemp(prefix="lf-verify-", dir=base))
+        except OSError as exc:
+            raise LogNotReadable(f"no scratch directory for the log's records: {exc}") from exc
+        try:
+            if set(str(directory)) & set("'\\{}*?[]"):  # it goes into file('...') as a glob
+                raise LogNotReadable(f"scratch directory {directory} has characters a file() glob reads")
+            try:
+                loader = _Loader(session, directory, os.urandom(SEPARATOR_LEN))
+                lap("start chDB")
+            except (OSError, RuntimeError) as exc:  # a full /dev/shm, or chDB refusing the tables
+                raise LogNotReadable(f"could not prepare the scratch tables: {exc}") from exc
             try:
                 files, cps = _read_log(settings, loader, partitions, timeout)
                 lap("read the log (hashing alongside)")
+            except TimeoutError:
+                raise
+            except OSError as exc:  # writing a file under /dev/shm (full): Python verifies instead
+                raise LogNotReadable(f"could not write the log's records to {directory}: {exc}") from exc
             finally:
                 loader.finish()
                 lap("hash the rest")

@@ -138,7 +138,8 @@ def _scan_topic_raw(
                 values = [m.value() for m in batch]
                 if None in values or any([m.error() for m in batch]):
                     values = [m.value() for m in batch if m.error() is None and m.value() is not None]
-                yield RawBatch(topic, values)  # type: ignore[arg-type]  # no None left
+                if values:  # a batch of only tombstones or errors makes no file (its count would be 0)
+                    yield RawBatch(topic, values)  # type: ignore[arg-type]  # no None left
             if not full:  # no EOF events here: the end is where the position reaches the end offset
                 for pos in consumer.position([TopicPartition(t, p) for t, p in pending]):
                     if pos.offset >= ends[(pos.topic or "", pos.partition)]:
