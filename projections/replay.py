@@ -48,13 +48,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
 from projections.migrations import migrate
 from projections.schema import DEAD_LETTERS, event_tables, table_for
 from projections.sink import Keep, Sink
 from projections.store import check_identifier, open_store
 from streams.admin import admin
+from streams.clients import Consumer
 from streams.topics import Topics
 
 log = logging.getLogger(__name__)

@@ -107,9 +107,10 @@ from itertools import groupby, islice
 from operator import is_not, itemgetter, lt
 from typing import Any, cast
 
+import confluent_kafka
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import OperationalError
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
 from projections import avro_block
 from projections.metrics import SinkHooks
@@ -124,6 +125,7 @@ from projections.schema import (
 )
 from projections.store import LockedStore
 from streams import telemetry
+from streams.clients import Consumer, Producer
 from streams.codec import HEADER_LEN, Codec, PoisonEvent
 from streams.deadletter import DeadLetter
 from streams.topics import Topics
@@ -556,7 +558,7 @@ class Sink:
         )
         return {int(p): int(o) + 1 for p, o in rows}
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
         by_topic: dict[str, list[TopicPartition]] = {}
         for tp in partitions:
             by_topic.setdefault(tp.topic, []).append(tp)
@@ -619,7 +621,7 @@ class Sink:
             p.failures = 0
             self._resume(p)
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_revoke(self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
         # Hand over cleanly: land what we hold, one attempt per insert, before the partitions
         # move (the next owner's step 1 must see everything we will ever land). What fails is
         # dropped: the next owner resumes from ClickHouse anyway (step 1).
@@ -632,14 +634,14 @@ class Sink:
         self._landed()
         self._forget(consumer, partitions)
 
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_lost(self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
         # Another member may own them already: no flush, no commit, and nothing queued may land
         # later (only the insert in flight, which cannot be stopped; step 1 covers the rest).
         self._inserter.settle(drop_waiting=True)
         self._forget(consumer, partitions)
         self._landed()
 
-    def _forget(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _forget(self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
         with self._lock:
             dropped = [self._parts.pop((tp.topic, tp.partition), None) for tp in partitions]
         paused = [p.tp for p in dropped if p is not None and p.paused]

@@ -31,10 +31,11 @@ from datetime import UTC, datetime, timedelta
 from struct import Struct
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from streams.avro_fast import AvroDecodeError, compile_reader
 from streams.avro_write import NotCompilable
+from streams.clients import Consumer
 from streams.schemas import EventSchema, load_all
 
 MAGIC = b"\xc3\x01"
