@@ -647,7 +647,10 @@ class LedgerWorker:
                 topic, value, key, _, _ = self._sign(head, p)
                 self._producer.produce(topic, value, key, p)
             self._write_snapshots(undo)
-            self._producer.commit_transaction(60)
+            # The current positions, unchanged, go into it too: only send_offsets is fenced by the
+            # group generation (KIP-447), so without them a zombie that lost these partitions could
+            # still commit a stale snapshot over the new owner's.
+            self._commit(self._consumer.position(self._consumer.assignment()), self._consumer.consumer_group_metadata())
         except KafkaException as exc:
             log.warning("ledger checkpoint transaction failed: %s", exc)
             self._abort(undo)

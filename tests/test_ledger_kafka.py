@@ -517,3 +517,28 @@ def test_a_failed_commit_undoes_its_batch_and_the_one_chained_behind_it(
         assert sorted(e.seq for e in chain.entries) == list(range(50))
     # the aborted transactions' entries reached the log, but no read_committed reader saw them
     assert _uncommitted(kafka_bootstrap, topics.name("ledger")) > len(records)
+
+
+def test_a_quiet_chain_is_checkpointed_in_a_fenced_transaction(
+    kafka_bootstrap: str, topics: Topics, tmp_path: Path
+) -> None:
+    """The wall-clock checkpoint of a chain no traffic reaches commits (its transaction carries the
+    consumed positions, so it is fenced by the group generation like every batch) and verifies."""
+    settings = settings_for(kafka_bootstrap, topics, tmp_path)
+    key = load_or_create_key(settings.ledger_key_path, settings.ledger_origin)
+    config = LedgerConfig(key=key, origin=settings.ledger_origin, every_n=1000, every_s=0.5, batch_max=100)
+    worker = LedgerWorker(kafka_bootstrap, f"ledger-{uuid.uuid4().hex[:8]}", topics, config)
+    worker.subscribe()
+    produce_events(kafka_bootstrap, topics, audits("acme", 30))
+    _run_until_chained(worker, 30)
+    deadline = time.monotonic() + 30
+    checkpoints: list[Any] = []
+    while not checkpoints:
+        assert time.monotonic() < deadline, "no wall-clock checkpoint of the quiet chain"
+        worker.step()  # nothing to consume: the quiet chain's tail is signed once every_s has passed
+        logged = scan_to_end(kafka_bootstrap, [topics.name("ledger-checkpoints")], 30)
+        checkpoints = [CODEC.decode(m.value() or b"") for m in logged]
+    worker.close()
+    assert [c.tree_size for c in checkpoints] == [30]
+    reports = audit.verify(audit.from_log(settings), key.verifier)
+    assert [(r.tenant, r.ok, r.size, r.checkpoints_checked) for r in reports] == [("acme", True, 30, 1)]
