@@ -3,6 +3,7 @@
 Run: .venv/bin/python bench/bench_sink.py [--events 1000000] [--bootstrap 127.0.0.1:19292]
      [--row-events 200000] [--fresh-rate 5000] [--fresh-seconds 20] [--fresh-sinks 5000/200,20000/200]
      [--sink-batches 5000/200,20000/200] [--skip-replay] [--baseline DIR] [--block-rows 50000]
+     [--pair-rows 50000]
 
 `--baseline DIR`: DIR holds another checkout (e.g. `git archive HEAD | tar -x -C DIR`); its
 `projections/sink.py` and `avro_block.py` are loaded beside this tree's and every sink,
@@ -21,6 +22,10 @@ machine even where the absolute figures do not:
 1b. One block alone (`--block-rows`, 0 to skip): a block of that many records of each fact
    type inserted by each avro_block (baseline, ours) alternately, median wall and CPU time of
    `--block-reps` inserts (the insert without Kafka or the driver; also warms chDB up).
+1c. Two inserts at once (`--pair-rows`, 0 to skip): a TokensCharged and a RequestReceived block
+   inserted one after the other on one chDB handle, then from two threads on two handles at
+   once (median of `--block-reps`), and how many cores a process gets at that moment (round
+   four: whether several inserts in flight can pay off here).
 2. Bare loop: a confluent-kafka consumer (the sink's own fetch settings, read_committed) that
    only consumes and counts, `consume(10000)` at a time, until it has seen every record. Also
    with librdkafka's default fetch settings, for reference.
@@ -30,8 +35,10 @@ machine even where the absolute figures do not:
 4. The sink's row path (`fast=False`: Codec decode + row insert, what issue 10 started from)
    on the first `--row-events` records of the same topics.
 5. Replay (`projections.replay.ReplayJob`, i.e. `ledgerflow replay`'s job) of every table
-   into a fresh database: rows/s from its start to done (migrations and the end-offset
-   capture included), then `check` against the sink's database (must be equal).
+   into a fresh database (the baseline's replay with the baseline's `Keep`, else its fast path
+   is off; before round four it was, and baseline replay rows measured the row path): rows/s
+   from its start to done (migrations and the end-offset capture included), then `check`
+   against the sink's database (must be equal).
 6. Freshness: a separate producer process sends `--fresh-rate` events/s for `--fresh-seconds`
    with `occurred_at` = the moment of sending, while one sink (each `--fresh-sinks`
    batch_max/batch_ms) runs in a thread; each
@@ -72,7 +79,7 @@ from projections import avro_block
 from projections.migrations import migrate
 from projections.replay import ReplayJob, ReplayRequest, check, known_tables
 from projections.schema import DEAD_LETTERS, event_tables, table_for
-from projections.sink import Sink
+from projections.sink import Keep, Sink
 from projections.store import open_store
 from streams.admin import admin, ensure_topics
 from streams.codec import Codec
@@ -151,6 +158,78 @@ def block_insert(url: str, modules: list[tuple[str, Any]], rows: int, reps: int)
         client.command(f"DROP DATABASE IF EXISTS {db} SYNC")
         client.close()
     return out
+
+
+def pair_insert(url: str, rows: int, reps: int) -> float:
+    """Two `rows`-row blocks (TokensCharged, RequestReceived) inserted one after the other on one
+    chDB handle, then at once from two threads on two handles, alternately `reps` times; prints
+    the medians and returns sequential / concurrent wall time. Why: several inserts in flight
+    (one inserter per topic) pay off only if chDB runs them at once AND a core is free for it;
+    this separates the two from the sink's other costs. Also prints the CPU a process gets
+    from two busy processes at that moment (the box is shared)."""
+    codec = Codec()
+    db = f"bench_pair_{uuid.uuid4().hex[:8]}"
+    clients = [fresh_database(url, db), open_store(url, db)]
+    try:
+        made = []
+        for builder in (factories.charge, factories.request):
+            values = [codec.encode(builder(tenant=TENANTS[i % len(TENANTS)])) for i in range(rows)]
+            writer = avro_block.writers()[values[0][:10]]
+            table = table_for(writer.event_type)
+            found = clients[0].query(avro_block.TABLE_TYPES_SQL, parameters={"tables": [table]}).result_rows
+            plan = avro_block.plan(writer, avro_block.table_types(found)[table])
+            made.append((plan, avro_block.block(plan, "bench", 0, list(range(rows)), values)))
+        tokens = iter(range(1 << 30))
+
+        def insert(client: Any, plan: Any, data: bytes) -> None:
+            params = avro_block.parameters("bench", 0, 0, rows - 1, token=f"pair-{next(tokens)}")
+            avro_block.insert_block(client, plan, data, params)
+
+        seq: list[tuple[float, float]] = []
+        par: list[tuple[float, float]] = []
+        for r in range(reps):
+            for mode in ("seq", "par") if r % 2 == 0 else ("par", "seq"):
+                t0, c0 = time.perf_counter(), time.process_time()
+                if mode == "seq":
+                    for plan, data in made:
+                        insert(clients[0], plan, data)
+                else:
+                    threads = [
+                        threading.Thread(target=insert, args=(c, plan, data))
+                        for c, (plan, data) in zip(clients, made, strict=True)
+                    ]
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join()
+                (seq if mode == "seq" else par).append((time.perf_counter() - t0, time.process_time() - c0))
+        ms = statistics.median(w for w, _ in seq) * 1000
+        mp_ = statistics.median(w for w, _ in par) * 1000
+        cs, cp = (statistics.median(c for _, c in x) * 1000 for x in (seq, par))
+        print(
+            f"two {rows:,}-row inserts, median of {reps}: one after the other {ms:.0f} ms (cpu {cs:.0f}), "
+            f"at once from two threads {mp_:.0f} ms (cpu {cp:.0f}): {ms / mp_:.2f}x  load {os.getloadavg()[0]:.1f}"
+        )
+        with mp.get_context("spawn").Pool(2) as pool:
+            one = pool.apply(_burn)
+            t0 = time.perf_counter()
+            pool.map(_burn, [0, 1])
+            both = time.perf_counter() - t0
+        print(f"cores a process gets now: {2 * one / both:.2f} (two busy processes vs one)")
+        return ms / mp_
+    finally:
+        clients[0].command(f"DROP DATABASE IF EXISTS {db} SYNC")
+        for c in clients:
+            c.close()
+
+
+def _burn(_: int = 0) -> float:
+    """A fixed amount of pure-Python work; seconds it took."""
+    t0 = time.perf_counter()
+    x = 0
+    for i in range(10_000_000):
+        x += i
+    return time.perf_counter() - t0
 
 
 def build(i: int, now: datetime | None = None) -> Event:
@@ -294,6 +373,7 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, default=None, help="another checkout to measure side by side")
     ap.add_argument("--block-rows", type=int, default=50_000, help="rows of the one-block insert rows (0: skip)")
     ap.add_argument("--block-reps", type=int, default=5, help="inserts of each one-block row")
+    ap.add_argument("--pair-rows", type=int, default=50_000, help="rows of the two-inserts-at-once row (0: skip)")
     args = ap.parse_args()
     n = args.events
     impls: list[tuple[str, type[Sink]]] = [("", Sink)]
@@ -323,6 +403,8 @@ def main() -> None:
 
         if args.block_rows:
             block_insert(url, blocks, args.block_rows, args.block_reps)
+        if args.pair_rows:
+            pair_insert(url, args.pair_rows, args.block_reps)
 
         for tuned in (True, False):
             secs = bare_loop(args.bootstrap, topics, n, tuned)
@@ -392,6 +474,9 @@ def main() -> None:
                 )
                 groups.append(job.group)
                 replay_module.Sink = cls  # type: ignore[misc]
+                # the baseline's Sink takes the fast path only with its own Keep class (isinstance):
+                # with ours it replayed by the row path (rounds two and three measured that)
+                replay_module.Keep = sys.modules[cls.__module__].Keep  # type: ignore[misc]
                 try:
                     t0, c0 = time.perf_counter(), time.process_time()
                     status = job.run()
@@ -399,6 +484,7 @@ def main() -> None:
                     CPU[0] = time.process_time() - c0
                 finally:
                     replay_module.Sink = Sink  # type: ignore[misc]
+                    replay_module.Keep = Keep  # type: ignore[misc]
                 rows = int(status["rows"]) + int(status["dead_letters"])
                 assert rows == n, status
                 label = f"{name}replay"
