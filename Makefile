@@ -26,7 +26,7 @@ install: prereqs $(VENV)/.installed kafka-jars
 prereqs:
 	@PYTHON=$(PYTHON) scripts/prereqs.sh
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard */*.c)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[dev]"

@@ -271,6 +271,7 @@ class Chaos:
             ahead = started + (i + 1) * per_request_s - time.monotonic()
             if ahead > 0:
                 time.sleep(ahead)
+        self.log(f"produced {self.plan.requests * len(FACT_TABLES):,} events; flushing")
         left = producer.flush(600)
         if left:
             raise RuntimeError(f"{left} records not acknowledged after 600s")
@@ -316,6 +317,7 @@ class Chaos:
             r.distinct[t] = int(self.scalar(f"SELECT uniqExact(event_id) FROM {t}"))
         r.dead_letters = int(self.scalar("SELECT count() FROM dead_letters"))
         r.totals_disagree = self.totals_disagreeing()
+        self.log("checks: audit verify")
         verify = subprocess.run(
             [sys.executable, "-m", "ledgerflow", "audit", "verify"],
             capture_output=True,
@@ -324,10 +326,12 @@ class Chaos:
             timeout=600,
         )
         r.ledger_verify_rc, r.ledger_verify_out = verify.returncode, verify.stdout + verify.stderr
+        self.log(f"checks: audit verify exit {verify.returncode}; replay")
         into = f"chaos_{uuid.uuid4().hex[:8]}"
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             replay.run(self.settings, into, out=out)
+            self.log("checks: replay --check")
             r.replay_check_rc = replay.run_check(self.settings, query_text, into)
         r.replay_check_out = out.getvalue()
 
@@ -387,9 +391,11 @@ def run(
                             c.start()
                     time.sleep(1.0)
                 chaos.report.converge_s = time.monotonic() - converge_from
+                log(f"converged ({chaos.state}); checks")
                 chaos.check()
                 return chaos.report
             finally:
+                log("stopping the platform")
                 sup.stop_all()
     finally:
         stop(broker)

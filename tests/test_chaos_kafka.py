@@ -4,6 +4,7 @@ of the log equals the live projections. The full 100k-event run is `bench/chaos.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,13 @@ def test_chaos_short_run_loses_and_doubles_nothing(tmp_path: Path) -> None:
     )
     ports = (free_port(), free_port(), free_port(), free_port(), free_port())
     lines: list[str] = []
-    report = run(plan, tmp_path, REPO / ".cache" / "kafka", ports, log=lines.append)
+
+    def log(line: str) -> None:  # printed too: pytest shows it even when the timeout ends the test
+        stamped = f"{time.strftime('%H:%M:%S')} {line}"
+        lines.append(stamped)
+        print(stamped, flush=True)
+
+    report = run(plan, tmp_path, REPO / ".cache" / "kafka", ports, log=log)
     summary = report.render() + "\n" + "\n".join(lines)
     assert report.nemesis_error is None, summary
     assert sum(report.kills.values()) >= 3, summary

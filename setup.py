@@ -1,0 +1,14 @@
+"""Native hot paths, compiled by `pip install -e .` (the rest of the build is in pyproject.toml).
+
+Each extension has a pure-Python twin that stays the reference: it is used when the
+extension is missing or `LEDGERFLOW_NATIVE=0`, and differential tests hold the two equal.
+"""
+
+from setuptools import Extension, setup
+
+_CFLAGS = ["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
+
+ext_modules: list[Extension] = [
+]
+
+setup(ext_modules=ext_modules)
