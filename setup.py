@@ -8,7 +8,6 @@ from setuptools import Extension, setup
 
 _CFLAGS = ["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
 
-ext_modules: list[Extension] = [
-]
+ext_modules: list[Extension] = []
 
 setup(ext_modules=ext_modules)
