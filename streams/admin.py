@@ -10,6 +10,7 @@ from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, Messag
 from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
 from streams.clients import Consumer
+from streams.log_scan import assign_from_start
 from streams.topics import MEMORY_CONFIGS, Topics
 
 
@@ -178,22 +179,9 @@ def read_to_end(
         }
     )
     try:
-        md = consumer.list_topics(timeout=timeout)
-        ends: dict[tuple[str, int], int] = {}
-        assign = []
-        for topic in topics:
-            if topic not in md.topics:
-                continue
-            for p in md.topics[topic].partitions:
-                if partitions is not None and p not in partitions:
-                    continue
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
-                if high > low:
-                    ends[(topic, p)] = high
-                    assign.append(TopicPartition(topic, p, low))
-        if not assign:
+        ends = assign_from_start(consumer, topics, timeout, partitions, None, None)
+        if not ends:
             return []
-        consumer.assign(assign)
         out: list[tuple[str, int, Message]] = []
         deadline = time.monotonic() + timeout
         pending = set(ends)

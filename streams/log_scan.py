@@ -73,7 +73,7 @@ def scan_to_end(
     """
     consumer = _consumer(bootstrap, eof=True)
     try:
-        ends = _assign(consumer, topics, timeout, partitions, start, ends_seen)
+        ends = assign_from_start(consumer, topics, timeout, partitions, start, ends_seen)
         if not ends:
             return
         wanted = None if keys is None else frozenset(keys)
@@ -127,7 +127,7 @@ def _scan_topic_raw(
 ) -> Iterator[RawBatch]:
     consumer = _consumer(bootstrap, eof=False)
     try:
-        ends = _assign(consumer, [topic], timeout, partitions, None, None)
+        ends = assign_from_start(consumer, [topic], timeout, partitions, None, None)
         deadline = time.monotonic() + timeout
         pending = set(ends)
         while pending:
@@ -168,7 +168,7 @@ def _consumer(bootstrap: str, eof: bool) -> Consumer:
     )
 
 
-def _assign(
+def assign_from_start(
     consumer: Consumer,
     topics: Collection[str],
     timeout: float,
