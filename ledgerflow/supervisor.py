@@ -65,6 +65,13 @@ class Child:
             self.proc.kill()
             self.proc.wait(5)
 
+    def kill(self) -> None:
+        """SIGKILL at once (no-op when not running): the last resort of an interrupted stop."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+
 
 @dataclass
 class Pool:
@@ -214,8 +221,12 @@ class Supervisor:
             time.sleep(poll)
 
     def stop_all(self) -> None:
-        for child in reversed(self.children):  # gateway first, store owner last
-            child.stop()
+        try:
+            for child in reversed(self.children):  # gateway first, store owner last
+                child.stop()
+        finally:  # interrupted (a test's timeout, Ctrl-C twice): leave no orphan behind
+            for child in self.children:
+                child.kill()
         with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()
         if self.control_file is not None:  # a stale count must not resize the next `up`
