@@ -75,6 +75,7 @@ class ChaosReport:
     broker_restarts: int = 0
     outage_refused_calls: int = 0
     produce_s: float = 0.0
+    produce_errors: list[str] = field(default_factory=list)  # deliveries the broker never acknowledged
     converge_s: float = 0.0
     rows: dict[str, int] = field(default_factory=dict)
     distinct: dict[str, int] = field(default_factory=dict)
@@ -102,6 +103,7 @@ class ChaosReport:
     def ok(self) -> bool:
         return (
             self.nemesis_error is None
+            and not self.produce_errors
             and self.lost == 0
             and self.doubled == 0
             and self.dead_letters == 0
@@ -116,6 +118,7 @@ class ChaosReport:
         lines = [
             f"events produced:     {self.events:,} ({p.requests:,} requests x 4 facts, {p.tenants} tenants) "
             f"in {self.produce_s:.1f}s",
+            f"delivery errors:     {len(self.produce_errors)} {self.produce_errors[:3]}",
             f"SIGKILLs:            {sum(self.kills.values())} ({killed})",
             f"broker restarts:     {self.broker_restarts}"
             + (f" (fault injection failed: {self.nemesis_error})" if self.nemesis_error else ""),
@@ -254,6 +257,12 @@ class Chaos:
                 "reconnect.backoff.max.ms": 500,
             }
         )
+        errors = self.report.produce_errors
+
+        def delivered(err: Any, _msg: Any) -> None:
+            if err is not None and len(errors) < 20:
+                errors.append(str(err))
+
         tenants = [f"chaos{t}" for t in range(self.plan.tenants)]
         started = time.monotonic()
         per_request_s = self.plan.produce_s / max(1, self.plan.requests)
@@ -262,7 +271,10 @@ class Chaos:
                 while True:
                     try:
                         producer.produce(
-                            self.topics.for_event(e.event_type), key=self.topics.key_for(e), value=codec.encode(e)
+                            self.topics.for_event(e.event_type),
+                            key=self.topics.key_for(e),
+                            value=codec.encode(e),
+                            on_delivery=delivered,
                         )
                         break
                     except BufferError:  # local queue full while the broker is away
@@ -272,9 +284,13 @@ class Chaos:
             if ahead > 0:
                 time.sleep(ahead)
         self.log(f"produced {self.plan.requests * len(FACT_TABLES):,} events; flushing")
-        left = producer.flush(600)
+        deadline = time.monotonic() + 300
+        while (left := producer.flush(5.0)) and time.monotonic() < deadline and self.nemesis_error is None:
+            pass  # in steps: a failed fault injection (the broker did not come back) ends the wait
         if left:
-            raise RuntimeError(f"{left} records not acknowledged after 600s")
+            raise RuntimeError(f"{left} records not acknowledged ({self.nemesis_error or 'after 300 s'})")
+        if errors:
+            self.log(f"producer: deliveries failed, e.g. {errors[:3]}")
         self.report.produce_s = time.monotonic() - started
 
     # --- the checks ---------------------------------------------------------------------
@@ -375,6 +391,8 @@ def run(
                     chaos.done.set()
                     nemesis.join(120)
                     chaos.report.nemesis_error = chaos.nemesis_error
+                if chaos.nemesis_error is not None:  # the run is void: no point checking it
+                    return chaos.report
                 converge_from = time.monotonic()
                 deadline = converge_from + plan.converge_timeout_s
                 last_log = 0.0

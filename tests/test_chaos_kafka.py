@@ -38,6 +38,7 @@ def test_chaos_short_run_loses_and_doubles_nothing(tmp_path: Path) -> None:
     report = run(plan, tmp_path, REPO / ".cache" / "kafka", ports, log=log)
     summary = report.render() + "\n" + "\n".join(lines)
     assert report.nemesis_error is None, summary
+    assert not report.produce_errors, summary  # the harness's own producer lost nothing
     assert sum(report.kills.values()) >= 3, summary
     assert report.broker_restarts == 1, summary
     assert report.outage_refused_calls > 0, summary  # the sink really met the outage
