@@ -96,6 +96,7 @@ class LagSampler:
         interval_s: float,
         metrics: ReadSideMetrics | None = None,
         describe: Describe = describe_group,
+        flush_timeout_s: float = 10.0,
     ) -> None:
         self.bootstrap = bootstrap
         self.topic = topics.for_event("ConsumerLagSampled")
@@ -103,8 +104,10 @@ class LagSampler:
         self.interval_s = interval_s
         self.metrics = metrics
         self._describe = describe
+        self.flush_timeout_s = flush_timeout_s
         self._codec = Codec()
-        self._producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"})
+        self._conf: dict[str, object] = {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all"}
+        self._producer = Producer(dict(self._conf))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.rounds = 0
@@ -139,9 +142,11 @@ class LagSampler:
             self._producer.produce(
                 self.topic, key=event.group_id.encode(), value=self._codec.encode(event), on_delivery=delivered
             )
-        left = self._producer.flush(10.0)
+        left = self._producer.flush(self.flush_timeout_s)
         if left or errors:
             log.warning("lag samples not all acknowledged: %d pending, errors %s", left, errors[:3])
+        if left:
+            self._replace_producer()
         ok = len(events) - left - len(errors)
         if self.metrics is not None:
             self.metrics.lag_samples.labels("ok").inc(max(ok, 0))
@@ -152,6 +157,18 @@ class LagSampler:
         self.rounds += 1
         self.published += max(ok, 0)
         return max(ok, 0)
+
+    def _replace_producer(self) -> None:
+        """Drop a producer that could not deliver within the flush timeout for a new one.
+
+        Why: after a broker restart librdkafka can leave a partition without a leader for good
+        (confluentinc/librdkafka#5430, "new leader-1 not found in cache"): its records wait
+        forever and every later sample would queue behind them. This round's samples are
+        purged unsent (the next round measures again); a new producer looks the leaders up anew.
+        """
+        self._producer.purge(in_queue=True, in_flight=False)
+        self._producer.flush(1.0)
+        self._producer = Producer(dict(self._conf))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._main, name="lag-sampler", daemon=True)
