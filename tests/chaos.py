@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from confluent_kafka import KafkaError
 
 from infra.kafka.runner import KafkaConfig, start, stop
 from ledgerflow import readside, replay
@@ -76,6 +77,7 @@ class ChaosReport:
     outage_refused_calls: int = 0
     produce_s: float = 0.0
     produce_errors: list[str] = field(default_factory=list)  # deliveries the broker never acknowledged
+    producers_replaced: int = 0  # the harness's producer wedged (librdkafka#5430) and was replaced
     converge_s: float = 0.0
     rows: dict[str, int] = field(default_factory=dict)
     distinct: dict[str, int] = field(default_factory=dict)
@@ -118,7 +120,8 @@ class ChaosReport:
         lines = [
             f"events produced:     {self.events:,} ({p.requests:,} requests x 4 facts, {p.tenants} tenants) "
             f"in {self.produce_s:.1f}s",
-            f"delivery errors:     {len(self.produce_errors)} {self.produce_errors[:3]}",
+            f"delivery errors:     {len(self.produce_errors)} {self.produce_errors[:3]}"
+            f" (producer replaced {self.producers_replaced}x)",
             f"SIGKILLs:            {sum(self.kills.values())} ({killed})",
             f"broker restarts:     {self.broker_restarts}"
             + (f" (fault injection failed: {self.nemesis_error})" if self.nemesis_error else ""),
@@ -171,6 +174,7 @@ class Chaos:
         self.outage_ends = 0.0
         self.outage_counted = False
         self.state = ""
+        self.restarting = False
         self.nemesis_error: str | None = None
 
     # --- the faults ---------------------------------------------------------------------
@@ -195,6 +199,13 @@ class Chaos:
 
     def restart_broker(self) -> None:
         self.log("broker: stopping")
+        self.restarting = True
+        try:
+            self._restart_broker()
+        finally:
+            self.restarting = False
+
+    def _restart_broker(self) -> None:
         stop(self.broker)
         for attempt in range(5):  # its ports may take a moment to be free again
             try:
@@ -247,46 +258,65 @@ class Chaos:
 
     def produce(self) -> None:
         codec = Codec()
-        producer = Producer(
-            {
-                "bootstrap.servers": self.settings.bootstrap,
-                "enable.idempotence": True,  # retries across the broker restart never duplicate
-                "acks": "all",
-                "linger.ms": 20,
-                "message.timeout.ms": 600_000,
-                "reconnect.backoff.max.ms": 500,
-            }
-        )
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.settings.bootstrap,
+            "enable.idempotence": True,  # retries across the broker restart never duplicate
+            "acks": "all",
+            "linger.ms": 20,
+            "message.timeout.ms": 600_000,
+            "reconnect.backoff.max.ms": 500,
+        }
+        producer = Producer(conf)
         errors = self.report.produce_errors
+        unsent: list[tuple[str, bytes | None, bytes | None]] = []
 
-        def delivered(err: Any, _msg: Any) -> None:
-            if err is not None and len(errors) < 20:
+        def delivered(err: Any, msg: Any) -> None:
+            if err is None:
+                return
+            if err.code() == KafkaError._PURGE_QUEUE:  # purged before it was ever sent: send again
+                unsent.append((msg.topic(), msg.key(), msg.value()))
+            elif len(errors) < 20:
                 errors.append(str(err))
+
+        def send(topic: str, key: bytes | None, value: bytes | None) -> None:
+            while True:
+                try:
+                    producer.produce(topic, key=key, value=value, on_delivery=delivered)
+                    return
+                except BufferError:  # local queue full while the broker is away
+                    producer.poll(0.1)
 
         tenants = [f"chaos{t}" for t in range(self.plan.tenants)]
         started = time.monotonic()
         per_request_s = self.plan.produce_s / max(1, self.plan.requests)
         for i in range(self.plan.requests):
             for e in request_facts(i, tenants[i % len(tenants)]):
-                while True:
-                    try:
-                        producer.produce(
-                            self.topics.for_event(e.event_type),
-                            key=self.topics.key_for(e),
-                            value=codec.encode(e),
-                            on_delivery=delivered,
-                        )
-                        break
-                    except BufferError:  # local queue full while the broker is away
-                        producer.poll(0.1)
+                send(self.topics.for_event(e.event_type), self.topics.key_for(e), codec.encode(e))
             producer.poll(0)
             ahead = started + (i + 1) * per_request_s - time.monotonic()
             if ahead > 0:
                 time.sleep(ahead)
         self.log(f"produced {self.plan.requests * len(FACT_TABLES):,} events; flushing")
         deadline = time.monotonic() + 300
+        last_left, moved_at = len(producer), time.monotonic()
         while (left := producer.flush(5.0)) and time.monotonic() < deadline and self.nemesis_error is None:
-            pass  # in steps: a failed fault injection (the broker did not come back) ends the wait
+            # in steps: a failed fault injection (the broker did not come back) ends the wait
+            if left < last_left or self.restarting:  # the broker being away is not a wedge
+                last_left, moved_at = left, time.monotonic()
+            elif time.monotonic() - moved_at > 30:
+                # librdkafka#5430: a leader=-1 metadata update during the broker restart can
+                # leave a partition leaderless in this producer for good ("new leader-1 not
+                # found in cache"). Its records were never sent: purge them and send them on
+                # a new producer (no duplicate: only never-sent records are purged).
+                self.log(f"producer: {left} records stuck for 30 s (librdkafka#5430); re-sending them")
+                producer.purge(in_queue=True, in_flight=False)
+                producer.flush(30.0)  # in-flight ones finish; purged ones report _PURGE_QUEUE
+                producer = Producer(conf)
+                self.report.producers_replaced += 1
+                for record in unsent:
+                    send(*record)
+                unsent.clear()
+                last_left, moved_at = len(producer), time.monotonic()
         if left:
             raise RuntimeError(f"{left} records not acknowledged ({self.nemesis_error or 'after 300 s'})")
         if errors:
