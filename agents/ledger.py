@@ -103,6 +103,10 @@ def load_or_create_key(path: Path, name: str) -> SigningKey:
 
 
 SNAPSHOT_FORMAT = "ledgerflow.ledger-head/1"
+# Transactions aborted in a row before the worker gives up and exits for the supervisor to
+# start a clean one: a producer that cannot deliver (librdkafka#5430 can leave a partition
+# leaderless after a broker restart) would otherwise fail every commit and rewind forever.
+MAX_ABORTS_IN_A_ROW = 3
 
 _Headers = list[tuple[str, str | bytes | None]]
 _Record = tuple[str, bytes, bytes | None, int | None, _Headers | None]  # topic, value, key, partition, headers
@@ -165,6 +169,10 @@ def snapshot_record(head: ChainHead, partition: int, ledger_from: int) -> bytes:
     return orjson.dumps(doc)
 
 
+class LedgerStalled(RuntimeError):
+    """Every recent transaction aborted: this process's producer is not usable any more."""
+
+
 class LedgerWorker:
     """One member of the ledger's consumer group."""
 
@@ -217,6 +225,7 @@ class LedgerWorker:
         self._keys: dict[str, bytes] = {}  # tenant -> its record key
         self._inflight: _Batch | None = None  # a batch whose commit runs on the helper thread
         self._rewinds = 0  # consumer rewinds after an abort (a step drops what it fetched before one)
+        self._aborts_in_a_row = 0
         self._committer = ThreadPoolExecutor(1, "ledger-commit") if config.overlap else None
         self.restores: list[Restore] = []
         self.chained = 0
@@ -570,6 +579,7 @@ class LedgerWorker:
     def _snapshots_committed(self) -> None:
         """After a commit: stale snapshots are replaced, and the next snapshots may start the
         tail at this transaction's first entry (nothing of ours comes before it any more)."""
+        self._aborts_in_a_row = 0
         if not self._config.snapshots:
             return
         self._producer.poll(0)  # serves the first-entry delivery reports (commit flushed them)
@@ -601,6 +611,11 @@ class LedgerWorker:
             raise
         self._undo(undo)
         self._rewinds += 1
+        self._aborts_in_a_row += 1
+        if self._aborts_in_a_row >= MAX_ABORTS_IN_A_ROW:
+            log.error("ledger: %d transactions aborted in a row; exiting so the supervisor restarts a clean worker",
+                      self._aborts_in_a_row)  # fmt: skip
+            raise LedgerStalled(f"{self._aborts_in_a_row} transactions aborted in a row")
         committed = self._consumer.committed(self._consumer.assignment(), 30)
         for tp in committed:
             self._consumer.seek(TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else 0))
