@@ -53,6 +53,11 @@ def create_app(
         # partitions for a minute after a crash before a surviving worker takes them)
         broker_session_timeout=10.0,
         broker_heartbeat_interval=3.0,
+        # A group that rebalanced while the broker was coming back gets an assignment without
+        # the topics its metadata lacked then ("Ignoring missing topic"), and aiokafka asks the
+        # group to rejoin only when a metadata refresh shows them: at the 5 min default the
+        # worker sat idle that long (seen in the chaos test). A refresh costs one small request.
+        consumer_metadata_max_age_ms=15_000,
         stream_wait_empty=True,
         table_cleanup_interval=60.0,
         web_enabled=True,
