@@ -9,5 +9,9 @@ from setuptools import Extension, setup
 _CFLAGS = ["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
 
 ext_modules: list[Extension] = []
+# issue 6: `audit verify` from the log: audit records and entries hashed per record (audit.verify_log_native)
+ext_modules.append(
+    Extension("domain._ledger_native", ["domain/_ledger_native.c"], libraries=["crypto"], extra_compile_args=_CFLAGS)
+)
 
 setup(ext_modules=ext_modules)

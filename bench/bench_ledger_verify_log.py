@@ -1,7 +1,7 @@
 """`audit verify` from the log: the Python verifier against the ClickHouse one, side by side.
 
 Run: .venv/bin/python bench/bench_ledger_verify_log.py --bootstrap 127.0.0.1:19530 [--entries 100000]
-     [--tenants 5] [--every 1000] [--rounds 2] [--jobs 1,2] [--keep DIR]
+     [--tenants 5] [--every 1000] [--rounds 2] [--jobs 1,2] [--engines ABN] [--skip-python] [--keep DIR]
 
 Needs a running broker. Writes the log itself, as the worker would have, without running
 the worker (chaining 1M entries through one worker takes minutes): `--entries` AuditRecorded
@@ -12,15 +12,20 @@ produced transactionally, 2,000 entries per transaction as the worker commits th
 the log holds transaction markers, as a real one does). With `--keep DIR` the topics and the
 key are kept and reused by a later run with the same DIR (the log takes ~1.5 min per 1M).
 
-Then times, alternating A B B A per round:
+Then times, alternating A B N N B A per round:
 - A: `audit.verify_log(..., engine="python")`: every record read into Python, audit records
   decoded and re-hashed there (what `audit verify` from the log ran until now);
 - B: `audit.verify_log_sql(...)` (what `audit.verify_log` runs by default in a process
-  without a chDB store): the raw records handed to a scratch in-memory chDB as Avro files,
-  canonical bytes, hashes, seq, links, log order and audit matches in SQL, timed by phase;
-and B as `audit.verify_log(..., jobs=N)` (partitions in N spawned processes) for each N > 1 given. All must give the
-same reports, all OK (asserted). Wall and CPU (this process and its finished children;
-chDB's and librdkafka's threads included) and the load average are printed. Also the lean
+  without a chDB store when the C extension is not built): the raw records handed to a scratch
+  in-memory chDB as Avro files, canonical bytes, hashes, seq, links, log order and audit
+  matches in SQL, timed by phase;
+- N: `audit.verify_log_native(...)` (what `audit.verify_log` runs by default when
+  `domain._ledger_native` is built): the records' bytes hashed and chained in C as they are
+  consumed, Merkle roots in C, signatures in Python, timed by phase;
+and B and N as `audit.verify_log(..., jobs=J)` (partitions in J spawned processes; B with
+LEDGERFLOW_NATIVE=0) for each J > 1 given. All must give the same reports, all OK (asserted).
+Wall and CPU (this process and its finished children; chDB's and librdkafka's threads
+included) and the load average are printed. Also the lean
 read alone (`streams.log_scan.scan_raw`) and a bare consume-and-count loop over the same
 topics, for the floor the read sets.
 """
@@ -177,7 +182,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--jobs", default="2", help="comma-separated job counts for B besides 1 (0: none)")
-    parser.add_argument("--skip-python", action="store_true", help="time B only (A takes ~55 s per 1M)")
+    parser.add_argument("--skip-python", action="store_true", help="leave A out (A takes ~55 s per 1M)")
+    parser.add_argument("--engines", default="ABN", help="which of A (Python), B (ClickHouse), N (native) to time")
     parser.add_argument("--keep", type=Path, help="keep the log's topics and key here, reuse them if present")
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, load average {os.getloadavg()}", flush=True)
@@ -219,28 +225,38 @@ def run(args: argparse.Namespace, settings: Settings, key: SigningKey, names: Se
     raw, wall, cpu = timed(lambda: sum(len(b.values) for b in scan_raw(args.bootstrap, names, 300.0)))
     print(f"scan_raw of the 3 topics, one after another: {raw:,} in {wall:.2f} s (cpu {cpu:.2f} s)", flush=True)
     jobs = [int(j) for j in args.jobs.split(",") if int(j) > 1]
-    order = (["A", "B", "B", "A"] if not args.skip_python else ["B", "B"]) * ((args.rounds + 1) // 2)
-    order = order[: (2 if not args.skip_python else 1) * args.rounds]
+    engines = [e for e in ("A", "B", "N") if e in args.engines and not (e == "A" and args.skip_python)]
+    order = (engines + engines[::-1]) * ((args.rounds + 1) // 2)
+    order = order[: len(engines) * args.rounds]
     runs: dict[str, list[tuple[float, float]]] = {}
     reports: dict[str, Any] = {}
-    phases: list[tuple[float, dict[str, float]]] = []
+    phases: dict[str, list[tuple[float, dict[str, float]]]] = {}
     for name in order:
-        for j in [1, *jobs] if name == "B" else [1]:
+        for j in [1, *jobs] if name != "A" else [1]:
             label = f"{name} jobs={j}"
-            if name == "B" and j == 1:  # what verify_log runs in a process without a chDB store, timed by phase
+            if name != "A" and j == 1:  # the fast path itself, in this process, timed by phase
                 spent: dict[str, float] = {}
+                fn = audit.verify_log_sql if name == "B" else audit.verify_log_native
 
-                def fast(s: dict[str, float] = spent) -> Any:
-                    return audit.verify_log_sql(settings, key.verifier, timings=s)
+                def fast(s: dict[str, float] = spent, f: Any = fn) -> Any:
+                    return f(settings, key.verifier, timings=s)
 
                 (out, slow), wall, cpu = timed(fast)
-                assert slow == [], slow  # ClickHouse judged every chain itself
-                phases.append((wall, spent))
+                assert slow == [], slow  # the fast path judged every chain itself
+                phases.setdefault(name, []).append((wall, spent))
             else:
                 engine = "python" if name == "A" else "clickhouse"
 
-                def log(j: int = j, e: str = engine) -> Any:
-                    return audit.verify_log(settings, key.verifier, None, j, engine=e)
+                def log(j: int = j, e: str = engine, native: str = "0" if name == "B" else "1") -> Any:
+                    before = os.environ.get("LEDGERFLOW_NATIVE")
+                    os.environ["LEDGERFLOW_NATIVE"] = native  # the spawned jobs inherit it
+                    try:
+                        return audit.verify_log(settings, key.verifier, None, j, engine=e)
+                    finally:
+                        if before is None:
+                            del os.environ["LEDGERFLOW_NATIVE"]
+                        else:
+                            os.environ["LEDGERFLOW_NATIVE"] = before
 
                 out, wall, cpu = timed(log)
             reports[label] = out
@@ -250,15 +266,18 @@ def run(args: argparse.Namespace, settings: Settings, key: SigningKey, names: Se
     assert all(r == first for r in reports.values()), reports
     assert all(r.ok for r in first) and sum(r.size for r in first) == n, first
     print(f"\n{n:,} entries, {len(first)} chains, all OK and equal across engines; best of {args.rounds}:")
-    base = min(w for w, _ in runs["A jobs=1"]) if "A jobs=1" in runs else None
-    for label, rs in runs.items():
-        w, c = min(w for w, _ in rs), min(c for _, c in rs)
-        ratio = f", {w / base:.2f}x A" if base else ""
+    best = {label: (min(w for w, _ in rs), min(c for _, c in rs)) for label, rs in runs.items()}
+    for label, (w, c) in best.items():
+        ratios = "".join(
+            f", {w / best[b][0]:.2f}x {b[0]} wall, {c / best[b][1]:.2f}x {b[0]} cpu"
+            for b in ("A jobs=1", "B jobs=1")
+            if b in best and b != label and label[0] != "A"
+        )
         per1m = w * 1_000_000 / n
-        print(f"  {label}: wall {w:.2f} s, cpu {c:.2f} s{ratio}; {per1m:.1f} s per 1M -> {GOAL_1M / per1m:.2f}x goal")
-    if phases:
-        wall, spent = min(phases, key=lambda p: p[0])
-        print("  B jobs=1, best run by phase (wall s): " + ", ".join(f"{k} {v:.2f}" for k, v in spent.items()))
+        print(f"  {label}: wall {w:.2f} s, cpu {c:.2f} s{ratios}; {per1m:.1f} s per 1M -> {GOAL_1M / per1m:.2f}x goal")
+    for name, ps in phases.items():
+        wall, spent = min(ps, key=lambda p: p[0])
+        print(f"  {name} jobs=1, best run by phase (wall s): " + ", ".join(f"{k} {v:.2f}" for k, v in spent.items()))
     print(f"load average after: {os.getloadavg()}")
 
 

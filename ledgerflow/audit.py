@@ -2,10 +2,11 @@
 
 `verify` trusts nothing it did not recompute: it reads the audit records, the chain and the
 signed checkpoints from Kafka (from offset 0) and, separately, from the ClickHouse
-projection, and checks each copy: by default with ClickHouse doing the hashing (the store
-by itself, `verify_store_sql`; the log's raw records in a scratch in-memory chDB,
-`verify_log_sql`), any chain it finds unsound, and `--verifier python`, with
-`domain.ledger.verify_chain`; signatures and Merkle roots always in Python with the public key.
+projection, and checks each copy: by default with ClickHouse doing the hashing for the store
+(`verify_store_sql`) and, for the log, the C extension `domain._ledger_native` when it is
+built (`verify_log_native`), else the log's raw records in a scratch in-memory chDB
+(`verify_log_sql`); any chain those find unsound, and `--verifier python`, with
+`domain.ledger.verify_chain`; signatures always in Python with the public key.
 `prove` writes a self-contained proof file; `check` verifies one offline with only the file
 and the public key (no platform access: it imports nothing that talks to Kafka or ClickHouse).
 
@@ -20,6 +21,7 @@ A chain's Merkle tree is built once per `Chain` and kept for every proof asked o
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import multiprocessing
@@ -31,16 +33,17 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from confluent_kafka import TopicPartition
 
 from domain.checkpoint import VerifierKey, load_verifier_key_file
 from domain.ledger import (
@@ -60,10 +63,11 @@ from domain.ledger import (
 from domain.ledger_replay import collapse_redeliveries
 from domain.merkle import MerkleTree, frontier_root
 from ledgerflow.settings import Settings
+from streams.clients import Consumer
 from streams.codec import HEADER_LEN, MAGIC, Codec, PoisonEvent
 from streams.events import AuditRecorded, Envelope, LedgerCheckpointSigned, LedgerEntryChained, LedgerVerified
 from streams.ids import uuid7
-from streams.log_scan import AvroDecodeError, RecordReaders, scan_raw, scan_to_end
+from streams.log_scan import AvroDecodeError, RecordReaders, assign_from_start, scan_raw, scan_to_end
 from streams.schemas import load_all
 from streams.topics import Topics
 
@@ -357,7 +361,7 @@ def _judge(
     for t, n, lo, hi, distinct, unsound, leaves_hex in rows:
         report = None
         if int(unsound) == 0 and int(lo) == 0 and int(hi) == int(n) - 1 and int(distinct) == int(n):
-            report = _sound_chain(t, int(n), bytes.fromhex(leaves_hex), cps.get(t, []), key)
+            report = _sound_chain(t, int(n), partial(_roots, bytes.fromhex(leaves_hex), int(n)), cps.get(t, []), key)
         if report is None:
             slow.append(t)
         else:
@@ -702,22 +706,226 @@ def verify_log_sql(
     return [reports[t] for t in sorted(reports)], sorted(slow)
 
 
+# --- verifying the log natively ---------------------------------------------------------------
+#
+# `domain._ledger_native` (C, built by `pip install -e .`) does per record what the two paths
+# above do per record in Python or in ClickHouse: it reads each AuditRecorded and
+# LedgerEntryChained straight from the Kafka record's bytes, builds the canonical bytes
+# (`domain.ledger`'s, byte for byte: tests/test_ledger_native.py), hashes them, and walks each
+# chain in log order as `verify_chain` does. Python only consumes the topics (one consumer
+# and thread per topic; the C code takes each batch of Messages and releases the GIL while it
+# hashes) and checks the signed checkpoints against the roots the C code folds. Like the
+# ClickHouse path it decides only what it can decide exactly: a chain it finds unsound goes
+# to the Python verifier, which names the first bad seq; a record it does not read exactly
+# (another writer schema, malformed bytes, another type on the topic) sends the whole log to
+# Python (`LogNotReadable`). It is written for AuditRecorded v1 and LedgerEntryChained v1, and
+# is used only while those are today's schemas (then a record of a newer writer is "not
+# handled"). `LEDGERFLOW_NATIVE=0`, or the extension missing, leaves `verify_log` to ClickHouse.
+
+NATIVE_BATCH = 20_000  # records per consume call of the native read
+
+
+def _native() -> Any:
+    """The C extension, or None when it is missing, switched off (`LEDGERFLOW_NATIVE=0`), or
+    written for other schema versions than today's."""
+    if os.environ.get("LEDGERFLOW_NATIVE", "1") == "0":
+        return None
+    try:
+        from domain import _ledger_native
+    except ImportError:
+        return None
+    return _ledger_native if _native_headers() is not None else None
+
+
+@cache
+def _native_headers() -> tuple[bytes, bytes] | None:
+    """(AuditRecorded, LedgerEntryChained) single-object headers of v1, the layouts the C code
+    reads, if v1 is still today's schema of both; else None."""
+    from streams.evolution import load_fixtures
+
+    today, released = load_all(), load_fixtures()
+    out = []
+    for name in (AUDIT, ENTRY):
+        v1 = [f for f in released.get(name, []) if f.version == 1]
+        if not v1 or v1[0].schema.fingerprint != today[name].fingerprint:
+            return None
+        out.append(MAGIC + today[name].fingerprint)
+    return out[0], out[1]
+
+
+def native_available() -> bool:
+    """Whether `verify_log` reads the log with the C extension (`verify_log_native`)."""
+    return _native() is not None
+
+
+def _consume_batches(
+    bootstrap: str, topic: str, timeout: float, partitions: Collection[int] | None, stop: threading.Event
+) -> Iterator[list[Any]]:
+    """The topic's records as consume() gives them (Messages, errors included), from the start to
+    the end offsets seen now, until `stop` is set. Raises TimeoutError as `scan_to_end`."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"ledgerflow-verify-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": False,
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            "max.partition.fetch.bytes": 16 * 1024 * 1024,
+            "fetch.wait.max.ms": 10,  # a reader to the end: ask again at once (see streams.log_scan)
+            "queued.min.messages": 1_000_000,
+            "queued.max.messages.kbytes": 256 * 1024,
+        }
+    )
+    try:
+        ends = assign_from_start(consumer, [topic], timeout, partitions, None, None)
+        deadline = time.monotonic() + timeout
+        pending = set(ends)
+        while pending and not stop.is_set():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not read {sorted(pending)} to their end within {timeout} s")
+            batch = consumer.consume(NATIVE_BATCH, 0.05)
+            if batch:
+                yield batch
+            if len(batch) < NATIVE_BATCH:  # the end: where the position reaches the end offset
+                for pos in consumer.position([TopicPartition(t, p) for t, p in pending]):
+                    if pos.offset >= ends[(pos.topic or "", pos.partition)]:
+                        pending.discard((pos.topic or "", pos.partition))
+    finally:
+        consumer.close()
+
+
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """The cyclic garbage collector off while the log is read: every consume batch allocates
+    20,000 Messages, which are tracked objects, and the collections they set off took ~10% of
+    the native verifier's CPU; the batches form no cycles (they are freed by refcount)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _native_roots(verifier: Any, tenant: str, sizes: list[int]) -> dict[int, bytes]:
+    return dict(zip(sizes, verifier.roots(tenant, sizes), strict=True))
+
+
+def verify_log_native(
+    settings: Settings,
+    key: VerifierKey,
+    tenant: str | None = None,
+    partitions: Collection[int] | None = None,
+    timeout: float = LOG_TIMEOUT,
+    timings: dict[str, float] | None = None,
+) -> tuple[list[VerifyReport], list[str]]:
+    """`verify(from_log(settings, tenant, partitions=...), key)` with the per-record work in C
+    (see above). Returns (reports, the tenants handed to Python). Raises LogNotReadable when the
+    extension is not in use or the log holds a record it does not read exactly (the caller
+    verifies it all in Python). A `tenant` is read as `from_log` reads it: records with that
+    Kafka key, then that envelope tenant. `timings`, if given, gets wall seconds by phase.
+    """
+    native = _native()
+    headers = _native_headers()
+    if native is None or headers is None:
+        raise LogNotReadable("the native verifier is not in use (not built, or LEDGERFLOW_NATIVE=0)")
+    spent = timings if timings is not None else {}
+    clock = [time.perf_counter()]
+
+    def lap(phase: str) -> None:
+        now = time.perf_counter()
+        spent[phase] = spent.get(phase, 0.0) + now - clock[0]
+        clock[0] = now
+
+    topics = Topics(settings.topic_prefix, settings.partitions)
+    verifier = native.LogVerifier(*headers)
+    wanted = None if tenant is None else tenant.encode()
+    stop = threading.Event()
+
+    def read(kind: str, add: Callable[[list[Any], bytes | None], str | None]) -> None:
+        try:
+            for batch in _consume_batches(settings.bootstrap, topics.name(kind), timeout, partitions, stop):
+                why = add(batch, wanted)
+                if why is not None:
+                    raise LogNotReadable(f"{kind}: {why}")
+        except BaseException:
+            stop.set()  # the other topic's read stops too: the result is thrown away
+            raise
+
+    codec = _decoders()[0]
+    cps: dict[str, list[LedgerCheckpointSigned]] = {}
+    with _no_gc(), ThreadPoolExecutor(max_workers=2) as pool:
+        running = [pool.submit(read, "audit", verifier.add_audits), pool.submit(read, "ledger", verifier.add_entries)]
+        try:
+            name = topics.name("ledger-checkpoints")
+            for batch in _consume_batches(settings.bootstrap, name, timeout, partitions, stop):
+                for msg in batch:
+                    if msg.error() is not None or (wanted is not None and msg.key() != wanted):
+                        continue
+                    try:
+                        event = codec.decode(msg.value())
+                    except PoisonEvent:
+                        continue  # as from_log: the dead-letter topic has it
+                    if not isinstance(event, LedgerCheckpointSigned):
+                        raise LogNotReadable(f"a {event.event_type} on the checkpoints topic")
+                    if tenant is None or event.tenant == tenant:
+                        cps.setdefault(event.tenant, []).append(event)
+            # the signatures, while the other two topics are still being read
+            problems = {id(cp): check_checkpoint_event(cp, key) for due in cps.values() for cp in due}
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            for future in running:
+                future.exception()  # wait for both
+        for future in running:
+            future.result()
+    lap("read and hash the log")
+    reports: dict[str, VerifyReport] = {}
+    slow: list[str] = []
+    for t, n, sound in verifier.chains():
+        report = None
+        if sound:
+            report = _sound_chain(t, n, partial(_native_roots, verifier, t), cps.get(t, []), key, problems)
+        if report is None:
+            slow.append(t)
+        else:
+            reports[t] = report
+    slow.extend(t for t in cps if t not in reports and t not in slow)
+    lap("Merkle roots and checkpoints")
+    if slow:
+        chains = from_log(settings, tenant, timeout, partitions=partitions)
+        reports.update((r.tenant or "", r) for r in verify({t: chains[t] for t in slow if t in chains}, key))
+        lap("unsound chains in Python")
+    return [reports[t] for t in sorted(reports)], sorted(slow)
+
+
 def _sound_chain(
-    tenant: str, n: int, leaves: bytes, checkpoints: list[LedgerCheckpointSigned], key: VerifierKey
+    tenant: str,
+    n: int,
+    roots_at: Callable[[list[int]], dict[int, bytes]],
+    checkpoints: list[LedgerCheckpointSigned],
+    key: VerifierKey,
+    problems: dict[int, str | None] | None = None,
 ) -> VerifyReport | None:
-    """The OK report of a chain whose rows ClickHouse found sound, if its Merkle roots match
-    every checkpoint (signature checked); None for anything else (Python then says why)."""
+    """The OK report of a chain whose rows ClickHouse (or the native code) found sound, if its
+    Merkle roots (`roots_at(sizes)`, sizes ascending, each in 1..n) match every checkpoint
+    (signature checked, or looked up in `problems`: id(checkpoint) -> check_checkpoint_event's
+    answer, made earlier); None for anything else (Python then says why)."""
     by_size: dict[int, list[LedgerCheckpointSigned]] = {}
     for cp in checkpoints:
         by_size.setdefault(cp.tree_size, []).append(cp)
     if any(size > n or size == 0 for size in by_size):
         return None
-    roots = _roots(leaves, n, [*by_size, n])
+    roots = roots_at(sorted({*by_size, n}))
     checked = 0
     for size, due in sorted(by_size.items()):
         root = roots[size].hex()
         for cp in due:
-            if check_checkpoint_event(cp, key) is not None or cp.chain_tenant != tenant or cp.root_hash != root:
+            problem = problems[id(cp)] if problems is not None else check_checkpoint_event(cp, key)
+            if problem is not None or cp.chain_tenant != tenant or cp.root_hash != root:
                 return None
             checked += 1
     return VerifyReport(
@@ -769,10 +977,16 @@ def _verify_log_part(
     engine: str,
     timeout: float = LOG_TIMEOUT,
 ) -> tuple[list[VerifyReport], list[str]]:
-    """Reports of (part of) the log and the tenants Python verified; by ClickHouse (`verify_log_sql`,
-    in a spawned child when this process holds a chDB store) unless `engine` is "python" or the
-    log holds a record only Python reads exactly."""
-    if engine == "clickhouse":
+    """Reports of (part of) the log and the tenants Python verified; unless `engine` is "python"
+    or the log holds a record only Python reads exactly, by the native verifier
+    (`verify_log_native`) when it is in use, else by ClickHouse (`verify_log_sql`, in a spawned
+    child when this process holds a chDB store)."""
+    if engine == "clickhouse" and native_available():
+        try:
+            return verify_log_native(settings, key, tenant, partitions, timeout)
+        except LogNotReadable as exc:
+            print(f"log: verifying in Python: {exc}", file=sys.stderr)
+    elif engine == "clickhouse":
         try:
             return verify_log_sql(settings, key, tenant, partitions, timeout)
         except _ChdbTaken:
@@ -844,7 +1058,9 @@ class VerifyRun:
     reports: list[VerifyReport]
     duration_ms: int
     verifier: str = "python"
-    by_python: tuple[str, ...] = ()  # tenants the ClickHouse verifier handed to Python (a chain it found unsound)
+    by_python: tuple[
+        str, ...
+    ] = ()  # tenants the ClickHouse or native verifier handed to Python (a chain it found unsound)
 
 
 def key_fingerprint(key: VerifierKey) -> str:
@@ -910,12 +1126,16 @@ def run_verify(
     """Verify one source (`log` or `store`), timed; `client` overrides the read-side ClickHouse client.
 
     Either source is verified by ClickHouse unless `verifier` is "python": the store by
-    itself (`verify_store_sql`), the log by a scratch chDB over its records (`verify_log_sql`).
+    itself (`verify_store_sql`), the log by a scratch chDB over its records (`verify_log_sql`),
+    or rather, when the C extension is in use, by it (`verify_log_native`: the run's verifier
+    is then "native").
     """
     started = time.monotonic()
     by_python: list[str] = []
     if source == "log":
         reports, by_python = _verify_log(settings, key, tenant, jobs, verifier)
+        if verifier == "clickhouse" and native_available():
+            verifier = "native"
     else:
         client = client if client is not None else read_client(settings)
         if verifier == "clickhouse":
@@ -998,8 +1218,9 @@ def add_parser(sub: Any) -> None:
         "--verifier",
         choices=["clickhouse", "python"],
         default="clickhouse",
-        help="who recomputes each copy: ClickHouse (default; the store by itself, the log's records in a scratch "
-        "in-memory chDB; an unsound chain is re-checked in Python to name its first bad seq) or Python",
+        help="who recomputes each copy: ClickHouse (default; the store by itself; the log by the native C verifier "
+        "when it is built, else its records in a scratch in-memory chDB; an unsound chain is re-checked in Python "
+        "to name its first bad seq) or Python",
     )
     v.add_argument(
         "--no-record",

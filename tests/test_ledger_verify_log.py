@@ -130,7 +130,8 @@ def test_clickhouse_verifies_sound_chains_alone_and_hands_every_tampered_one_to_
     assert audit.verify_log_sql(settings, key.verifier, QUOTED) == ([r for r in python if r.tenant == QUOTED], [])
     # the command's path: ClickHouse by default, here partitions in two processes
     run = audit.run_verify(settings, key.verifier, "log", jobs=2)
-    assert (run.reports, run.verifier, run.by_python) == (python, "clickhouse", tuple(slow))
+    engine = "native" if audit.native_available() else "clickhouse"  # the C verifier when built (LEDGERFLOW_NATIVE)
+    assert (run.reports, run.verifier, run.by_python) == (python, engine, tuple(slow))
 
 
 def _union_index_at(value: bytes) -> int:
