@@ -10,6 +10,8 @@ up: install
 	$(BIN)/ledgerflow up --demo 200 --poison
 
 test: install lint embedding-model
+	@# the C hot paths are optional for `make up`, not for the tests: a failed build must show
+	$(BIN)/python -c "import domain._ledger_native, projections._rowbinary"
 	$(BIN)/pytest -q -p no:cacheprovider --durations=25
 
 lint: install

@@ -9,9 +9,19 @@ from setuptools import Extension, setup
 _CFLAGS = ["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
 
 ext_modules: list[Extension] = []
+# issue 10: the sink's Avro records → RowBinary rows, checked as the Codec would (projections/avro_block.py)
+ext_modules.append(
+    Extension("projections._rowbinary", ["projections/_rowbinary.c"], extra_compile_args=_CFLAGS, optional=True)
+)
 # issue 6: `audit verify` from the log: audit records and entries hashed per record (audit.verify_log_native)
 ext_modules.append(
-    Extension("domain._ledger_native", ["domain/_ledger_native.c"], libraries=["crypto"], extra_compile_args=_CFLAGS)
+    Extension(
+        "domain._ledger_native",
+        ["domain/_ledger_native.c"],
+        libraries=["crypto"],
+        extra_compile_args=_CFLAGS,
+        optional=True,
+    )
 )
 
 setup(ext_modules=ext_modules)

@@ -114,6 +114,21 @@ def load_baseline(tree: Path) -> tuple[type[Sink], Any]:
     return cls, ab
 
 
+@contextlib.contextmanager
+def path_env(name: str) -> Any:
+    """LEDGERFLOW_NATIVE=0 while an "avro " row's Sink is built (a Sink reads it when constructed)."""
+    old = os.environ.get(avro_block.NATIVE_ENV)
+    if name.startswith("avro "):
+        os.environ[avro_block.NATIVE_ENV] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(avro_block.NATIVE_ENV, None)
+        else:
+            os.environ[avro_block.NATIVE_ENV] = old
+
+
 def block_insert(url: str, modules: list[tuple[str, Any]], rows: int, reps: int) -> dict[str, float]:
     """One `rows`-row Avro block per core fact type, inserted alone by each avro_block (old, new)
     alternately `reps` times into a fresh database; prints the medians (wall, and this process's
@@ -132,22 +147,34 @@ def block_insert(url: str, modules: list[tuple[str, Any]], rows: int, reps: int)
                 found = client.query(ab.TABLE_TYPES_SQL, parameters={"tables": [table]}).result_rows
                 plan = ab.plan(writer, ab.table_types(found)[table])
                 made.append((name, ab, plan, ab.block(plan, "bench", 0, list(range(rows)), values)))
+            if avro_block.native_available() and made[-1][2].native is not None:  # ours, RowBinary from C
+                made.append(("native", avro_block, made[-1][2], values))
             wall: dict[str, list[float]] = {m[0]: [] for m in made}
             cpu: dict[str, list[float]] = {m[0]: [] for m in made}
             for r in range(reps):
                 for name, ab, plan, data in made if r % 2 == 0 else made[::-1]:
                     params = ab.parameters("bench", 0, 0, rows - 1, token=f"{name}-{kind}-{r}")
                     t0, c0 = time.perf_counter(), time.process_time()
-                    ab.insert_block(client, plan, data, params)
+                    if name == "native":  # the transcode is timed too: it replaces building the Avro block
+                        run = avro_block.Run(0, list(range(rows)), data)
+                        rb = avro_block.native_block(plan, "bench", [run])
+                        avro_block.insert_native(client, plan, rb, params["lf_token"])
+                    else:
+                        ab.insert_block(client, plan, data, params)
                     wall[name].append(time.perf_counter() - t0)
                     cpu[name].append(time.process_time() - c0)
             client.command(f"TRUNCATE TABLE {table}")
             med = {name: (statistics.median(wall[name]) * 1000, statistics.median(cpu[name]) * 1000) for name in wall}
-            line = ", ".join(f"{name or 'new'} {w:.0f} ms (cpu {c:.0f})" for name, (w, c) in med.items())
+            line = ", ".join(f"{name or 'avro'} {w:.0f} ms (cpu {c:.0f})" for name, (w, c) in med.items())
             print(f"one {rows:,}-row block into {table:24s} median of {reps}: {line}  load {os.getloadavg()[0]:.1f}")
             for name, *_ in made:
                 out[f"{name}{table}"] = statistics.median(wall[name])
                 out[f"{name}{table} cpu"] = statistics.median(cpu[name])
+        if "native" in wall:
+            tables = sorted({k.removeprefix("native").removesuffix(" cpu") for k in out if k.startswith("native")})
+            w = sum(out[t] for t in tables) / sum(out[f"native{t}"] for t in tables)
+            c = sum(out[f"{t} cpu"] for t in tables) / sum(out[f"native{t} cpu"] for t in tables)
+            print(f"one block, all five tables: native (RowBinary) vs avro {w:.2f}x wall, {c:.2f}x cpu")
         if len(modules) == 2:
             old_name = modules[0][0]
             tables = sorted({k.removeprefix(old_name).removesuffix(" cpu") for k in out if k.startswith(old_name)})
@@ -374,6 +401,11 @@ def main() -> None:
     ap.add_argument("--block-rows", type=int, default=50_000, help="rows of the one-block insert rows (0: skip)")
     ap.add_argument("--block-reps", type=int, default=5, help="inserts of each one-block row")
     ap.add_argument("--pair-rows", type=int, default=50_000, help="rows of the two-inserts-at-once row (0: skip)")
+    ap.add_argument(
+        "--no-avro-path",
+        action="store_true",
+        help="skip this tree's Avro-block rows (LEDGERFLOW_NATIVE=0) measured beside the native (RowBinary) ones",
+    )
     args = ap.parse_args()
     n = args.events
     impls: list[tuple[str, type[Sink]]] = [("", Sink)]
@@ -382,6 +414,8 @@ def main() -> None:
         old_sink, old_avro_block = load_baseline(args.baseline)
         impls = [("baseline ", old_sink), ("", Sink)]
         blocks = [("baseline ", old_avro_block), ("", avro_block)]
+    if avro_block.native_enabled() and not args.no_avro_path:
+        impls.insert(0, ("avro ", Sink))  # this tree with LEDGERFLOW_NATIVE=0 (see `path_env`)
     prefix = f"bench-sink-{uuid.uuid4().hex[:8]}."
     topics = Topics(prefix=prefix, partitions=args.partitions)
     fresh_topic_sets: list[Topics] = []
@@ -424,7 +458,8 @@ def main() -> None:
                 client = fresh_database(url, db)
                 group = f"bench-sink-{uuid.uuid4().hex[:8]}"
                 groups.append(group)
-                sink = cls(args.bootstrap, group, topics, client, batch_max=batch_max, batch_ms=batch_ms)
+                with path_env(name):
+                    sink = cls(args.bootstrap, group, topics, client, batch_max=batch_max, batch_ms=batch_ms)
                 secs = run_sink(sink, n)
                 status = sink.status()
                 sink.close()
@@ -435,7 +470,8 @@ def main() -> None:
                 record(label + " cpu", CPU[0] / n * 1e6)
                 print(
                     f"{label:48s} {n / secs:>12,.0f} events/s  ({secs:.2f} s, {status['batches']} inserts, "
-                    f"{status['fast_fallbacks']} refused, {n / secs / results['bare']:.0%} of bare, "
+                    f"{status['fast_fallbacks']} refused, {status.get('native_rows', 0):,} native, "
+                    f"{n / secs / results['bare']:.0%} of bare, "
                     f"cpu {CPU[0] / n * 1e6:.1f} µs/event, load {os.getloadavg()[0]:.1f})"
                 )
                 if not name and k == len(specs) - 1:
@@ -479,7 +515,8 @@ def main() -> None:
                 replay_module.Keep = sys.modules[cls.__module__].Keep  # type: ignore[misc]
                 try:
                     t0, c0 = time.perf_counter(), time.process_time()
-                    status = job.run()
+                    with path_env(name):
+                        status = job.run()
                     secs = time.perf_counter() - t0
                     CPU[0] = time.process_time() - c0
                 finally:
@@ -510,7 +547,8 @@ def main() -> None:
                 client = fresh_database(url, db)
                 group = f"bench-fresh-{uuid.uuid4().hex[:8]}"
                 groups.append(group)
-                sink = cls(args.bootstrap, group, ftopics, client, batch_max=batch_max, batch_ms=batch_ms)
+                with path_env(name):
+                    sink = cls(args.bootstrap, group, ftopics, client, batch_max=batch_max, batch_ms=batch_ms)
                 stop = threading.Event()
                 runner = threading.Thread(target=sink.run, args=(stop,), daemon=True)
                 runner.start()
@@ -548,13 +586,15 @@ def main() -> None:
             if not label.startswith("bare") and not label.endswith(" cpu"):
                 k = len(samples[label])
                 print(f"{label:48s} {v / results['bare']:.2f} x bare loop" + (f" (mean of {k})" if k > 1 else ""))
-        for label, v in results.items():
-            ours = label.removeprefix("baseline ")
-            if ours != label and ours in results:
-                if label.endswith(" cpu"):  # µs per event: less is better
-                    print(f"{ours + ': new vs baseline':48s} {v / results[ours]:.2f} x less CPU per event")
-                else:
-                    print(f"{ours + ': new vs baseline':48s} {results[ours] / v:.2f} x")
+        for other in ("baseline ", "avro "):
+            vs = "new vs baseline" if other == "baseline " else "native vs avro path"
+            for label, v in results.items():
+                ours = label.removeprefix(other)
+                if ours != label and ours in results:
+                    if label.endswith(" cpu"):  # µs per event: less is better
+                        print(f"{ours + ': ' + vs:48s} {v / results[ours]:.2f} x less CPU per event")
+                    else:
+                        print(f"{ours + ': ' + vs:48s} {results[ours] / v:.2f} x")
     finally:
         try:
             client_admin = admin(args.bootstrap)

@@ -52,6 +52,15 @@ other record (unknown header, a writer the Codec does not know, wrong topic, tom
 the row path directly. A refusal for a reason other than the data (ClickHouse unreachable)
 is a failed insert like any other: the run is kept as it is and retried (back-pressure).
 
+Native blocks (issue 10's throughput floors): when the C transcoder is built and not turned
+off (`LEDGERFLOW_NATIVE=0`, or `native=False`), a fast block is RowBinary made and checked by
+`projections/_rowbinary.c` (`avro_block.native_block`): every check the Avro insert's SQL made,
+done while each record is read once, then a plain `INSERT ... FORMAT RowBinary` with the same
+token. A record that fails a check refuses the whole block before anything is sent
+(`NativeRefused`), and the block goes the way of a block ClickHouse refused: decoded by the
+Codec, which decides, as before. A writer schema the transcoder does not carry keeps the Avro
+block. (1)-(5) are unchanged: same runs, same tokens, same order, one insert per job.
+
 Intake: the driver takes each consume() batch a stretch at a time (`_take_batch`: one Python
 step per run of records of one partition and one writer schema, the per-record work done in C
 by `map`, slicing and `groupby`), and hands anything unusual to the record-by-record intake
@@ -94,6 +103,7 @@ SinkError: the service builds a new sink, which resumes by (1).
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -102,7 +112,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import partial
+from functools import cache, partial
 from itertools import groupby, islice
 from operator import is_not, itemgetter, lt
 from typing import Any, cast
@@ -147,6 +157,27 @@ _OFFSET, _VALUE, _KEY = Message.offset, Message.value, Message.key
 _HEADER = itemgetter(slice(0, HEADER_LEN))
 _IS_SOMETHING = partial(is_not, None)
 _LT = lt
+
+# The cyclic GC's thresholds while a sink runs (gen0 allocations, gen1 and gen2 collections; see tune_gc)
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+@cache
+def tune_gc() -> None:
+    """Once per process: freeze what exists (modules, schemas, compiled readers) out of the cyclic
+    GC's sight and raise its thresholds (never lowers them).
+
+    Why: every consume() of 10,000 records allocates 10,000 GC-tracked Message objects, so at
+    the default threshold (700) the GC ran 14 young collections per batch and every so often a
+    full one over the whole heap: 15-18% of the sink's CPU (perf, BENCHMARKS.md, sink round
+    five), for a process whose hot path makes no reference cycles. With the heap frozen and
+    fewer collections: 4.1-5.8 µs of CPU per event instead of 6.3-7.8 (same run, same records).
+    Process-wide on purpose: the sink is its process's hot path (the projections service, a
+    replay); cyclic garbage is still collected, only less often.
+    """
+    gc.freeze()
+    gc.set_threshold(*(max(a, b) for a, b in zip(gc.get_threshold(), GC_THRESHOLDS, strict=True)))
+
 
 RecordFilter = Callable[[str, Sequence[str], Sequence[Any]], bool]
 """`keep(table, columns, row)`: False = the record is consumed but not landed (see module doc).
@@ -472,6 +503,7 @@ class Sink:
         keep: RecordFilter | None = None,
         produce_dead_letters: bool = True,
         fast: bool = True,
+        native: bool | None = None,
     ) -> None:
         self.topics = topics
         self.subscribed = list(subscribe) if subscribe is not None else topics.all()
@@ -482,6 +514,10 @@ class Sink:
         # The fast path needs no decoded row to filter on: off for a `keep` that is not a Keep.
         self._fast = fast and (keep is None or isinstance(keep, Keep))
         self._keep_fast = keep if isinstance(keep, Keep) else None
+        # Fast blocks as RowBinary checked in C when built (None: unless LEDGERFLOW_NATIVE=0), else Avro
+        self.native = self._fast and (avro_block.native_enabled() if native is None else native)
+        if self.native and not avro_block.native_available():
+            raise ValueError("native=True but projections._rowbinary is not built")
         self._routes: dict[tuple[str, bytes], _Route | None] = {}
         self._types: dict[str, dict[str, str]] = {}
         self._produce_dlq = produce_dead_letters
@@ -531,13 +567,15 @@ class Sink:
         self.batches = 0
         self.insert_failures = 0
         self.fast_rows = 0  # rows landed by the fast path (of rows_inserted)
-        self.fast_fallbacks = 0  # fast runs ClickHouse refused, then decoded by the Codec
+        self.native_rows = 0  # of those, rows landed as RowBinary from the C transcoder
+        self.fast_fallbacks = 0  # fast runs ClickHouse or the C transcoder refused, then decoded by the Codec
         self.commit_failures = 0
         self.last_insert_at: datetime | None = None
         self.last_error: str | None = None
         self.hooks = SinkHooks()  # issue 11: the service puts its metrics here (called after each insert)
         self.assigned = threading.Event()  # set once the group gave us an assignment
         self._inserter = _Inserter(self._attempt, self._backoff_s, f"sink-inserter:{group}")
+        tune_gc()
         self._consumer.subscribe(
             self.subscribed, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -834,10 +872,16 @@ class Sink:
             # Submitted before a block of one of its partitions was refused (a poison storm, see
             # `_fall_back`): decode it now rather than have ClickHouse refuse one block after another.
             return self._fall_back(job, None)
+        native = False
         if fast:
-            plan, data, params = self._fast_block(job)  # outside the try: a bug here is not a refusal
+            try:  # outside the insert's try: a bug here is not a refusal
+                plan, data, params, native = self._fast_block(job)
+            except avro_block.NativeRefused as exc:  # a record failed a check: as if ClickHouse refused
+                return self._fall_back(job, exc)
         try:
-            if fast:
+            if native:
+                self._store.call(lambda c: avro_block.insert_native(c, plan, data, params["lf_token"]))
+            elif fast:
                 self._store.call(lambda c: avro_block.insert_block(c, plan, data, params))
             else:
                 p, run = job.runs[0]
@@ -860,6 +904,8 @@ class Sink:
             self.rows_inserted += job.rows
             if fast:
                 self.fast_rows += job.rows
+            if native:
+                self.native_rows += job.rows
         dead = [d.reason for _, r in job.runs for d in r.dead]
         first, seconds = job.runs[0], time.perf_counter() - started
         self.hooks.landed(first[0].topic, first[1].table, job.rows, seconds, fast, dead)
@@ -867,18 +913,22 @@ class Sink:
         self.last_insert_at = datetime.now(UTC)
         return True
 
-    def _fast_block(self, job: _Job) -> tuple[avro_block.Plan, bytes, dict[str, Any]]:
-        """A fast job's Avro block (every run's records, one writer schema) and INSERT parameters."""
+    def _fast_block(self, job: _Job) -> tuple[avro_block.Plan, bytes, dict[str, Any], bool]:
+        """A fast job's block (every run's records, one writer schema), INSERT parameters, and
+        whether the block is RowBinary (checked by the C transcoder: raises NativeRefused when a
+        record fails a check) or Avro (checked by ClickHouse)."""
         assert job.route is not None
         plan = job.route.plan
         topic = job.runs[0][0].topic
         runs = [avro_block.Run(p.partition, r.offsets, r.values) for p, r in job.runs]
         params = avro_block.parameters_of_runs(topic, [(p.partition, r.first, r.last) for p, r in job.runs], job.token)
-        return plan, avro_block.block_of_runs(plan, topic, runs), params
+        if self.native and plan.native is not None:
+            return plan, avro_block.native_block(plan, topic, runs), params, True
+        return plan, avro_block.block_of_runs(plan, topic, runs), params, False
 
     def _fall_back(self, job: _Job, exc: Exception | None) -> list[_Job]:
-        """ClickHouse refused a fast block (`exc`; None: not tried, see `_attempt`): nothing of it
-        landed. Decode it; its row runs replace it.
+        """ClickHouse or the C transcoder refused a fast block (`exc`; None: not tried, see
+        `_attempt`): nothing of it landed. Decode it; its row runs replace it.
 
         The decoded records go through the row path: poison becomes dead letters with the
         Codec's reason, valid records land, in offset order (2), with tokens of their own runs,
@@ -1298,6 +1348,7 @@ class Sink:
             "insert_failures": self.insert_failures,
             "fast_rows": self.fast_rows,
             "fast_fallbacks": self.fast_fallbacks,
+            "native_rows": self.native_rows,
             "commit_failures": self.commit_failures,
             "last_insert_at": self.last_insert_at.isoformat() if self.last_insert_at else None,
             "last_error": self.last_error,

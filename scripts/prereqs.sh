@@ -22,4 +22,10 @@ else
 fi
 command -v mvn >/dev/null 2>&1 || need "Maven (fetches the Kafka jars from Maven Central)" "apt-get install maven"
 command -v redis-server >/dev/null 2>&1 || need "redis-server (rate limits shared by gateway replicas)" "apt-get install redis-server"
+# Not fatal: without them the C hot paths are skipped (setup.py marks them optional) and their
+# pure-Python twins run, slower.
+if ! command -v gcc >/dev/null 2>&1 || [ ! -f /usr/include/openssl/sha.h ]; then
+  echo "ledgerflow: note: gcc or OpenSSL headers missing: the C hot paths will not be built" >&2
+  echo "  fix: apt-get install gcc libssl-dev" >&2
+fi
 exit $fail

@@ -161,6 +161,7 @@ def test_a_dead_inserter_commits_nothing_and_raises(
         raise RuntimeError("a bug while building a block")
 
     monkeypatch.setattr(avro_block, "block_of_runs", broken)
+    monkeypatch.setattr(avro_block, "native_block", broken)  # the RowBinary block, when the C transcoder is on
     sink = new_sink(group=group)
     deadline = time.monotonic() + 30
     with pytest.raises(SinkError, match="inserter thread failed"):
