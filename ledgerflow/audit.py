@@ -397,6 +397,48 @@ LOG_TIMEOUT = 600.0  # s to read the log to its end: a hang guard (1M entries ta
 _LOG_KINDS = (("audit", AUDIT), ("ledger", ENTRY))
 
 
+def _reverify_from_log(
+    settings: Settings,
+    tenant: str | None,
+    timeout: float,
+    partitions: Collection[int] | None,
+    slow: list[str],
+    key: VerifierKey,
+) -> dict[str, VerifyReport]:
+    """The Python verifier's reports for the chains a fast path could not call sound, read
+    again from the log; a chain the second read no longer finds (a retention cut between the
+    reads) fails, rather than dropping out of the report."""
+    chains = from_log(settings, tenant, timeout, partitions=partitions)
+    out = {r.tenant or "": r for r in verify({t: chains[t] for t in slow if t in chains}, key)}
+    for t in slow:
+        if t not in out:
+            out[t] = VerifyReport(
+                False, t, 0, 0, 0, "", bad_seq=0, reason="chain not found when the log was read again"
+            )
+    return out
+
+
+def _checkpoint_of(value: bytes | None) -> LedgerCheckpointSigned | None:
+    """A checkpoints-topic record as `from_log` files it: None for poison (skipped, as the
+    dead-letter topic has it); `LogNotReadable` for anything but a checkpoint, since `from_log`
+    files an audit record or entry into its chain whatever topic it is on, even one whose
+    envelope the codec refuses (its field readers skip those checks), and only Python
+    reproduces that."""
+    codec, readers = _decoders()
+    try:
+        if readers.read(value) is not None:
+            raise LogNotReadable("an audit record or ledger entry on the checkpoints topic")
+    except AvroDecodeError:
+        return None
+    try:
+        event = codec.decode(value)
+    except PoisonEvent:
+        return None
+    if not isinstance(event, LedgerCheckpointSigned):
+        raise LogNotReadable(f"a {event.event_type} on the checkpoints topic")
+    return event
+
+
 class LogNotReadable(Exception):
     """The log holds a record the ClickHouse path does not read exactly as Python does."""
 
@@ -563,17 +605,12 @@ def _read_log(
 
     with ThreadPoolExecutor(max_workers=len(_LOG_KINDS)) as pool:
         running = {kind: pool.submit(write, kind, name) for kind, name in _LOG_KINDS}
-        codec = _decoders()[0]
         cps: dict[str, list[LedgerCheckpointSigned]] = {}
         for batch in scan_raw(settings.bootstrap, [topics.name("ledger-checkpoints")], timeout, partitions=partitions):
             for value in batch.values:
-                try:
-                    event = codec.decode(value)
-                except PoisonEvent:
-                    continue  # as from_log: the dead-letter topic has it
-                if not isinstance(event, LedgerCheckpointSigned):
-                    raise LogNotReadable(f"a {event.event_type} on the checkpoints topic")
-                cps.setdefault(event.tenant, []).append(event)
+                event = _checkpoint_of(value)
+                if event is not None:
+                    cps.setdefault(event.tenant, []).append(event)
         files = {kind: future.result() for kind, future in running.items()}
     return files, cps
 
@@ -700,8 +737,7 @@ def verify_log_sql(
     reports, slow = _judge(rows, cps, key)
     lap("Merkle roots and signatures")
     if slow:
-        chains = from_log(settings, tenant, timeout, partitions=partitions)
-        reports.update((r.tenant or "", r) for r in verify({t: chains[t] for t in slow if t in chains}, key))
+        reports.update(_reverify_from_log(settings, tenant, timeout, partitions, slow, key))
         lap("unsound chains in Python")
     return [reports[t] for t in sorted(reports)], sorted(slow)
 
@@ -854,7 +890,6 @@ def verify_log_native(
             stop.set()  # the other topic's read stops too: the result is thrown away
             raise
 
-    codec = _decoders()[0]
     cps: dict[str, list[LedgerCheckpointSigned]] = {}
     with _no_gc(), ThreadPoolExecutor(max_workers=2) as pool:
         running = [pool.submit(read, "audit", verifier.add_audits), pool.submit(read, "ledger", verifier.add_entries)]
@@ -864,13 +899,8 @@ def verify_log_native(
                 for msg in batch:
                     if msg.error() is not None or (wanted is not None and msg.key() != wanted):
                         continue
-                    try:
-                        event = codec.decode(msg.value())
-                    except PoisonEvent:
-                        continue  # as from_log: the dead-letter topic has it
-                    if not isinstance(event, LedgerCheckpointSigned):
-                        raise LogNotReadable(f"a {event.event_type} on the checkpoints topic")
-                    if tenant is None or event.tenant == tenant:
+                    event = _checkpoint_of(msg.value())
+                    if event is not None and (tenant is None or event.tenant == tenant):
                         cps.setdefault(event.tenant, []).append(event)
             # the signatures, while the other two topics are still being read
             problems = {id(cp): check_checkpoint_event(cp, key) for due in cps.values() for cp in due}
@@ -896,8 +926,7 @@ def verify_log_native(
     slow.extend(t for t in cps if t not in reports and t not in slow)
     lap("Merkle roots and checkpoints")
     if slow:
-        chains = from_log(settings, tenant, timeout, partitions=partitions)
-        reports.update((r.tenant or "", r) for r in verify({t: chains[t] for t in slow if t in chains}, key))
+        reports.update(_reverify_from_log(settings, tenant, timeout, partitions, slow, key))
         lap("unsound chains in Python")
     return [reports[t] for t in sorted(reports)], sorted(slow)
 
@@ -917,7 +946,7 @@ def _sound_chain(
     by_size: dict[int, list[LedgerCheckpointSigned]] = {}
     for cp in checkpoints:
         by_size.setdefault(cp.tree_size, []).append(cp)
-    if any(size > n or size == 0 for size in by_size):
+    if any(not 0 < size <= n for size in by_size):  # a forged size (0, negative, past the end): Python says why
         return None
     roots = roots_at(sorted({*by_size, n}))
     checked = 0

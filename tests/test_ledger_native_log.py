@@ -10,13 +10,25 @@ reads it (by Kafka key, then envelope tenant). Run with LEDGERFLOW_NATIVE=0 thes
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+from confluent_kafka import Producer
 
 from domain.checkpoint import SigningKey, generate_key
 from ledgerflow import audit
 from ledgerflow.settings import load
-from streams.events import AuditRecorded
-from tests.test_ledger_verify_log import EXPECTED, QUOTED, encoded, ledger_topics, produce_log, tampered
+from streams.events import AuditRecorded, LedgerCheckpointSigned
+from tests.test_ledger_verify_log import (
+    CODEC,
+    EXPECTED,
+    QUOTED,
+    encoded,
+    entry_of,
+    ledger_topics,
+    produce_log,
+    tampered,
+)
 from tests.test_ledger_verify_sql import chain_events
 
 pytestmark = [
@@ -67,3 +79,33 @@ def test_a_record_it_cannot_read_exactly_sends_the_whole_log_to_python(kafka_boo
         audit.verify_log_native(settings, key.verifier)
     run = audit.run_verify(settings, key.verifier, "log")
     assert (run.reports, run.verifier, run.by_python) == (python, "native", ("acme",))
+
+
+def test_an_entry_on_the_checkpoints_topic_and_a_negative_checkpoint_size_get_pythons_reports(
+    kafka_bootstrap: str, key: SigningKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review findings: `from_log` files an audit record or entry into its chain whatever topic
+    it is on, even one whose envelope the codec refuses, so a fork of seq 5 placed on the
+    checkpoints topic breaks the chain for Python and must for the fast paths too; and a
+    forged checkpoint of size -1 made the native path raise instead of reporting."""
+    events = chain_events("acme", 12, key)
+    fork = entry_of(events, 5)
+    forged = replace(
+        fork, audit_sha256="f" * 64, entry_hash="e" * 64, envelope=replace(fork.envelope, event_type="Bogus")
+    )
+    bogus = CODEC.encode(forged)  # not a redelivery of seq 5 (those collapse): a fork
+    cp = next(e for e in events if isinstance(e, LedgerCheckpointSigned))
+    negative = CODEC.encode(replace(cp, tree_size=-1))
+    for extra, reason in ((bogus, "out of order"), (negative, "covers -1 entries")):
+        topics = ledger_topics(kafka_bootstrap)
+        settings = produce_log(kafka_bootstrap, topics, encoded(events))
+        producer = Producer({"bootstrap.servers": kafka_bootstrap})
+        producer.produce(topics.name("ledger-checkpoints"), key=b"acme", value=extra)
+        assert producer.flush(30) == 0
+        python = audit.verify(audit.from_log(settings), key.verifier)
+        assert not python[0].ok and reason in (python[0].reason or ""), python
+        assert audit.run_verify(settings, key.verifier, "log").reports == python
+        with monkeypatch.context() as m:  # the ClickHouse path had the first hole too
+            m.setenv("LEDGERFLOW_NATIVE", "0")
+            run = audit.run_verify(settings, key.verifier, "log")
+            assert (run.reports, run.verifier) == (python, "clickhouse")
