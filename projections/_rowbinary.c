@@ -451,7 +451,11 @@ static PyObject *transcode(PyObject *self, PyObject *args) {
     int rc = 0;
     /* rows are rarely more than 1.5x their records: written straight into a bytes object */
     size_t estimate = total + total / 2 + (size_t)count * (size_t)(tail.len + 8) + 4096;
-    if (estimate > (size_t)PY_SSIZE_T_MAX || (out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)estimate)) == NULL)
+    if (estimate > (size_t)PY_SSIZE_T_MAX) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if ((out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)estimate)) == NULL)
         goto done;
     b.p = PyBytes_AS_STRING(out);
     b.cap = estimate;

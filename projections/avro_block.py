@@ -368,7 +368,7 @@ def plan(writer: Writer, table_types: Mapping[str, str], sync: bytes | None = No
     cols = ", ".join(columns)
     select = (
         f"INSERT INTO {table} ({cols}) SETTINGS insert_deduplication_token = {{lf_token:String}}, "
-        f"max_block_size = {READ_BLOCK_ROWS}, compile_expressions = 0 "
+        f"max_block_size = {READ_BLOCK_ROWS}, min_insert_block_size_bytes = 0, compile_expressions = 0 "
         f"SELECT {', '.join(exprs[c] for c in columns)} FROM {{source}} "
         f"WHERE throwIf(NOT ({' AND '.join(checks)}), {_quote_string(REFUSED)}) = 0"
     )
@@ -567,6 +567,9 @@ def native_plan(writer: Writer, table_types: Mapping[str, str]) -> Native:
     order = [*names, *writer.defaults, *(m for m, _ in META_FIELDS)]
     if len(set(order)) != len(order) or set(order) != wanted or any(c not in table_types for c in order):
         raise Unsupported(f"{writer.event_type}: writer fields and defaults do not cover {table}'s columns")
+    checked = {*_ENVELOPE_KINDS, "occurred_at"}.intersection(writer.defaults)
+    if checked:  # a default is written as is: one of these would skip the checks the Codec makes on it
+        raise Unsupported(f"{writer.event_type}: an older writer without {sorted(checked)}")
     program = bytes(_field_op(f["name"], f["type"], table_types[f["name"]]) for f in writer.fields)
     try:
         defaults = b"".join(encode_value(v, table_types[n]) for n, v in writer.defaults.items())
@@ -580,7 +583,8 @@ def native_plan(writer: Writer, table_types: Mapping[str, str]) -> Native:
     structure = ", ".join(f"{c} {_read_type(table_types[c])}" for c in order)
     insert = (
         f"INSERT INTO {table} ({', '.join(order)}) SETTINGS insert_deduplication_token = {{lf_token:String}}, "
-        f"max_block_size = {READ_BLOCK_ROWS}, min_insert_block_size_rows = {READ_BLOCK_ROWS + 1} {{source}}"
+        f"max_block_size = {READ_BLOCK_ROWS}, min_insert_block_size_rows = {READ_BLOCK_ROWS + 1}, "
+        f"min_insert_block_size_bytes = 0 {{source}}"
     )
     return Native(writer.header, writer.event_type.encode(), program, defaults, tuple(order), structure, insert)
 

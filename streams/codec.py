@@ -161,8 +161,11 @@ class Codec:
                 raise PoisonEvent("missing-tenant")
             if env.event_type != expected_type:
                 raise PoisonEvent("type-mismatch", f"envelope says {env.event_type}, schema is {expected_type}")
-            try:
-                canonical = (env.event_id + env.correlation_id).encode().translate(_HEX_TO_X) == _TWO_UUIDS
+            try:  # both 36 long: a 35 + 37 pair would line up as two canonical ids in the join
+                canonical = (
+                    len(env.event_id) == 36
+                    and (env.event_id + env.correlation_id).encode().translate(_HEX_TO_X) == _TWO_UUIDS
+                )
             except (TypeError, AttributeError, ValueError):
                 canonical = False
             if not canonical:

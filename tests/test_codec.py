@@ -76,6 +76,22 @@ def test_malformed_id_is_poison() -> None:
     assert exc.value.reason == "malformed-id"
 
 
+def test_ids_of_35_and_37_characters_are_poison_though_they_join_into_two_canonical_ones() -> None:
+    """Review finding: the fast check compared event_id + correlation_id as one 72-character
+    string, so a 35- and a 37-character id that line up passed (the reference path refuses)."""
+    event = factories.charge()
+    env = dataclasses.replace(
+        event.envelope,
+        event_id="12345678-1234-1234-1234-12345678901",
+        correlation_id="a12345678-1234-1234-1234-123456789012",
+    )
+    bad = CODEC.encode(dataclasses.replace(event, envelope=env))
+    for codec in (CODEC, Codec(fast=False)):
+        with pytest.raises(PoisonEvent) as exc:
+            codec.decode(bad)
+        assert exc.value.reason == "malformed-id"
+
+
 def test_bytes_of_an_earlier_release_decode_into_todays_event() -> None:
     """Facts are kept forever: PolicyDecided v1 bytes (before obligations) still read, with defaults."""
     from streams.evolution import load_fixtures
