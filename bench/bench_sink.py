@@ -3,7 +3,7 @@
 Run: .venv/bin/python bench/bench_sink.py [--events 1000000] [--bootstrap 127.0.0.1:19292]
      [--row-events 200000] [--fresh-rate 5000] [--fresh-seconds 20] [--fresh-sinks 5000/200,20000/200]
      [--sink-batches 5000/200,20000/200] [--skip-replay] [--baseline DIR] [--block-rows 50000]
-     [--pair-rows 50000]
+     [--pair-rows 50000] [--replay-only [--replay-reps 3] [--replay-batch-max N]]
 
 `--baseline DIR`: DIR holds another checkout (e.g. `git archive HEAD | tar -x -C DIR`); its
 `projections/sink.py` and `avro_block.py` are loaded beside this tree's and every sink,
@@ -35,10 +35,11 @@ machine even where the absolute figures do not:
 4. The sink's row path (`fast=False`: Codec decode + row insert, what issue 10 started from)
    on the first `--row-events` records of the same topics.
 5. Replay (`projections.replay.ReplayJob`, i.e. `ledgerflow replay`'s job) of every table
-   into a fresh database (the baseline's replay with the baseline's `Keep`, else its fast path
-   is off; before round four it was, and baseline replay rows measured the row path): rows/s
-   from its start to done (migrations and the end-offset capture included), then `check`
-   against the sink's database (must be equal).
+   into a fresh database (a baseline row runs the baseline's own `replay.py` with its own Sink
+   and `Keep`): rows/s from its start to done (migrations and the end-offset capture
+   included), the wall seconds of each of the job's phases, then `check` against the sink's
+   database (must be equal). `--replay-only`: produce, then only `--replay-reps` rounds of
+   replays (alternating who goes first), each checked against the first replay's database.
 6. Freshness: a separate producer process sends `--fresh-rate` events/s for `--fresh-seconds`
    with `occurred_at` = the moment of sending, while one sink (each `--fresh-sinks`
    batch_max/batch_ms) runs in a thread; each
@@ -77,9 +78,9 @@ from confluent_kafka import Consumer, Producer
 import projections.replay as replay_module
 from projections import avro_block
 from projections.migrations import migrate
-from projections.replay import ReplayJob, ReplayRequest, check, known_tables
+from projections.replay import check, known_tables
 from projections.schema import DEAD_LETTERS, event_tables, table_for
-from projections.sink import Keep, Sink
+from projections.sink import Sink, tune_gc
 from projections.store import open_store
 from streams.admin import admin, ensure_topics
 from streams.codec import Codec
@@ -111,7 +112,102 @@ def load_baseline(tree: Path) -> tuple[type[Sink], Any]:
     src = src.replace("from projections import avro_block\n", "import baseline_avro_block as avro_block\n")
     exec(compile(src, str(tree / "projections" / "sink.py"), "exec"), sk.__dict__)
     cls: type[Sink] = sk.Sink
+    rp = types.ModuleType("baseline_replay")
+    sys.modules[rp.__name__] = rp
+    src = (tree / "projections" / "replay.py").read_text()
+    src = src.replace("from projections.sink import Keep, Sink\n", "from baseline_sink import Keep, Sink\n")
+    exec(compile(src, str(tree / "projections" / "replay.py"), "exec"), rp.__dict__)
+    BASELINE_REPLAY[0] = rp
     return cls, ab
+
+
+REPLAY_BATCH_MAX: list[int] = [0]  # --replay-batch-max (0: each ReplayJob's default)
+BASELINE_REPLAY: list[Any] = [None]  # the baseline's projections.replay module (load_baseline), if any
+
+
+def replay_once(name: str, cls: type[Sink], url: str, bootstrap: str, topics: Topics, into: str) -> dict[str, Any]:
+    """One ReplayJob of every table into `into`: the baseline's own job (and Sink) for a baseline
+    row, else this tree's (an "avro " row with LEDGERFLOW_NATIVE=0). Leaves its CPU seconds in CPU[0]."""
+    module = BASELINE_REPLAY[0] if name == "baseline " else replay_module
+    job = module.ReplayJob(
+        module.ReplayRequest(into, tuple(known_tables())),
+        store_url=url,
+        bootstrap=bootstrap,
+        topics=topics,
+        **({"batch_max": REPLAY_BATCH_MAX[0]} if REPLAY_BATCH_MAX[0] else {}),
+    )
+    phases: dict[str, float] = {}
+    stop = threading.Event()
+
+    def sample() -> None:  # wall time per phase of the job's status, sampled every 5 ms
+        last = time.perf_counter()
+        while not stop.wait(0.005):
+            now = time.perf_counter()
+            phase = job.status()["phase"]
+            phases[phase] = phases.get(phase, 0.0) + now - last
+            last = now
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    sampler.start()
+    try:
+        with path_env(name):
+            status: dict[str, Any] = job.run()
+    finally:
+        stop.set()
+        sampler.join()
+    status["secs"] = time.perf_counter() - t0
+    CPU[0] = time.process_time() - c0
+    status["phases"] = ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
+    return status
+
+
+def replay_rows(
+    impls: list[tuple[str, type[Sink]]], url: str, bootstrap: str, topics: Topics, n: int, reps: int,
+    record: Any, reference: str | None,
+) -> None:  # fmt: skip
+    """`reps` rounds of one replay per implementation (alternating who goes first); each rebuilt
+    database is checked against `reference` (the sink's database, or else the first replay's)
+    and then dropped. Why its own step: replay's fixed costs (migrations, end offsets, the
+    group join or the assignment) are part of what `ledgerflow replay` costs, so it is timed
+    end to end, and side by side with the baseline in one run (the box is shared)."""
+    ref_client = open_store(url, "default")
+
+    def run_sql(sql: str) -> str:
+        return bytes(ref_client.raw_query(sql, fmt="TabSeparated")).decode()
+
+    made: list[str] = []
+    try:
+        for r in range(reps):
+            for name, cls in impls if r % 2 == 0 else impls[::-1]:
+                into = f"bench_replay_{uuid.uuid4().hex[:8]}"
+                made.append(into)
+                status = replay_once(name, cls, url, bootstrap, topics, into)
+                secs = status["secs"]
+                rows = int(status["rows"]) + int(status["dead_letters"])
+                assert rows == n, status
+                label = f"{name}replay"
+                record(label, n / secs)
+                record(label + " cpu", CPU[0] / n * 1e6)
+                print(
+                    f"{name + 'replay (ReplayJob, all tables)':48s} {n / secs:>12,.0f} events/s  ({secs:.2f} s end to "
+                    f"end, consuming at {status['rate_per_s']:,.0f} offsets/s, cpu {CPU[0] / n * 1e6:.1f} µs/event, "
+                    f"load {os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
+                print(f"    seconds per phase: {status['phases']}")
+                if reference is None:
+                    reference = into
+                    continue
+                report = check(run_sql, reference, into)
+                print(f"{name}replay --check against {reference}: {'equal' if report.equal else 'DIFFERENT'}")
+                assert report.equal, report.render()
+                ref_client.command(f"DROP DATABASE IF EXISTS {into} SYNC")
+                made.remove(into)
+    finally:
+        for db in made:
+            ref_client.command(f"DROP DATABASE IF EXISTS {db} SYNC")
+        ref_client.close()
 
 
 @contextlib.contextmanager
@@ -386,6 +482,7 @@ def steady_producer(bootstrap: str, prefix: str, partitions: int, rate: int, sec
 
 
 def main() -> None:
+    tune_gc()  # as the projections service does at start (both sides of every comparison run with it)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--bootstrap", default="127.0.0.1:19292")
@@ -395,6 +492,13 @@ def main() -> None:
     ap.add_argument("--fresh-seconds", type=float, default=20.0)
     ap.add_argument("--fresh-sinks", default="20000/200", help="batch_max/batch_ms sinks to measure freshness of")
     ap.add_argument("--skip-replay", action="store_true")
+    ap.add_argument(
+        "--replay-only",
+        action="store_true",
+        help="produce, then only the replay rows (--replay-reps rounds, checked against the first replay)",
+    )
+    ap.add_argument("--replay-reps", type=int, default=1, help="replays per implementation")
+    ap.add_argument("--replay-batch-max", type=int, default=0, help="ReplayJob batch_max, both sides (0: default)")
     ap.add_argument("--sink-batches", default="5000/200,20000/200", help="batch_max/batch_ms runs")
     ap.add_argument("--chdb", default=None, help="chDB directory (default: a temporary one, removed)")
     ap.add_argument("--baseline", type=Path, default=None, help="another checkout to measure side by side")
@@ -408,6 +512,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     n = args.events
+    REPLAY_BATCH_MAX[0] = args.replay_batch_max
     impls: list[tuple[str, type[Sink]]] = [("", Sink)]
     blocks: list[tuple[str, Any]] = [("", avro_block)]
     if args.baseline is not None:
@@ -435,19 +540,24 @@ def main() -> None:
         secs = produce(args.bootstrap, topics, n)
         print(f"produced {n:,} events in {secs:.1f} s ({n / secs:,.0f}/s, build + encode + produce)")
 
+        if args.replay_only:
+            fresh_database(url, "bench_warm").command("DROP DATABASE IF EXISTS bench_warm SYNC")  # chDB start-up
+            replay_rows(impls, url, args.bootstrap, topics, n, args.replay_reps, record, None)
+            args.block_rows = args.pair_rows = 0
+            args.skip_replay, args.row_events, args.sink_batches, args.fresh_sinks = True, 0, "", ""
         if args.block_rows:
             block_insert(url, blocks, args.block_rows, args.block_reps)
         if args.pair_rows:
             pair_insert(url, args.pair_rows, args.block_reps)
 
-        for tuned in (True, False):
+        for tuned in (True, False) if not args.replay_only else ():
             secs = bare_loop(args.bootstrap, topics, n, tuned)
             key = "bare" if tuned else "bare (librdkafka default fetch)"
             record(key, n / secs)
             print(f"{key:48s} {n / secs:>12,.0f} events/s  ({secs:.2f} s, cpu {CPU[0] / n * 1e6:.1f} µs/event)")
 
         live_db, live_client = "", None
-        specs = args.sink_batches.split(",")
+        specs = [x for x in args.sink_batches.split(",") if x]
         for k, spec in enumerate(specs):
             batch_max, batch_ms = (int(x) for x in spec.split("/"))
             # alternate who goes first, and drop each database after its run: background merges
@@ -499,42 +609,7 @@ def main() -> None:
 
         if not args.skip_replay:
             assert live_client is not None
-
-            def run_sql(sql: str) -> str:
-                return bytes(live_client.raw_query(sql, fmt="TabSeparated")).decode()
-
-            for name, cls in impls:
-                into = f"bench_replay_{uuid.uuid4().hex[:8]}"
-                job = ReplayJob(
-                    ReplayRequest(into, tuple(known_tables())), store_url=url, bootstrap=args.bootstrap, topics=topics
-                )
-                groups.append(job.group)
-                replay_module.Sink = cls  # type: ignore[misc]
-                # the baseline's Sink takes the fast path only with its own Keep class (isinstance):
-                # with ours it replayed by the row path (rounds two and three measured that)
-                replay_module.Keep = sys.modules[cls.__module__].Keep  # type: ignore[misc]
-                try:
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    with path_env(name):
-                        status = job.run()
-                    secs = time.perf_counter() - t0
-                    CPU[0] = time.process_time() - c0
-                finally:
-                    replay_module.Sink = Sink  # type: ignore[misc]
-                    replay_module.Keep = Keep  # type: ignore[misc]
-                rows = int(status["rows"]) + int(status["dead_letters"])
-                assert rows == n, status
-                label = f"{name}replay"
-                record(label, n / secs)
-                record(label + " cpu", CPU[0] / n * 1e6)
-                print(
-                    f"{name + 'replay (ReplayJob, all tables)':48s} {n / secs:>12,.0f} events/s  ({secs:.2f} s end to "
-                    f"end, consuming at {status['rate_per_s']:,.0f} offsets/s, cpu {CPU[0] / n * 1e6:.1f} µs/event, "
-                    f"load {os.getloadavg()[0]:.1f})"
-                )
-                report = check(run_sql, live_db, into)
-                print(f"{name}replay --check against the sink's database: {'equal' if report.equal else 'DIFFERENT'}")
-                assert report.equal, report.render()
+            replay_rows(impls, url, args.bootstrap, topics, n, args.replay_reps, record, live_db)
 
         # freshness: produced → visible at a steady rate
         for spec in [x for x in args.fresh_sinks.split(",") if x]:
@@ -585,7 +660,8 @@ def main() -> None:
         for label, v in results.items():
             if not label.startswith("bare") and not label.endswith(" cpu"):
                 k = len(samples[label])
-                print(f"{label:48s} {v / results['bare']:.2f} x bare loop" + (f" (mean of {k})" if k > 1 else ""))
+                of_bare = f"{v / results['bare']:.2f} x bare loop" if "bare" in results else f"{v:,.0f}"
+                print(f"{label:48s} {of_bare}" + (f" (mean of {k})" if k > 1 else ""))
         for other in ("baseline ", "avro "):
             vs = "new vs baseline" if other == "baseline " else "native vs avro path"
             for label, v in results.items():
@@ -602,7 +678,7 @@ def main() -> None:
             for fut in client_admin.delete_topics(names, operation_timeout=30).values():
                 with contextlib.suppress(Exception):  # a DLQ topic nobody created
                     fut.result(30)
-            for fut in client_admin.delete_consumer_groups(groups, request_timeout=10).values():
+            for fut in (client_admin.delete_consumer_groups(groups, request_timeout=10) if groups else {}).values():
                 with contextlib.suppress(Exception):
                     fut.result(10)
         finally:

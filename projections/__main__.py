@@ -21,6 +21,7 @@ from domain.keys import KeyStore
 from projections.access import ReadAccess, load_or_create_token
 from projections.lag import WatchedGroup
 from projections.service import ProjectionService, serve
+from projections.sink import tune_gc
 from streams import telemetry
 from streams.topics import DEFAULT_PARTITIONS, Topics
 
@@ -81,6 +82,7 @@ def access_of(args: argparse.Namespace) -> ReadAccess:
 
 async def _main(args: argparse.Namespace) -> None:
     topics = Topics(args.topic_prefix, args.partitions)
+    tune_gc()  # the sink and replays are this process's hot path (see projections.sink.tune_gc)
     service = ProjectionService(
         store_url=args.store,
         database=args.database,

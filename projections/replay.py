@@ -3,8 +3,9 @@
 Why a Sink and not a bespoke loader: the rebuild must obey the same effectively-once protocol
 as the live projection (`projections/sink.py`, steps 1-5), so a replay that is interrupted and
 re-run into the same database continues where it stopped instead of doubling rows. A replay
-is a Sink with its own, unique consumer group, subscribed only to the topics that feed the
-tables asked for, and a `keep` filter that:
+is a Sink with no consumer group (it is assigned every non-empty partition of the topics that
+feed the tables asked for, from its start, and commits nothing: no join, no rebalance, no
+group left behind; ClickHouse is its record of progress), and a `keep` filter that:
 
 - drops rows of tables not asked for (a topic can feed several tables);
 - drops event rows with `occurred_at` < `since` (filtered at insert, so offsets and progress
@@ -43,6 +44,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -50,12 +52,12 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import TopicPartition
 
-from projections.migrations import migrate
+from projections.migrations import MIGRATIONS_TABLE, applied, discover, migrate
 from projections.schema import DEAD_LETTERS, event_tables, table_for
 from projections.sink import Keep, Sink
 from projections.store import check_identifier, open_store
-from streams.admin import admin
 from streams.clients import Consumer
+from streams.codec import Codec
 from streams.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,17 @@ _COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MASK64 = (1 << 64) - 1
 
 TP = tuple[str, int]
+
+# librdkafka settings of a reader to the end (as `streams.log_scan`'s): everything is there, so
+# ask again at once rather than wait for more data, and prefetch deep (the driver, not the
+# network, is the bottleneck: the Sink's own back-pressure still bounds what waits to be inserted)
+READER_FETCH: dict[str, Any] = {
+    "fetch.max.bytes": 64 * 1024 * 1024,
+    "max.partition.fetch.bytes": 16 * 1024 * 1024,
+    "fetch.wait.max.ms": 10,
+    "queued.min.messages": 1_000_000,
+    "queued.max.messages.kbytes": 256 * 1024,
+}
 
 
 # --- what to rebuild ---------------------------------------------------------------------
@@ -217,6 +230,30 @@ def target_check(store_url: str, request: ReplayRequest) -> None:
         client.close()
 
 
+def migrate_fresh(client: Client, database: str) -> list[int]:
+    """`migrate` for a database that has no migration applied: every file's statements, then ONE
+    insert recording them all (a database with any applied goes through `migrate`).
+
+    Why: `migrate` records each file with its own insert (15 of them, ~0.5 s on chDB, as much as
+    the DDL itself), a fixed cost of every replay. The recorded rows are the same; a replay
+    interrupted half-way records nothing and re-runs the (re-runnable, `IF NOT EXISTS`) DDL.
+    """
+    if applied(client, database):
+        return migrate(client, database)
+    migrations = discover()
+    for m in migrations:
+        for stmt in m.statements(database):
+            client.command(stmt)
+    now = datetime.now(UTC)
+    client.insert(
+        MIGRATIONS_TABLE,
+        [[m.version, m.name, m.checksum, now] for m in migrations],
+        column_names=["version", "name", "checksum", "applied_at"],
+        database=database,
+    )
+    return [m.version for m in migrations]
+
+
 # --- progress ------------------------------------------------------------------------------
 
 
@@ -330,8 +367,9 @@ class ReplayJob:
         self.batch_max = batch_max
         self.batch_ms = batch_ms
         self.group = group or f"ledgerflow-replay-{request.into}-{uuid.uuid4().hex[:8]}"
-        # partition EOF events let the sink see a partition's end even if its last offsets hold no record
-        self.consumer_config = {"enable.partition.eof": True, **(consumer_config or {})}
+        # partition EOF events let the sink see a partition's end even if its last offsets hold no
+        # record (a compacted-away tombstone; transaction markers also move the consumer's position)
+        self.consumer_config = {"enable.partition.eof": True, **READER_FETCH, **(consumer_config or {})}
         self.topic_names = topics_for(request.tables, topics)
         self._p = _Progress()
         self._lock = threading.Lock()
@@ -426,11 +464,16 @@ class ReplayJob:
                     dropper.command(f"DROP DATABASE IF EXISTS {req.into} SYNC")
                 finally:
                     dropper.close()
-            store = open_store(self.store_url, req.into)
-            refuse_if_held(store, req)  # the service checked at POST; this covers direct callers and races
-            migrate(store, req.into)
-            self._set(phase="capturing end offsets")
-            bounds = end_offsets(self.bootstrap, self.topic_names)
+            # While the DDL runs (chDB releases the GIL), capture the end offsets and compile the
+            # Sink's Codec (~0.2 s of Python) in two threads: fixed costs that used to add up.
+            with ThreadPoolExecutor(2, thread_name_prefix=f"replay-prep-{req.into}") as prep:
+                ends_at = prep.submit(end_offsets, self.bootstrap, self.topic_names)
+                codec_at = prep.submit(Codec)
+                store = open_store(self.store_url, req.into)
+                refuse_if_held(store, req)  # the service checked at POST; this covers direct callers and races
+                migrate_fresh(store, req.into)
+                self._set(phase="capturing end offsets")
+                bounds, codec = ends_at.result(), codec_at.result()
             ends = {tp: high for tp, (_low, high) in bounds.items()}
             done, total = progress(bounds, {})
             self._set(phase="assigning", total=total, done=done)
@@ -439,12 +482,17 @@ class ReplayJob:
                 self.group,
                 self.topics,
                 store,
+                codec,
                 batch_max=self.batch_max,
                 batch_ms=self.batch_ms,
                 consumer_config=self.consumer_config,
                 subscribe=self.topic_names,
                 keep=record_filter(req.tables, req.since, ends),
                 produce_dead_letters=False,
+                # no group: every partition with something to read, from its start (the database is
+                # empty, and step 1 would move a start up to what it holds); no commits either
+                assign={tp: low for tp, (low, high) in bounds.items() if high > low},
+                commit=False,
             )
             self._consume(sink, bounds, poll_timeout)
             if self._cancel.is_set():
@@ -453,7 +501,6 @@ class ReplayJob:
                 return self.status()
             sink.close()
             self._finish(DONE, sink, None)
-            _forget_group(self.bootstrap, self.group)
             log.info("replay into %s done: %s", req.into, self.status())
             return self.status()
         except Exception as exc:
@@ -500,16 +547,6 @@ class ReplayJob:
                 p.rows, p.dead_letters, p.refused = sink.rows_inserted, sink.dead_lettered, sink.refused
             if p.consuming_since is not None:
                 p.samples.append((time.monotonic(), p.done))
-
-
-def _forget_group(bootstrap: str, group: str) -> None:
-    """Delete the replay's consumer group (best effort): ClickHouse, not the group, records progress."""
-    try:
-        client = admin(bootstrap)  # keep a reference: a destroyed client resolves its futures empty
-        for fut in client.delete_consumer_groups([group], request_timeout=10).values():
-            fut.result(10)
-    except Exception as exc:
-        log.info("could not delete replay group %s (it expires on its own): %s", group, exc)
 
 
 # --- the check -------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from clickhouse_connect.driver.client import Client
 from ledgerflow import cli
 from ledgerflow.replay import progress_line
 from projections.access import ReadAccess
+from projections.migrations import MIGRATIONS_TABLE, migrate
 from projections.replay import (
     BadReplayRequest,
     ReplayJob,
@@ -31,6 +32,7 @@ from projections.replay import (
     check,
     finished,
     known_tables,
+    migrate_fresh,
     parse_request,
     progress,
     record_filter,
@@ -39,6 +41,7 @@ from projections.replay import (
 from projections.schema import DEAD_LETTERS, columns_for, event_to_row
 from projections.service import ProjectionService
 from projections.store import open_store
+from streams.admin import admin
 from streams.topics import Topics
 from tests.kafka_helpers import read_all
 from tests.test_projections_sink import (
@@ -120,6 +123,36 @@ def extra_dbs(chdb_url: str) -> Iterator[list[str]]:
     client.close()
 
 
+def _schema(client: Client, database: str) -> list[tuple[str, str, str]]:
+    """(table, engine, its CREATE statement with the database's name taken out) of every table."""
+    rows = client.query(
+        "SELECT name, engine, replaceAll(create_table_query, {db:String}, 'DB') FROM system.tables "
+        "WHERE database = {db:String} ORDER BY name",
+        parameters={"db": database},
+    ).result_rows
+    return [(str(n), str(e), str(q)) for n, e, q in rows]
+
+
+def test_migrate_fresh_builds_what_migrate_builds(chdb_url: str, extra_dbs: list[str]) -> None:
+    """The replay's one-insert migration: same tables, views and recorded migrations as `migrate`;
+    a database with migrations applied goes through `migrate` (nothing pending: nothing done)."""
+    tag = uuid.uuid4().hex[:8]
+    old, new = f"mig_old_{tag}", f"mig_new_{tag}"
+    extra_dbs.extend([old, new])
+    a, b = open_store(chdb_url, old), open_store(chdb_url, new)
+    try:
+        applied_now = migrate_fresh(b, new)
+        assert applied_now == migrate(a, old) and applied_now
+        assert _schema(b, new) == _schema(a, old)
+        recorded = f"SELECT version, name, checksum FROM {MIGRATIONS_TABLE} ORDER BY version"
+        assert b.query(recorded).result_rows == a.query(recorded).result_rows
+        assert migrate_fresh(b, new) == []
+        assert len(b.query(recorded).result_rows) == len(applied_now)
+    finally:
+        a.close()
+        b.close()
+
+
 def _replay(chdb_url: str, kafka_bootstrap: str, topics: Topics, into: str, **kw: Any) -> dict[str, Any]:
     req = ReplayRequest(into, tuple(kw.pop("tables", known_tables())), kw.pop("since", None))
     return ReplayJob(req, store_url=chdb_url, bootstrap=kafka_bootstrap, topics=topics, batch_ms=100, **kw).run()
@@ -143,6 +176,9 @@ def test_replay_rebuilds_equal_tables_and_check_finds_a_stray_row(
     extra_dbs.append(rebuilt)
     status = _replay(chdb_url, kafka_bootstrap, topics, rebuilt)
     assert status["state"] == "done" and status["error"] is None
+    # assigned, not subscribed, and nothing committed: the replay leaves no consumer group behind
+    listed = admin(kafka_bootstrap).list_consumer_groups(request_timeout=10).result(10)
+    assert status["group"] not in {g.group_id for g in listed.valid}
     assert status["done"] == status["total"] >= len(older + newer) + len(poison)
     assert status["rows"] == len(older + newer) and status["dead_letters"] == len(poison)
     b = open_store(chdb_url, rebuilt)
