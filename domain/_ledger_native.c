@@ -1224,16 +1224,17 @@ static PyObject *roots_list(const unsigned char *leaves, Py_ssize_t n, PyObject 
 }
 
 static PyObject *LogVerifier_roots(LogVerifier *self, PyObject *args) {
+    Py_ssize_t index;
     const char *tenant;
     Py_ssize_t tenant_len;
     PyObject *sizes;
-    if (!PyArg_ParseTuple(args, "s#O", &tenant, &tenant_len, &sizes))
+    if (!PyArg_ParseTuple(args, "ns#O", &index, &tenant, &tenant_len, &sizes))
         return NULL;
     lock_hard(self->entry_lock);
     PyObject *out = NULL;
-    Chain *found = NULL;
-    for (Py_ssize_t c = 0; c < self->chains.n; c++) {
-        Chain *ch = &self->chains.items[c];
+    Chain *found = NULL; /* by its row in chains(), not a scan: one lookup per chain, not one per pair */
+    if (index >= 0 && index < self->chains.n) {
+        Chain *ch = &self->chains.items[index];
         if (ch->tenant_len == tenant_len && memcmp(ch->tenant, tenant, (size_t)tenant_len) == 0)
             found = ch;
     }
@@ -1328,7 +1329,8 @@ static PyMethodDef LogVerifier_methods[] = {
      "Chain a batch of ledger-topic records; the reason the first one not handled was not, or None."},
     {"chains", (PyCFunction)LogVerifier_chains, METH_NOARGS,
      "[(tenant, entries, sound)] in first-seen order; checks the audit records (call once, after every batch)."},
-    {"roots", (PyCFunction)LogVerifier_roots, METH_VARARGS, "Merkle roots of a sound chain at ascending sizes."},
+    {"roots", (PyCFunction)LogVerifier_roots, METH_VARARGS,
+     "roots(index, tenant, sizes): Merkle roots of the sound chain in row `index` of chains() at ascending sizes."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -33,8 +33,9 @@ class LogVerifier:
     def chains(self) -> list[tuple[str, int, bool]]:
         """(tenant, entries, sound) per chain, after every batch was added."""
 
-    def roots(self, tenant: str, sizes: Sequence[int], /) -> list[bytes]:
-        """Merkle roots of a sound chain at ascending sizes (1..entries)."""
+    def roots(self, index: int, tenant: str, sizes: Sequence[int], /) -> list[bytes]:
+        """Merkle roots of the sound chain in row `index` of `chains()` (whose tenant must be
+        `tenant`) at ascending sizes (1..entries)."""
 
     @property
     def unhandled(self) -> str | None: ...

@@ -845,8 +845,8 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _native_roots(verifier: Any, tenant: str, sizes: list[int]) -> dict[int, bytes]:
-    return dict(zip(sizes, verifier.roots(tenant, sizes), strict=True))
+def _native_roots(verifier: Any, index: int, tenant: str, sizes: list[int]) -> dict[int, bytes]:
+    return dict(zip(sizes, verifier.roots(index, tenant, sizes), strict=True))
 
 
 def verify_log_native(
@@ -915,10 +915,10 @@ def verify_log_native(
     lap("read and hash the log")
     reports: dict[str, VerifyReport] = {}
     slow: list[str] = []
-    for t, n, sound in verifier.chains():
+    for i, (t, n, sound) in enumerate(verifier.chains()):
         report = None
         if sound:
-            report = _sound_chain(t, n, partial(_native_roots, verifier, t), cps.get(t, []), key, problems)
+            report = _sound_chain(t, n, partial(_native_roots, verifier, i, t), cps.get(t, []), key, problems)
         if report is None:
             slow.append(t)
         else:

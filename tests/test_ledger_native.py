@@ -290,8 +290,8 @@ def walk(events: list[Event], key: SigningKey) -> tuple[dict[str, Any], Any]:
         elif isinstance(e, AuditRecorded):
             chain.audits[e.envelope.event_id] = audit_canonical_bytes(e)
     out: dict[str, Any] = {}
-    for t, n, sound in verifier.chains():
-        roots_at = partial(audit._native_roots, verifier, t)
+    for i, (t, n, sound) in enumerate(verifier.chains()):
+        roots_at = partial(audit._native_roots, verifier, i, t)
         out[t] = audit._sound_chain(t, n, roots_at, cps.get(t, []), key.verifier) if sound else None
     return out, {r.tenant: r for r in audit.verify(chains, key.verifier)}
 
@@ -320,6 +320,10 @@ def test_batches_messages_and_the_tenant_filter() -> None:
     assert verifier.add_audits(audits, b"acme") is None
     assert verifier.counts == (25, 25)
     assert verifier.chains() == [("acme", 25, True)]
+    assert len(verifier.roots(0, "acme", [1, 25])) == 2  # a chain is named by its row and tenant
+    for row, tenant in ((1, "acme"), (-1, "acme"), (0, "globex")):
+        with pytest.raises(KeyError):
+            verifier.roots(row, tenant, [25])
     assert verifier.add_entries([b"\xc3\x01junk"]) is not None  # not handled: the caller goes to Python
     assert verifier.unhandled is not None
     with pytest.raises(AttributeError):  # neither bytes nor a Message: a clean error
