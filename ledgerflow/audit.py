@@ -63,11 +63,17 @@ from domain.ledger import (
 from domain.ledger_replay import collapse_redeliveries
 from domain.merkle import MerkleTree, frontier_root
 from ledgerflow.settings import Settings
-from streams.clients import Consumer
 from streams.codec import HEADER_LEN, MAGIC, Codec, PoisonEvent
 from streams.events import AuditRecorded, Envelope, LedgerCheckpointSigned, LedgerEntryChained, LedgerVerified
 from streams.ids import uuid7
-from streams.log_scan import AvroDecodeError, RecordReaders, assign_from_start, scan_raw, scan_to_end
+from streams.log_scan import (
+    AvroDecodeError,
+    RecordReaders,
+    assign_from_start,
+    reader_consumer,
+    scan_raw,
+    scan_to_end,
+)
 from streams.schemas import load_all
 from streams.topics import Topics
 
@@ -799,20 +805,7 @@ def _consume_batches(
 ) -> Iterator[list[Any]]:
     """The topic's records as consume() gives them (Messages, errors included), from the start to
     the end offsets seen now, until `stop` is set. Raises TimeoutError as `scan_to_end`."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"ledgerflow-verify-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": False,
-            "fetch.max.bytes": 64 * 1024 * 1024,
-            "max.partition.fetch.bytes": 16 * 1024 * 1024,
-            "fetch.wait.max.ms": 10,  # a reader to the end: ask again at once (see streams.log_scan)
-            "queued.min.messages": 1_000_000,
-            "queued.max.messages.kbytes": 256 * 1024,
-        }
-    )
+    consumer = reader_consumer(bootstrap, eof=False, name="verify")
     try:
         ends = assign_from_start(consumer, [topic], timeout, partitions, None, None)
         deadline = time.monotonic() + timeout

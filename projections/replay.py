@@ -58,6 +58,7 @@ from projections.sink import Keep, Sink
 from projections.store import check_identifier, open_store
 from streams.clients import Consumer
 from streams.codec import Codec
+from streams.log_scan import READER_FETCH
 from streams.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -72,18 +73,6 @@ _COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MASK64 = (1 << 64) - 1
 
 TP = tuple[str, int]
-
-# librdkafka settings of a reader to the end (as `streams.log_scan`'s): everything is there, so
-# ask again at once rather than wait for more data, and prefetch deep (the driver, not the
-# network, is the bottleneck: the Sink's own back-pressure still bounds what waits to be inserted)
-READER_FETCH: dict[str, Any] = {
-    "fetch.max.bytes": 64 * 1024 * 1024,
-    "max.partition.fetch.bytes": 16 * 1024 * 1024,
-    "fetch.wait.max.ms": 10,
-    "queued.min.messages": 1_000_000,
-    "queued.max.messages.kbytes": 256 * 1024,
-}
-
 
 # --- what to rebuild ---------------------------------------------------------------------
 

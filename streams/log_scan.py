@@ -71,7 +71,7 @@ def scan_to_end(
     Raises TimeoutError when the end is not reached within `timeout` seconds (callers rebuild
     or verify state from the result and must not take a prefix for the whole).
     """
-    consumer = _consumer(bootstrap, eof=True)
+    consumer = reader_consumer(bootstrap, eof=True)
     try:
         ends = assign_from_start(consumer, topics, timeout, partitions, start, ends_seen)
         if not ends:
@@ -125,7 +125,7 @@ def scan_raw(
 def _scan_topic_raw(
     bootstrap: str, topic: str, timeout: float, partitions: Collection[int] | None
 ) -> Iterator[RawBatch]:
-    consumer = _consumer(bootstrap, eof=False)
+    consumer = reader_consumer(bootstrap, eof=False)
     try:
         ends = assign_from_start(consumer, [topic], timeout, partitions, None, None)
         deadline = time.monotonic() + timeout
@@ -149,21 +149,29 @@ def _scan_topic_raw(
         consumer.close()
 
 
-def _consumer(bootstrap: str, eof: bool) -> Consumer:
+# librdkafka settings of a reader to the end, not a tailer (log scans, `audit verify`, replay):
+# everything is there, so ask again at once rather than wait for more data (the 500 ms default
+# stalls every small last fetch), and prefetch deep (the reader, not the network, is the bottleneck)
+READER_FETCH: dict[str, object] = {
+    "fetch.max.bytes": 64 * 1024 * 1024,
+    "max.partition.fetch.bytes": 16 * 1024 * 1024,
+    "fetch.wait.max.ms": 10,
+    "queued.min.messages": 1_000_000,
+    "queued.max.messages.kbytes": 256 * 1024,
+}
+
+
+def reader_consumer(bootstrap: str, eof: bool, name: str = "scan") -> Consumer:
+    """A consumer that reads committed records to the end under a throwaway group id (it never
+    joins: callers assign, see `assign_from_start`) and commits nothing."""
     return Consumer(
         {
             "bootstrap.servers": bootstrap,
-            "group.id": f"ledgerflow-scan-{uuid.uuid4()}",
+            "group.id": f"ledgerflow-{name}-{uuid.uuid4()}",
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
             "enable.partition.eof": eof,
-            "fetch.max.bytes": 64 * 1024 * 1024,
-            "max.partition.fetch.bytes": 16 * 1024 * 1024,
-            # a reader to the end, not a tailer: ask again at once rather than wait for more data
-            # (the 500 ms default stalls every small last fetch), and prefetch deep
-            "fetch.wait.max.ms": 10,
-            "queued.min.messages": 1_000_000,
-            "queued.max.messages.kbytes": 256 * 1024,
+            **READER_FETCH,
         }
     )
 
