@@ -38,6 +38,7 @@ from streams.evolution import load_fixtures
 from streams.ids import uuid7
 from streams.topics import Topics
 from tests import factories
+from tests.store_helpers import migrated_databases
 from tests.test_poison_fuzz import mutate
 from tests.test_projections_sink import counts, encoded, expected_counts, make_events, produce, run_until
 
@@ -67,16 +68,8 @@ BUILDERS = _builders()
 def two_stores(chdb_url: str) -> Iterator[tuple[Client, Client]]:
     """(row path database, fast path database), migrated once for the module; tests tell their rows
     apart by topic (`topic` fixture)."""
-    name = f"t_{uuid.uuid4().hex[:10]}"
-    clients = []
-    for db in (f"{name}_rows", f"{name}_fast"):
-        client = open_store(chdb_url, db)
-        migrate(client, db)
-        clients.append(client)
-    yield clients[0], clients[1]
-    for client in clients:
-        client.command(f"DROP DATABASE IF EXISTS {client.database}")
-        client.close()
+    with migrated_databases(chdb_url, "rows", "fast") as (first, second):
+        yield first, second
 
 
 @pytest.fixture

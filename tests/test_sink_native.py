@@ -35,6 +35,7 @@ from streams.events import Event
 from streams.ids import uuid7
 from streams.topics import Topics
 from tests import factories
+from tests.store_helpers import migrated_databases
 from tests.test_poison_fuzz import mutate
 from tests.test_projections_sink import counts, encoded, expected_counts, make_events, produce, run_until
 from tests.test_sink_avro import BUILDERS, CODEC, _contents, _corruptions, _old_versions, _plans, variants
@@ -299,16 +300,8 @@ def test_native_is_off_with_the_environment_variable(monkeypatch: pytest.MonkeyP
 
 @pytest.fixture(scope="module")
 def two_dbs(chdb_url: str) -> Iterator[tuple[Client, Client]]:
-    name = f"t_{uuid.uuid4().hex[:10]}"
-    clients = []
-    for db in (f"{name}_avro", f"{name}_rb"):
-        client = open_store(chdb_url, db)
-        migrate(client, db)
-        clients.append(client)
-    yield clients[0], clients[1]
-    for client in clients:
-        client.command(f"DROP DATABASE IF EXISTS {client.database}")
-        client.close()
+    with migrated_databases(chdb_url, "avro", "rb") as (first, second):
+        yield first, second
 
 
 def test_rowbinary_inserts_land_the_rows_avro_blocks_land(two_dbs: tuple[Client, Client]) -> None:
