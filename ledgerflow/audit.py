@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -139,6 +139,11 @@ def from_log(
     codec, readers = _decoders()
     keys = None if tenant is None else [tenant.encode()]  # events are keyed by tenant
     chains: dict[str, Chain] = {}
+    # A chain's entries in a fixed order whatever order the reads interleave in: the ledger
+    # topic's, then any found on the audit or checkpoints topics (a fork placed there), each
+    # topic partition by partition in offset order; the segments are joined at the end.
+    rank = {topics.name("ledger"): 0, names[0]: 1, names[2]: 2}
+    segments: dict[str, dict[tuple[int, int], list[Any]]] = {}
     new_entry = LedgerEntry
     for msg in scan_to_end(settings.bootstrap, names, timeout, partitions=partitions, keys=keys):
         value = msg.value()
@@ -159,7 +164,7 @@ def from_log(
             if chain is None:
                 chain = chains[owner] = Chain(owner)
             if name == ENTRY:
-                chain.entries.append(new_entry(v[1], v[2], v[3], v[4], v[5], v[6]))
+                _segment(segments, owner, rank, msg).append(new_entry(v[1], v[2], v[3], v[4], v[5], v[6]))
             else:
                 chain.audits[env["event_id"]] = audit_canonical_bytes_from_record(v)
             continue
@@ -173,10 +178,24 @@ def from_log(
         if isinstance(event, AuditRecorded):
             chain.audits[event.envelope.event_id] = audit_canonical_bytes(event)
         elif isinstance(event, LedgerEntryChained):
-            chain.entries.append(LedgerEntry.of(event))
+            _segment(segments, event.tenant, rank, msg).append(LedgerEntry.of(event))
         elif isinstance(event, LedgerCheckpointSigned):
             chain.checkpoints.append(event)
+    for owner, parts in segments.items():
+        chains[owner].entries = [e for where in sorted(parts) for e in parts[where]]
     return chains
+
+
+def _segment(
+    segments: dict[str, dict[tuple[int, int], list[Any]]], owner: str, rank: Mapping[str, int], msg: Any
+) -> list[Any]:
+    """The list for `owner`'s entries from `msg`'s (topic, partition), made on first use."""
+    parts = segments.setdefault(owner, {})
+    where = (rank[msg.topic()], msg.partition())
+    part = parts.get(where)
+    if part is None:
+        part = parts[where] = []
+    return part
 
 
 def read_client(settings: Settings) -> Any:
