@@ -226,7 +226,7 @@ def from_store(client: Any, tenant: str | None = None) -> dict[str, Chain]:
         for row in result.result_rows:
             yield dict(zip(result.column_names, row, strict=True))
 
-    for row in rows(f"SELECT * FROM ledger_entry_chained {where} ORDER BY tenant, seq, _partition, _offset"):
+    for row in rows(f"SELECT * FROM ledger_entry_chained {where} ORDER BY tenant, seq, _partition, _offset, _topic"):
         chains.setdefault(row["tenant"], Chain(row["tenant"])).entries.append(LedgerEntry.from_mapping(row))
     for row in rows(f"SELECT * FROM audit_recorded {where}"):
         chain = chains.setdefault(row["tenant"], Chain(row["tenant"]))
