@@ -32,12 +32,17 @@ or straight against a ClickHouse server. Compare a quiet system: rows the live s
 after the replay captured its end offsets show up at the tail of their partitions.
 Everything here except `ReplayJob`, `end_offsets` and `check`'s `run_sql` is pure.
 
+Fixed costs (issue 10's replay floor): the Sink's consumer is built, reads the end offsets and
+is assigned every partition while the migrations run, so the log is fetched meanwhile; the
+Codec is compiled only if a record needs decoding (`projections.sink.LazyCodec`).
+
 Threading: a `ReplayJob` runs in its own thread (`start`) or in the caller's (`run`);
 `status()` and `cancel()` may be called from any thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -54,10 +59,9 @@ from confluent_kafka import TopicPartition
 
 from projections.migrations import MIGRATIONS_TABLE, applied, discover, migrate
 from projections.schema import DEAD_LETTERS, event_tables, table_for
-from projections.sink import Keep, Sink
+from projections.sink import Keep, Sink, sink_consumer_config
 from projections.store import check_identifier, open_store
 from streams.clients import Consumer
-from streams.codec import Codec
 from streams.log_scan import READER_FETCH
 from streams.topics import Topics
 
@@ -259,12 +263,17 @@ def finished(bounds: Mapping[TP, tuple[int, int]], positions: Mapping[TP, int]) 
     return all(high <= low or positions.get(tp, low) >= high for tp, (low, high) in bounds.items())
 
 
-def end_offsets(bootstrap: str, topic_names: Sequence[str], timeout: float = 10.0) -> dict[TP, tuple[int, int]]:
+def end_offsets(
+    bootstrap: str, topic_names: Sequence[str], timeout: float = 10.0, consumer: Consumer | None = None
+) -> dict[TP, tuple[int, int]]:
     """(start, end) of every partition of `topic_names` now, as a read_committed consumer sees them.
 
     The end is the last stable offset: records of a transaction still open are not part of
-    the snapshot. Topics that do not exist have no partitions.
+    the snapshot. Topics that do not exist have no partitions. Asked through `consumer` when
+    given (it must be read_committed; it is left open), else through a probe of its own.
     """
+    if consumer is not None:
+        return _watermarks(consumer, topic_names, timeout)
     probe = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -274,17 +283,21 @@ def end_offsets(bootstrap: str, topic_names: Sequence[str], timeout: float = 10.
         }
     )
     try:
-        md = probe.list_topics(timeout=timeout)
-        out: dict[TP, tuple[int, int]] = {}
-        for name in topic_names:
-            if name not in md.topics:
-                continue
-            for p in sorted(md.topics[name].partitions):
-                low, high = probe.get_watermark_offsets(TopicPartition(name, p), timeout=timeout, cached=False)
-                out[(name, p)] = (int(low), int(high))
-        return out
+        return _watermarks(probe, topic_names, timeout)
     finally:
         probe.close()
+
+
+def _watermarks(probe: Consumer, topic_names: Sequence[str], timeout: float) -> dict[TP, tuple[int, int]]:
+    md = probe.list_topics(timeout=timeout)
+    out: dict[TP, tuple[int, int]] = {}
+    for name in topic_names:
+        if name not in md.topics:
+            continue
+        for p in sorted(md.topics[name].partitions):
+            low, high = probe.get_watermark_offsets(TopicPartition(name, p), timeout=timeout, cached=False)
+            out[(name, p)] = (int(low), int(high))
+    return out
 
 
 # --- the job ---------------------------------------------------------------------------------
@@ -453,36 +466,46 @@ class ReplayJob:
                     dropper.command(f"DROP DATABASE IF EXISTS {req.into} SYNC")
                 finally:
                     dropper.close()
-            # While the DDL runs (chDB releases the GIL), capture the end offsets and compile the
-            # Sink's Codec (~0.2 s of Python) in two threads: fixed costs that used to add up.
-            with ThreadPoolExecutor(2, thread_name_prefix=f"replay-prep-{req.into}") as prep:
-                ends_at = prep.submit(end_offsets, self.bootstrap, self.topic_names)
-                codec_at = prep.submit(Codec)
-                store = open_store(self.store_url, req.into)
-                refuse_if_held(store, req)  # the service checked at POST; this covers direct callers and races
-                migrate_fresh(store, req.into)
+            # While the DDL runs (chDB releases the GIL), a thread builds the Sink's consumer, reads
+            # the end offsets through it and assigns every non-empty partition from its start: the
+            # log is fetched while the tables are made. The Codec is compiled only if a record needs
+            # decoding (the Sink's LazyCodec); compiled here it held the GIL the DDL's client needed.
+            with ThreadPoolExecutor(1, thread_name_prefix=f"replay-prep-{req.into}") as prep:
+                fetch_at = prep.submit(self._prefetch)
+                try:
+                    store = open_store(self.store_url, req.into)
+                    refuse_if_held(store, req)  # the service checked at POST; this covers direct callers and races
+                    migrate_fresh(store, req.into)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        fetch_at.result()[1].close()
+                    raise
                 self._set(phase="capturing end offsets")
-                bounds, codec = ends_at.result(), codec_at.result()
+                bounds, consumer = fetch_at.result()
             ends = {tp: high for tp, (_low, high) in bounds.items()}
             done, total = progress(bounds, {})
             self._set(phase="assigning", total=total, done=done)
-            sink = Sink(
-                self.bootstrap,
-                self.group,
-                self.topics,
-                store,
-                codec,
-                batch_max=self.batch_max,
-                batch_ms=self.batch_ms,
-                consumer_config=self.consumer_config,
-                subscribe=self.topic_names,
-                keep=record_filter(req.tables, req.since, ends),
-                produce_dead_letters=False,
-                # no group: every partition with something to read, from its start (the database is
-                # empty, and step 1 would move a start up to what it holds); no commits either
-                assign={tp: low for tp, (low, high) in bounds.items() if high > low},
-                commit=False,
-            )
+            try:
+                sink = Sink(
+                    self.bootstrap,
+                    self.group,
+                    self.topics,
+                    store,
+                    batch_max=self.batch_max,
+                    batch_ms=self.batch_ms,
+                    consumer_config=self.consumer_config,
+                    subscribe=self.topic_names,
+                    keep=record_filter(req.tables, req.since, ends),
+                    produce_dead_letters=False,
+                    # no group: every partition with something to read, from its start (the database is
+                    # empty, and step 1 would move a start up to what it holds); no commits either
+                    assign={tp: low for tp, (low, high) in bounds.items() if high > low},
+                    commit=False,
+                    consumer=consumer,  # assigned those partitions at those offsets by _prefetch
+                )
+            except BaseException:
+                consumer.close()
+                raise
             self._consume(sink, bounds, poll_timeout)
             if self._cancel.is_set():
                 sink.close()
@@ -504,6 +527,18 @@ class ReplayJob:
         finally:
             if store is not None:
                 store.close()
+
+    def _prefetch(self) -> tuple[dict[TP, tuple[int, int]], Consumer]:
+        """The Sink's consumer, assigned every non-empty partition from its start, and each
+        partition's (start, end) read through it (read_committed: the end is the last stable offset)."""
+        consumer = Consumer(sink_consumer_config(self.bootstrap, self.group, self.consumer_config))
+        try:
+            bounds = end_offsets(self.bootstrap, self.topic_names, consumer=consumer)
+            consumer.assign([TopicPartition(t, p, low) for (t, p), (low, high) in sorted(bounds.items()) if high > low])
+        except BaseException:
+            consumer.close()
+            raise
+        return bounds, consumer
 
     def _consume(self, sink: Sink, bounds: dict[TP, tuple[int, int]], poll_timeout: float) -> None:
         while not self._cancel.is_set():

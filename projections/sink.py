@@ -71,7 +71,10 @@ refuses records by table, time or offset (consumed, never landed, never dead-let
 `produce_dead_letters=False` dead letters are landed in `dead_letters` but not produced again
 (the live sink already put them on the DLQ topic); `assign` reads the given partitions from the
 given offsets with no group (no join, no rebalance; step 1 still runs once) and `commit=False`
-skips step 5's Kafka commits (nobody reads a replay's group). (1)-(5) hold unchanged for what is kept:
+skips step 5's Kafka commits (nobody reads a replay's group); `consumer` is a consumer the caller
+built (`sink_consumer_config`) and already assigned `assign`'s partitions at `assign`'s offsets, so
+librdkafka fetched while the caller made the tables: kept as it is unless step 1 moves a start (then
+re-assigned from ClickHouse's resume points, dropping what it prefetched). (1)-(5) hold unchanged for what is kept:
 a refused record has no row, so it cannot move max(_offset); every kept record ≤ max is
 still landed, and a record refused once is refused again after a restart, provided the same
 `keep` is used against the same database (replay only ever fills an empty database, with a
@@ -140,6 +143,7 @@ from streams import telemetry
 from streams.clients import Consumer, Producer
 from streams.codec import HEADER_LEN, Codec, PoisonEvent
 from streams.deadletter import DeadLetter
+from streams.events import Event
 from streams.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -491,6 +495,34 @@ class _Inserter:
         self._thread.join(timeout)
 
 
+def sink_consumer_config(
+    bootstrap: str, group: str, consumer_config: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The configuration of a Sink's consumer (`consumer_config` on top); a caller that builds the
+    consumer itself (`Sink(consumer=...)`, a replay prefetching) uses the same."""
+    conf: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "group.id": group,
+        "client.id": f"projections-sink:{group}",
+        "isolation.level": "read_committed",  # aborted facts are never projected
+        "enable.auto.commit": False,  # step 5 commits, after the insert
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "queued.max.messages.kbytes": 32768,  # bounds librdkafka's prefetch buffer (all partitions)
+        # Throughput: big fetches per partition (the 1 MB default caps a fetch of 3
+        # partitions at ~15k records), answered as soon as any data is there (freshness).
+        "max.partition.fetch.bytes": 8 * 1024 * 1024,
+        "fetch.max.bytes": 32 * 1024 * 1024,
+        "fetch.wait.max.ms": 100,
+        # A crashed sink's partitions move after this long (broker minimum is 6 s); pass
+        # group.instance.id (static membership) for an instant takeover by its restart.
+        "session.timeout.ms": 10000,
+        "heartbeat.interval.ms": 2000,
+    }
+    conf.update(consumer_config or {})
+    return conf
+
+
 class Sink:
     """Consumes the catalogue topics (or `subscribe`'s subset) and lands events in their tables (see module doc)."""
 
@@ -500,7 +532,7 @@ class Sink:
         group: str,
         topics: Topics,
         store: Client | LockedStore,
-        codec: Codec | None = None,
+        codec: Codec | LazyCodec | None = None,
         batch_max: int = 5000,
         batch_ms: int = 200,
         *,
@@ -513,6 +545,7 @@ class Sink:
         native: bool | None = None,
         assign: Mapping[tuple[str, int], int] | None = None,
         commit: bool = True,
+        consumer: Consumer | None = None,
     ) -> None:
         self.topics = topics
         self.subscribed = list(subscribe) if subscribe is not None else topics.all()
@@ -539,32 +572,17 @@ class Sink:
         self.max_backoff = max_backoff
         self.consumer_name = f"projections-sink:{group}"
         self._store = store if isinstance(store, LockedStore) else LockedStore(store)
-        self._codec = codec or Codec()
+        self._codec = codec or LazyCodec()  # compiled on the first record that needs decoding
         # Only writers this sink's Codec reads: a record the Codec calls unknown-fingerprint
         # must stay a dead letter, not land because ClickHouse could read it.
         self._writers = {h: w for h, w in avro_block.writers().items() if _knows(self._codec, h)} if self._fast else {}
         self._bootstrap = bootstrap
-        conf: dict[str, Any] = {
-            "bootstrap.servers": bootstrap,
-            "group.id": group,
-            "client.id": self.consumer_name,
-            "isolation.level": "read_committed",  # aborted facts are never projected
-            "enable.auto.commit": False,  # step 5 commits, after the insert
-            "enable.auto.offset.store": False,
-            "auto.offset.reset": "earliest",
-            "queued.max.messages.kbytes": 32768,  # bounds librdkafka's prefetch buffer (all partitions)
-            # Throughput: big fetches per partition (the 1 MB default caps a fetch of 3
-            # partitions at ~15k records), answered as soon as any data is there (freshness).
-            "max.partition.fetch.bytes": 8 * 1024 * 1024,
-            "fetch.max.bytes": 32 * 1024 * 1024,
-            "fetch.wait.max.ms": 100,
-            # A crashed sink's partitions move after this long (broker minimum is 6 s); pass
-            # group.instance.id (static membership) for an instant takeover by its restart.
-            "session.timeout.ms": 10000,
-            "heartbeat.interval.ms": 2000,
-        }
-        conf.update(consumer_config or {})
-        self._consumer = Consumer(conf)
+        if consumer is not None and assign is None:
+            raise ValueError("a prefetching consumer comes with `assign` (the partitions and offsets it was assigned)")
+        # a replay's consumer was built (sink_consumer_config) and assigned before its migrations ran
+        self._consumer = (
+            consumer if consumer is not None else Consumer(sink_consumer_config(bootstrap, group, consumer_config))
+        )
         self._producer: Producer | None = None
         self._parts: dict[tuple[str, int], _Partition] = {}
         self._lock = threading.Lock()  # guards _parts against status() readers
@@ -587,7 +605,11 @@ class Sink:
         self._commits = commit  # False: a reader with no group (replay), ClickHouse alone records progress
         if assign is not None:  # a reader with no group (replay): these partitions from these offsets, no
             # join and no rebalance; step 1 still applies (it only moves a start up to what ClickHouse holds)
-            self._on_assign(self._consumer, [TopicPartition(t, p, o) for (t, p), o in sorted(assign.items())])
+            self._on_assign(
+                self._consumer,
+                [TopicPartition(t, p, o) for (t, p), o in sorted(assign.items())],
+                assigned=consumer is not None,
+            )
         else:
             self._consumer.subscribe(
                 self.subscribed, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
@@ -639,7 +661,12 @@ class Sink:
                 out[str(topic)][int(partition)] = int(offset) + 1
         return out
 
-    def _on_assign(self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(
+        self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition], assigned: bool = False
+    ) -> None:
+        """Step 1 for `partitions`, then assign them. `assigned`: the caller's consumer already has
+        them at their offsets (a replay prefetching): left as it is unless step 1 moved a start."""
+        asked = {(tp.topic, tp.partition): tp.offset for tp in partitions}
         by_topic: dict[str, list[TopicPartition]] = {}
         for tp in partitions:
             by_topic.setdefault(tp.topic, []).append(tp)
@@ -666,7 +693,8 @@ class Sink:
                 self._load_types(list(by_topic))
             except Exception as exc:  # asked again by _route when a record needs it
                 log.info("fast path: cannot read the tables' columns yet: %s", exc)
-        consumer.assign(partitions)
+        if not assigned or any(tp.offset != asked[(tp.topic, tp.partition)] for tp in partitions):
+            consumer.assign(partitions)  # (a re-assign drops what was prefetched: only if a start moved)
         with self._lock:
             for tp in partitions:
                 key = (tp.topic, tp.partition)
@@ -1426,8 +1454,45 @@ def _coalesce(due: deque[_Run]) -> None:
     due.extend(out)
 
 
-def _knows(codec: Codec, header: bytes) -> bool:
-    """Whether `codec` reads records with this header (it refuses an empty body, not the header)."""
+class LazyCodec:
+    """The default `Codec`, compiled on the first `decode` (from either thread; once).
+
+    Why: compiling the Codec's readers and writers is ~0.3 s of Python, a fixed cost of every
+    sink and replay (run beside the migrations, it also held the GIL the DDL's client needed),
+    while the fast path decodes nothing unless a block is refused or a record is unusual.
+    It reads every header `avro_block.writers()` names: both come from the same schemas and
+    released fixtures (tests/test_replay_fixed_costs.py holds `_knows` to that).
+    """
+
+    def __init__(self) -> None:
+        self._codec: Codec | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def codec(self) -> Codec:
+        codec = self._codec
+        if codec is None:
+            with self._lock:
+                if self._codec is None:
+                    self._codec = Codec()
+                codec = self._codec
+        return codec
+
+    @property
+    def compiled(self) -> bool:
+        return self._codec is not None
+
+    def decode(self, data: bytes | None) -> Event:
+        return self.codec.decode(data)
+
+
+def _knows(codec: Codec | LazyCodec, header: bytes) -> bool:
+    """Whether `codec` reads records with this header (it refuses an empty body, not the header).
+
+    A LazyCodec (the default Codec) reads every default writer: answered without compiling it.
+    """
+    if type(codec) is LazyCodec and header in avro_block.default_headers():
+        return True
     try:
         codec.decode(header)
     except PoisonEvent as exc:
