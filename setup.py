@@ -13,7 +13,7 @@ ext_modules: list[Extension] = []
 ext_modules.append(
     Extension("projections._rowbinary", ["projections/_rowbinary.c"], extra_compile_args=_CFLAGS, optional=True)
 )
-# issue 6: `audit verify` from the log: audit records and entries hashed per record (audit.verify_log_native)
+# issue 6: `audit verify` from the log (audit.verify_log_native), the ledger worker's fold (LedgerWorker._chain_native)
 ext_modules.append(
     Extension(
         "domain._ledger_native",

@@ -10,7 +10,9 @@ reach Kafka independently of the offset commit). Here every batch is ONE transac
 1. read a batch of audit records (read_committed: an aborted request is never chained);
 2. fold each into its chain head (held in memory), encoding its `LedgerEntryChained`, and
    a signed `LedgerCheckpointSigned` when one is due, for the same partition number of the
-   ledger topics; poison becomes a dead letter;
+   ledger topics; poison becomes a dead letter. In C (`domain._ledger_native.ChainBatch`)
+   when it is built, the same bytes as the Python fold, which does what the C code leaves
+   (`_chain_native`; LEDGERFLOW_NATIVE=0 or `LedgerConfig.native` off: Python alone);
 3. open the transaction, produce what the fold made, add the consumed offsets
    (`send_offsets_to_transaction`, fenced by the consumer group generation, KIP-447) and
    commit. Entries, checkpoints, dead letters and offsets become visible together or not at
@@ -40,15 +42,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import confluent_kafka
 import orjson
@@ -56,7 +61,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from agents.metrics import AgentMetrics
 from domain.checkpoint import SigningKey, generate_key, load_signing_key_file, save_key_pair
-from domain.ledger import ChainHead, ChainState
+from domain.ledger import ChainHead, ChainState, NativeHeadState, native_chain_headers
 from domain.ledger_replay import LOGGED_ENTRY_FIELDS, LoggedEntry, resume, resume_from
 from streams import telemetry
 from streams.admin import create_missing
@@ -84,6 +89,9 @@ class LedgerConfig:
     # commit a batch's transaction on a helper thread while the next batch is consumed and
     # chained (off: every step commits its own batch before it returns)
     overlap: bool = True
+    # chain in C (`domain._ledger_native.ChainBatch`) when it is built and LEDGERFLOW_NATIVE is
+    # not 0; off: every record through the codec and `ChainHead.append` (the reference)
+    native: bool = True
 
 
 def load_or_create_key(path: Path, name: str) -> SigningKey:
@@ -110,6 +118,25 @@ MAX_ABORTS_IN_A_ROW = 3
 
 _Headers = list[tuple[str, str | bytes | None]]
 _Record = tuple[str, bytes, bytes | None, int | None, _Headers | None]  # topic, value, key, partition, headers
+# one ledger partition's entries in order: their values, keys and (when traced) headers
+_Entries = tuple[list[bytes], list[bytes], list[_Headers | None]]
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US = timedelta(microseconds=1)
+_FUTURE = timedelta(days=1)  # the codec's bound on event times (streams.codec._MAX_FUTURE)
+
+
+def native_chainer() -> tuple[Any, tuple[bytes, bytes]] | None:
+    """The C fold (`domain._ledger_native`) and the (AuditRecorded, LedgerEntryChained) headers
+    it reads and writes; None when it is not built, LEDGERFLOW_NATIVE=0, or those schemas moved
+    past the v1 it is written for. Then the Python fold, the reference, runs alone."""
+    if os.environ.get("LEDGERFLOW_NATIVE", "1") == "0":
+        return None
+    try:
+        from domain import _ledger_native
+    except ImportError:
+        return None
+    headers = native_chain_headers()
+    return None if headers is None else (_ledger_native, headers)
 
 
 @dataclass
@@ -126,8 +153,8 @@ class _Partition:
 class _Out:
     """What one batch's transaction writes, encoded by `_chain` before it opens."""
 
-    # audit partition (= ledger partition) -> its entries in order: (value, key, headers)
-    entries: dict[int, list[tuple[bytes, bytes, _Headers | None]]] = field(default_factory=dict)
+    # audit partition (= ledger partition) -> its entries in order (headers only when traced)
+    entries: dict[int, _Entries] = field(default_factory=dict)
     traced: bool = False  # entries carry trace headers
     other: list[_Record] = field(default_factory=list)  # checkpoints and dead letters
 
@@ -143,6 +170,7 @@ class _Batch:
     undo: dict[tuple[int, str], ChainHead | None] = field(default_factory=dict)
     dead: int = 0  # dead letters among its records
     commit: Future[None] | None = None  # the commit in flight on the helper thread
+    touched: set[ChainHead] = field(default_factory=set)  # heads with an undo entry
 
 
 @dataclass(frozen=True)
@@ -181,6 +209,8 @@ class LedgerWorker:
         self._topics = topics
         self._config = config
         self._codec = codec or Codec()
+        # the C fold writes the entries of today's schemas only: not with a codec of the caller's
+        self._native = native_chainer() if config.native and codec is None else None
         self._entries = RecordReaders({"LedgerEntryChained": LOGGED_ENTRY_FIELDS})
         self.source = topics.name("audit")
         self.ledger = topics.name("ledger")
@@ -414,17 +444,82 @@ class LedgerWorker:
         """The fold of one batch, before its transaction opens: each record decoded and chained
         into its head (a head is copied on the batch's first touch, for the undo), and what
         the transaction will write, encoded. No producer call here: this runs while the
-        previous batch's commit is in flight."""
+        previous batch's commit is in flight. In C when it is built (`_chain_native`), else
+        record by record in Python (`_chain_records`); the two make the same bytes."""
+        out = _Out(traced=telemetry.enabled())
+        if self._native is None:
+            self._chain_records(msgs, batch, out)
+        else:
+            self._chain_native(*self._native, msgs, batch, out)
+        return out
+
+    def _chain_native(
+        self, module: Any, headers: tuple[bytes, bytes], msgs: list[Message], batch: _Batch, out: _Out
+    ) -> None:
+        """The batch through `domain._ledger_native.ChainBatch`: runs of records chained in C
+        (the audit record read from its bytes, its canonical bytes and hash, the entry, its
+        hash, id and Merkle leaf, the frontier, the entry's Avro record), byte for byte what
+        `_chain_records` makes (tests/test_ledger_native_chain.py). A run stops at a record the
+        C code does not take exactly (poison, another writer, an odd id: `_chain_records` does
+        that one, dead letter or entry) and after an entry whose chain is due for a
+        checkpoint (signed here, as there, before the next record)."""
+        records = module.ChainBatch(msgs, *headers)
+        head_for = partial(self._native_head, batch)
+        every_n, every_s = min(self._config.every_n, 2**62), self._config.every_s  # no chain reaches 2**62
+        max_us = (datetime.now(UTC) + _FUTURE - _EPOCH) // _ONE_US  # later times: the codec decides
+        traced = out.traced
+        entries = out.entries
+        n = len(msgs)
+        i = 0
+        while i < n:
+            i, due, made, heads = records.run(i, head_for, every_n, every_s, max_us, traced)
+            for head, *state in heads:
+                head.native_applied(*state)
+            for partition, values, keys, traces in made:
+                found = entries.get(partition)
+                if found is None:
+                    found = entries[partition] = ([], [], [])
+                found[0].extend(values)
+                found[1].extend(keys)
+                if traces is not None:
+                    found[2].extend(_trace_headers(traces))
+            if due is not None:
+                head, partition = due
+                out.other.append(self._sign(head, partition))
+            elif i < n:
+                self._chain_records(msgs[i : i + 1], batch, out)
+                i += 1
+
+    def _native_head(self, batch: _Batch, partition: int, tenant: str) -> NativeHeadState | bool | None:
+        """`ChainBatch.run` asking for the head of (partition, tenant), as `_chain_records` finds
+        it: None if the partition is not ours any more (its records are skipped), else the
+        head's state, the head made or copied for the undo on the batch's first touch; False
+        if the C code cannot take that state exactly (the record goes to `_chain_records`)."""
+        part = self._parts.get(partition)
+        if part is None:
+            return None
+        heads = part.heads
+        head = heads.get(tenant)
+        if head is None:
+            head = heads[tenant] = ChainHead(tenant)
+            batch.undo[(partition, tenant)] = None
+            batch.touched.add(head)
+        elif head not in batch.touched:
+            batch.touched.add(head)
+            batch.undo[(partition, tenant)] = head.copy()
+        return head.native_state(partition) or False
+
+    def _chain_records(self, msgs: list[Message], batch: _Batch, out: _Out) -> None:
+        """The fold record by record in Python: the reference, and what runs without the C code."""
         decode, encode = self._codec.decode, self._codec.encode
         parts = self._parts
         undo = batch.undo
-        touched: set[ChainHead] = set()
+        touched = batch.touched
         every_n, every_s = self._config.every_n, self._config.every_s
         keys = self._keys
-        tracing = telemetry.enabled()
+        tracing = out.traced
         trace_parent: str | None = None
         headers: _Headers | None = None
-        out = _Out(traced=tracing)
         entries = out.entries
         for msg in msgs:
             partition = msg.partition()
@@ -459,16 +554,18 @@ class LedgerWorker:
             if entry is None:
                 continue  # already chained (cannot happen under transactions; kept for replays)
             key = keys.get(tenant) or self._key(tenant)
-            if tracing and env.trace_parent != trace_parent:  # one header list per run of a trace
-                trace_parent = env.trace_parent
-                headers = telemetry.trace_headers(trace_parent) or None
             found = entries.get(partition)
             if found is None:
-                found = entries[partition] = []
-            found.append((encode(entry), key, headers))
+                found = entries[partition] = ([], [], [])
+            found[0].append(encode(entry))
+            found[1].append(key)
+            if tracing:
+                if env.trace_parent != trace_parent:  # one header list per run of a trace
+                    trace_parent = env.trace_parent
+                    headers = telemetry.trace_headers(trace_parent) or None
+                found[2].append(headers)
             if head.due(env.occurred_at, every_n, every_s):
                 out.other.append(self._sign(head, partition))
-        return out
 
     def _send(self, out: _Out, batch: _Batch) -> int:
         """Open the batch's transaction and write what `_chain` made, the snapshots and the
@@ -499,16 +596,18 @@ class LedgerWorker:
         """Produce what `_chain` made into the open transaction."""
         produce = self._producer.produce
         ledger = self.ledger
-        for partition, items in out.entries.items():
+        traced = out.traced
+        for partition, (values, keys, headers) in out.entries.items():
             # the transaction's first entry here: its offset is where the next snapshots' tail starts
-            value, key, headers = items[0]
             self._first_offset[partition] = None
-            produce(ledger, value, key, partition, on_delivery=self._on_first_delivery, headers=headers)
-            if out.traced:
-                for value, key, headers in islice(items, 1, None):
-                    produce(ledger, value, key, partition, headers=headers)
+            first = headers[0] if traced else None
+            produce(ledger, values[0], keys[0], partition, on_delivery=self._on_first_delivery, headers=first)
+            if traced:
+                rest = zip(islice(values, 1, None), islice(keys, 1, None), islice(headers, 1, None), strict=True)
+                for value, key, extra in rest:
+                    produce(ledger, value, key, partition, headers=extra)
             else:  # no keywords, no headers: the cheapest call (~1.5 µs against ~3)
-                for value, key, _ in islice(items, 1, None):
+                for value, key in zip(islice(values, 1, None), islice(keys, 1, None), strict=True):
                     produce(ledger, value, key, partition)
         for topic, data, record_key, to, extra in out.other:
             if to is None:
@@ -680,6 +779,19 @@ class LedgerWorker:
         )  # fmt: skip
         headers: _Headers = list(letter.headers())
         return self.dead, msg.value() or b"", msg.key(), None, headers
+
+
+def _trace_headers(traces: list[str | None]) -> list[_Headers | None]:
+    """Each entry's trace headers from its audit record's trace_parent, one list per run of a trace."""
+    out: list[_Headers | None] = []
+    last: str | None = None
+    headers: _Headers | None = None
+    for parent in traces:
+        if parent != last:
+            last = parent
+            headers = telemetry.trace_headers(parent) or None
+        out.append(headers)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

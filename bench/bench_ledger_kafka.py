@@ -3,7 +3,7 @@ from the log, and an inclusion proof (issue 6, Performance).
 
 Run: .venv/bin/python bench/bench_ledger_kafka.py [--entries 100000] [--bootstrap 127.0.0.1:19192]
      [--batch-max 500,2000,5000] [--rounds 2] [--tenants 5] [--checkpoint-every 1000]
-     [--profile-entries 30000]
+     [--profile-entries 30000] [--chain-only] [--paths native,python]
 Each run of the defaults takes ~2.5 min on a 2-core VM (1 GiB RSS); 250k entries with
 `--batch-max 2000 --rounds 1 --profile-entries 0` about the same (2.3 GiB).
 
@@ -15,7 +15,10 @@ and deletes them, and its consumer groups, at the end (also on Ctrl-C or failure
    producer (acks=all, linger 20 ms): they are visible to the worker's read_committed
    consumer at once. The encoded records are produced once per batch_max and round, each into
    its own set of topics, so every configuration chains the same N records from offset 0.
-2. For each batch_max, `--rounds` times in alternating order (ABC CBA ...): one
+2. For each batch_max and fold (`--paths`: `native`, the C fold `domain._ledger_native`, the
+   worker's default when built; `python`, the record-by-record fold `LEDGERFLOW_NATIVE=0`
+   runs; `native,python` measures both side by side on the same broker and records),
+   `--rounds` times in alternating order (ABC CBA ...): one
    `agents.ledger.LedgerWorker` (transactional consume-transform-produce, checkpoint every
    `--checkpoint-every` entries, Ed25519-signed) runs in this process's main thread; the rate
    is its steady state, from its first commit (group join and head rebuild behind; a batch
@@ -24,9 +27,10 @@ and deletes them, and its consumer groups, at the end (also on Ctrl-C or failure
    whole process (librdkafka's threads included), and the worker thread's wall time inside
    consume, produce, begin_transaction and waiting for a commit (the worker's client objects
    are wrapped); the rest is the fold's Python. send_offsets + commit run on the worker's
-   helper thread, overlapping the next batch (their wall time is reported apart). Then the
+   helper thread, overlapping the next batch (their wall time is reported apart). With both
+   folds: the native/Python ratios of entries/s and CPU per entry, round by round. Then the
    fold's pure stages (decode, chain, checkpoint, encode) timed record by record without
-   Kafka or a profiler.
+   Kafka or a profiler, and the C fold over the same records (`ChainBatch.run` + signing).
 3. cProfile of one more worker over `--profile-entries` (the default batch_max), its main
    thread's time split into consume, decode, chain fold, checkpoint signing, encode, produce
    and the transaction calls; the top functions by own time are printed. (cProfile sees one
@@ -72,7 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
-from agents.ledger import LedgerConfig, LedgerWorker
+from agents.ledger import LedgerConfig, LedgerWorker, native_chainer
 from domain.checkpoint import SigningKey, generate_key
 from domain.ledger import ChainHead, check_proof_file, tree_of
 from domain.ledger_replay import collapse_redeliveries
@@ -160,6 +164,44 @@ def stage_costs(
             spent["checkpoint"] += t4 - t3
         for k, v in spent.items():
             best[k] = min(best.get(k, v), v / len(values))
+    return best
+
+
+def native_stage_cost(values: Sequence[bytes], key: SigningKey, every_n: int, rounds: int = 3) -> float | None:
+    """Seconds per record of the C fold as `LedgerWorker._chain_native` runs it (ChainBatch over
+    the records as one batch, heads written back, checkpoints signed), no Kafka; best of `rounds`.
+    None when the C fold is not in use."""
+    found = native_chainer()
+    if found is None:
+        return None
+    module, headers = found
+    records = [(v, 0, offset) for offset, v in enumerate(values)]
+    best = float("inf")
+    for _ in range(rounds):
+        gc.collect()
+        heads: dict[str, ChainHead] = {}
+
+        def head_for(_partition: int, tenant: str, heads: dict[str, ChainHead] = heads) -> Any:
+            head = heads.get(tenant)
+            if head is None:
+                head = heads[tenant] = ChainHead(tenant)
+            return head.native_state(0) or False
+
+        t0 = time.perf_counter()
+        batch = module.ChainBatch(records, *headers)
+        i, made = 0, 0
+        max_us = (datetime.now(UTC) + timedelta(days=1) - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+        while i < len(records):
+            i, due, entries, changed = batch.run(i, head_for, every_n, 3600.0, max_us, False)
+            for head, *state in changed:
+                head.native_applied(*state)
+            made += sum(len(v) for _p, v, _k, _t in entries)
+            if due is not None:
+                due[0].checkpoint(key, f"ledgerflow.bench/{due[0].tenant}")
+            elif i < len(records):
+                raise RuntimeError(f"record {i} was not handled by the C fold")
+        best = min(best, (time.perf_counter() - t0) / len(values))
+        assert made == len(values)
     return best
 
 
@@ -318,12 +360,23 @@ class ChainRun:
 
 
 def run_worker(
-    bootstrap: str, topics: Topics, key: SigningKey, n: int, batch_max: int, every_n: int, prof: cProfile.Profile | None
+    bootstrap: str,
+    topics: Topics,
+    key: SigningKey,
+    n: int,
+    batch_max: int,
+    every_n: int,
+    prof: cProfile.Profile | None,
+    native: bool = True,
 ) -> ChainRun:
     group = f"{topics.prefix}g{batch_max}"
     stop = threading.Event()
-    config = LedgerConfig(key=key, origin="ledgerflow.bench", every_n=every_n, every_s=3600.0, batch_max=batch_max)
+    config = LedgerConfig(
+        key=key, origin="ledgerflow.bench", every_n=every_n, every_s=3600.0, batch_max=batch_max, native=native
+    )
     worker = TimedWorker(bootstrap, group, topics, config, target=n, stop=stop, prof=prof)
+    if native and worker._native is None:
+        raise RuntimeError("the C fold is not in use (not built, or LEDGERFLOW_NATIVE=0): use --paths python")
     # a safety net: never hang the shared box on a broker problem
     watchdog = threading.Timer(170.0, stop.set)
     watchdog.daemon = True
@@ -437,9 +490,17 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=1000)
     parser.add_argument("--profile-entries", type=int, default=30_000, help="0 skips the cProfile run")
     parser.add_argument("--chain-only", action="store_true", help="only steps 1-3: skip verify, rebuild and proofs")
+    parser.add_argument(
+        "--paths",
+        default="native" if native_chainer() is not None else "python",
+        help="comma list of folds, run alternately: native (C, the default when built), python (LEDGERFLOW_NATIVE=0)",
+    )
     args = parser.parse_args()
     n = args.entries
     batch_maxes = [int(b) for b in args.batch_max.split(",") if b]
+    paths = [p for p in args.paths.split(",") if p]
+    if not paths or set(paths) - {"native", "python"}:
+        parser.error("--paths takes native and/or python")
     default_bm = 2000 if 2000 in batch_maxes else batch_maxes[0]
     run_id = uuid.uuid4().hex[:8]
     rows: list[tuple[str, str, str]] = []
@@ -470,26 +531,38 @@ def main() -> None:
         per_partition = [sum(1 for _k, _v, p in encoded if p == q) for q in range(PARTITIONS)]
         by_tenant = {t: sum(1 for k, _v, _p in encoded if k == t.encode()) for t in tenants}
 
-        # 1. chaining, one worker per batch_max and round (ABC CBA ...), each on its own copy of the log
-        runs: dict[int, list[ChainRun]] = {bm: [] for bm in batch_maxes}
+        # 1. chaining, one worker per batch_max, fold and round (ABC CBA ...), each on its own copy of the log
+        combos = [(bm, path) for bm in batch_maxes for path in paths]
+        runs: dict[tuple[int, str], list[ChainRun]] = {c: [] for c in combos}
         topics_of: dict[int, Topics] = {}
         for rnd in range(args.rounds):
-            for bm in batch_maxes if rnd % 2 == 0 else batch_maxes[::-1]:
-                topics = new_topics(f"b{bm}r{rnd}")
+            for bm, path in combos if rnd % 2 == 0 else combos[::-1]:
+                topics = new_topics(f"b{bm}{path[0]}r{rnd}")
                 topics_of.setdefault(bm, topics)
                 psecs = produce_audits(args.bootstrap, topics.name("audit"), encoded)
-                print(f"batch_max {bm}: produced {n:,} in {psecs:.1f} s ({n / psecs:,.0f}/s); chaining", flush=True)
+                print(
+                    f"batch_max {bm}, {path}: produced {n:,} in {psecs:.1f} s ({n / psecs:,.0f}/s); chaining "
+                    f"(load {os.getloadavg()[0]:.2f})",
+                    flush=True,
+                )
                 groups.append(f"{topics.prefix}g{bm}")
-                r = run_worker(args.bootstrap, topics, key, n, bm, args.checkpoint_every, None)
-                runs[bm].append(r)
-                print(f"batch_max {bm}: {r.rate:,.0f} entries/s ({r.seconds:.2f} s, {r.batches} txns)", flush=True)
+                r = run_worker(args.bootstrap, topics, key, n, bm, args.checkpoint_every, None, path == "native")
+                runs[(bm, path)].append(r)
+                print(
+                    f"batch_max {bm}, {path}: {r.rate:,.0f} entries/s ({r.seconds:.2f} s, {r.batches} txns; "
+                    f"{r.cpu_thread * 1e6 / r.entries:.1f} thread CPU-µs, {r.cpu_proc * 1e6 / r.entries:.1f} "
+                    f"process CPU-µs per entry; load {os.getloadavg()[0]:.2f})",
+                    flush=True,
+                )
         best: dict[int, ChainRun] = {}
-        for bm, rs in runs.items():
-            r = best[bm] = max(rs, key=lambda x: x.rate)
+        for (bm, path), rs in runs.items():
+            r = max(rs, key=lambda x: x.rate)
+            if path == paths[0]:
+                best[bm] = r
             mark = "**" if bm == default_bm else ""
             row(
-                f"one LedgerWorker, batch_max {bm}: {r.entries:,} entries, {r.batches} transactions (best of "
-                f"{len(rs)}: {' / '.join(f'{x.rate:,.0f}' for x in rs)})",
+                f"one LedgerWorker, {path} fold, batch_max {bm}: {r.entries:,} entries, {r.batches} transactions "
+                f"(best of {len(rs)}: {' / '.join(f'{x.rate:,.0f}' for x in rs)})",
                 f"{mark}{r.rate:,.0f} entries/s{mark} ({r.seconds:.2f} s; worker thread CPU "
                 f"{r.cpu_thread / r.seconds:.0%}, process CPU {r.cpu_proc / r.seconds:.0%} of one core; "
                 f"{r.cpu_thread * 1e6 / r.entries:.1f} thread CPU-µs per entry; worker thread's wall in "
@@ -500,16 +573,38 @@ def main() -> None:
                 "when commits overlap)",
                 f"≥ 20k/s: {r.rate / GOAL_CHAIN:.2f}× goal",
             )
+        if "native" in paths and "python" in paths:
+            for bm in batch_maxes:
+                nat, py = runs[(bm, "native")], runs[(bm, "python")]
+                per_round = [a.rate / b.rate for a, b in zip(nat, py, strict=True)]
+                cpu = [(a.cpu_proc / a.entries) / (b.cpu_proc / b.entries) for a, b in zip(nat, py, strict=True)]
+                row(
+                    f"native / python, batch_max {bm}, round by round (alternating order)",
+                    "entries/s "
+                    + " / ".join(f"{x:.2f}×" for x in per_round)
+                    + f" (best {max(a.rate for a in nat) / max(b.rate for b in py):.2f}×); process CPU per entry "
+                    + " / ".join(f"{x:.2f}×" for x in cpu),
+                )
 
         sn = min(n, 20_000)
         stages = stage_costs(codec, [v for _k, v, _p in encoded[:sn]], key, args.checkpoint_every)
         pure = sum(stages.values())
-        per_entry = 1 / best[default_bm].rate
+        py_runs = runs.get((default_bm, "python"))  # the Python stages against the Python fold's wall
+        per_entry = 1 / max(r.rate for r in py_runs) if py_runs else 1 / best[default_bm].rate
+        c_fold = native_stage_cost([v for _k, v, _p in encoded[:sn]], key, args.checkpoint_every)
+        if c_fold is not None:
+            nat_runs = runs.get((default_bm, "native"))
+            of_wall = f"; {c_fold * max(r.rate for r in nat_runs):.0%} of the native worker's wall" if nat_runs else ""
+            row(
+                f"the C fold alone, no Kafka (ChainBatch.run over {sn:,} records + signing; best of 3)",
+                f"{c_fold * 1e6:.1f} µs per entry ({pure / c_fold:.1f}× less than the Python stages below; "
+                f"ceiling {1 / c_fold:,.0f} entries/s{of_wall})",
+            )
         row(
             f"the worker's pure stages, record by record, unprofiled, no Kafka (best of 3 × {sn:,}; µs per entry)",
             ", ".join(f"{k} {v * 1e6:.1f}" for k, v in stages.items())
             + f"; sum {pure * 1e6:.1f} = {pure / per_entry:.0%} of the worker's {per_entry * 1e6:.1f} µs/entry "
-            f"at batch_max {default_bm} (pure ceiling {1 / pure:,.0f} entries/s)",
+            f"at batch_max {default_bm}{' (Python fold)' if py_runs else ''} (pure ceiling {1 / pure:,.0f} entries/s)",
         )
 
         # 2. profile
@@ -519,7 +614,9 @@ def main() -> None:
             produce_audits(args.bootstrap, topics.name("audit"), encoded[:pn])
             groups.append(f"{topics.prefix}g{default_bm}")
             prof = cProfile.Profile()
-            pr = run_worker(args.bootstrap, topics, key, pn, default_bm, args.checkpoint_every, prof)
+            pr = run_worker(
+                args.bootstrap, topics, key, pn, default_bm, args.checkpoint_every, prof, paths[0] == "native"
+            )
             step_total, split, top = profile_split(prof)
             pe = pr.profiled  # the first batch (group join, head rebuild) is not profiled
             print(

@@ -1,4 +1,5 @@
-/* The audit ledger's per-record work in C, for `ledgerflow audit verify` from the log.
+/* The audit ledger's per-record work in C, for `ledgerflow audit verify` from the log and for
+ * the chaining worker's fold (`ChainBatch`, agents/ledger.py).
  *
  * The pure-Python path (`domain.ledger`, `ledgerflow.audit.from_log` + `verify`) is the
  * reference; this module only decides what it can decide exactly and answers "not handled"
@@ -15,6 +16,9 @@
  *   confluent-kafka Messages) of the audit and ledger topics hashed as they are read, then per
  *   chain "sound" (seq 0..n-1 in log order, one partition, tenant, hashes, links and audit
  *   records all check) or not, and the Merkle roots of sound chains.
+ * - `ChainBatch(records, audit_header, entry_header)`: one consumed batch of audit records
+ *   chained as the worker's Python fold chains them (entries byte for byte, heads, checkpoint
+ *   triggers), leaving to Python every record it does not handle exactly (see "chaining").
  *
  * Every read of a record is bounds-checked; no global mutable state (the interned method
  * names live in the module state); the GIL is released only around loops over C buffers.
@@ -839,7 +843,7 @@ static int tenant_had_dup(const AuditTable *t, const Chain *ch) {
 /* ---- the Python types ------------------------------------------------------------------ */
 
 typedef struct {
-    PyObject *value, *partition, *key, *error;
+    PyObject *value, *partition, *key, *error, *offset;
 } ModState;
 
 typedef struct {
@@ -1354,6 +1358,768 @@ static PyType_Spec LogVerifier_spec = {
     LogVerifier_slots,
 };
 
+/* ---- chaining: the ledger worker's fold (agents/ledger.py: LedgerWorker._chain) ------------ */
+/* `ChainBatch(records, audit_header, entry_header)` holds one consumed batch of audit-topic
+ * records (their values, partitions and offsets, taken once with the GIL); `run(start, ...)`
+ * chains them from `start`, as `Codec.decode` + `ChainHead.append` + `Codec.encode` +
+ * `ChainHead.due` do record by record in Python, and stops at the first record it does not
+ * handle exactly (Python chains or dead-letters that one, then runs again from the next) or
+ * after an entry whose chain is due for a checkpoint (Python signs it, then runs again).
+ *
+ * Handled exactly, else "not handled": an AuditRecorded v1 record (parse_audit) that
+ * `Codec.decode` takes as it is: event_type "AuditRecorded"; a tenant with an ASCII byte that
+ * str.isspace() does not take (so not blank); an event id in canonical lowercase form (what
+ * `domain.ledger.derived_id` splices) and a canonical correlation id (what the codec's fast id
+ * check passes); occurred_at from 2020-01-01 to `max_us` (the caller's now + 1 day). Anything
+ * else (another writer, poison, an id uuid.UUID() would still take...) goes to Python.
+ *
+ * Chain heads stay Python objects (`domain.ledger.ChainHead`): the first time a run meets a
+ * (partition, tenant) it asks `head_for(partition, tenant)` for the head's state (None: the
+ * partition is not ours any more, skip its records; False: leave the record to Python), works
+ * on a C copy, and returns every changed head's new state for the caller to store. The GIL is
+ * released while records are parsed, hashed and encoded, and taken again only for `head_for`. */
+
+#define MIN_EVENT_US 1577836800000000LL /* 2020-01-01T00:00:00Z, streams.codec's _MIN_TIME */
+#define EXACT_DOUBLE (1LL << 53)
+#define MAX_SIZE (1LL << 62)
+#define ID_LEN 36
+
+enum { SLOT_SKIP, SLOT_LIVE, SLOT_PYTHON };
+
+typedef struct {
+    PyObject *owner; /* the record's value (bytes, a new reference), or NULL: not handled */
+    const unsigned char *p;
+    Py_ssize_t n;
+    int64_t partition, offset;
+} ChainRec;
+
+typedef struct {
+    PyObject_HEAD
+    unsigned char audit_header[HEADER_LEN], entry_header[HEADER_LEN];
+    ChainRec *recs;
+    Py_ssize_t n, max_len;
+    int busy; /* a run is on (the GIL is released in it): a second one at once is refused */
+} ChainBatch;
+
+/* One chain met by a run: its head's state, worked on in C and handed back at the end. */
+typedef struct {
+    int64_t partition;
+    Span tenant; /* points into a record of the batch */
+    uint64_t hash;
+    int state;
+    PyObject *info; /* head_for's answer (a new reference); info[0] is the head */
+    PyObject *key;  /* the tenant's UTF-8 bytes: the entries' Kafka key */
+    int64_t size, checkpoint_size, last_offset, pending_us, occurred_us;
+    int has_offset, has_pending, depth;
+    Py_ssize_t appended;
+    char last_hash[HEX_LEN];
+    char last_event_id[ID_LEN];
+    unsigned char frontier[64][HASH_LEN];
+} ChainSlot;
+
+typedef struct {
+    ChainSlot *items;
+    Py_ssize_t n, cap;
+    Py_ssize_t *table; /* slot index + 1, 0: empty */
+    size_t table_cap;
+} ChainSlots;
+
+typedef struct {
+    Py_ssize_t slot;
+    size_t start, len; /* the encoded entry in the run's buffer */
+    Span trace;        /* the audit's trace_parent (p NULL: none) */
+} OutRec;
+
+static int is_id(Span s, int upper_ok) {
+    if (s.n != ID_LEN)
+        return 0;
+    for (int i = 0; i < ID_LEN; i++) {
+        unsigned c = s.p[i];
+        if (i == 8 || i == 13 || i == 18 || i == 23) {
+            if (c != '-')
+                return 0;
+        } else if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (upper_ok && c >= 'A' && c <= 'F')))
+            return 0;
+    }
+    return 1;
+}
+
+/* An ASCII byte str.isspace() does not take: then the tenant is not blank (others: Python decides). */
+static int tenant_not_blank(Span s) {
+    for (Py_ssize_t i = 0; i < s.n; i++) {
+        unsigned c = s.p[i];
+        if (c < 0x80 && !((c >= 9 && c <= 13) || (c >= 28 && c <= 32)))
+            return 1;
+    }
+    return 0;
+}
+
+/* What `Codec.decode` accepts (streams.codec: _envelope_check) and `derived_id` splices. */
+static int chainable(const Audit *a, int64_t max_us) {
+    const Envelope *e = &a->env;
+    return e->event_type.n == 13 && memcmp(e->event_type.p, "AuditRecorded", 13) == 0 && tenant_not_blank(e->tenant) &&
+           is_id(e->event_id, 0) && is_id(e->correlation_id, 1) && e->occurred_at >= MIN_EVENT_US &&
+           e->occurred_at <= max_us;
+}
+
+/* Avro: a zigzag varint, a string, a ["null", "string"] union. */
+static unsigned char *avro_long(unsigned char *o, int64_t v) {
+    uint64_t u = ((uint64_t)v << 1) ^ (0 - ((uint64_t)v >> 63));
+    while (u >= 0x80) {
+        *o++ = (unsigned char)(u | 0x80);
+        u >>= 7;
+    }
+    *o++ = (unsigned char)u;
+    return o;
+}
+
+static unsigned char *avro_str(unsigned char *o, const void *p, size_t n) {
+    o = avro_long(o, (int64_t)n);
+    memcpy(o, p, n);
+    return o + n;
+}
+
+static unsigned char *avro_opt_str(unsigned char *o, Span s) {
+    if (s.p == NULL) {
+        *o++ = 0;
+        return o;
+    }
+    *o++ = 2;
+    return avro_str(o, s.p, (size_t)s.n);
+}
+
+#define AVRO_LIT(o, lit) avro_str((o), (lit), sizeof(lit) - 1)
+
+/* `domain.ledger.derived_id(parent, "LedgerEntryChained", str(seq))` for a canonical lowercase parent. */
+static void entry_id(const unsigned char *parent, int64_t seq, char out[ID_LEN]) {
+    char buf[ID_LEN + 1 + 18 + 1 + 24];
+    char *o = put(buf, (const char *)parent, ID_LEN);
+    *o++ = 0x1f;
+    o = PUT(o, "LedgerEntryChained");
+    *o++ = 0x1f;
+    o = put_int(o, seq);
+    unsigned char h[HASH_LEN];
+    char d[HEX_LEN];
+    sha256(buf, (size_t)(o - buf), h);
+    to_hex(h, d);
+    memcpy(out, parent, 8);
+    out[8] = '-';
+    memcpy(out + 9, parent + 9, 4);
+    out[13] = '-';
+    out[14] = '7';
+    memcpy(out + 15, d, 3);
+    out[18] = '-';
+    out[19] = "89ab"[hex_digit((unsigned char)d[4]) & 3];
+    memcpy(out + 20, d + 5, 3);
+    out[23] = '-';
+    memcpy(out + 24, d + 8, 12);
+}
+
+/* The canonical entry bytes (`domain.ledger.entry_bytes`); `o` holds 6 * tenant + 512. */
+static char *put_link(char *o, Span event_id, const char sha_hex[HEX_LEN], Span tenant, const char prev[HEX_LEN],
+                      int64_t seq) {
+    o = PUT(o, "{\"audit_event_id\":");
+    o = put_str(o, event_id);
+    o = PUT(o, ",\"audit_sha256\":\"");
+    o = put(o, sha_hex, HEX_LEN);
+    o = PUT(o, "\",\"chain_tenant\":");
+    o = put_str(o, tenant);
+    o = PUT(o, ",\"format\":\"ledgerflow.ledger-entry/1\",\"prev_hash\":\"");
+    o = put(o, prev, HEX_LEN);
+    o = PUT(o, "\",\"seq\":");
+    o = put_int(o, seq);
+    *o++ = '}';
+    return o;
+}
+
+/* The LedgerEntryChained v1 record (`Codec.encode` of `domain.ledger._entry_event`): header,
+ * envelope (derived id, type, version 1, the audit's tenant, time, trace and correlation, the
+ * audit as cause, the ledger as producer), then the entry's fields. Sized by entry_bound. */
+static unsigned char *put_entry_record(unsigned char *o, const unsigned char header[HEADER_LEN], const Audit *a,
+                                       const char id[ID_LEN], int64_t seq, const char e_hash[HEX_LEN],
+                                       const char prev[HEX_LEN], const char sha_hex[HEX_LEN], int64_t partition,
+                                       int64_t offset) {
+    const Envelope *e = &a->env;
+    memcpy(o, header, HEADER_LEN);
+    o += HEADER_LEN;
+    o = avro_str(o, id, ID_LEN);
+    o = AVRO_LIT(o, "LedgerEntryChained");
+    o = avro_long(o, 1);
+    o = avro_str(o, e->tenant.p, (size_t)e->tenant.n);
+    o = avro_long(o, e->occurred_at);
+    o = avro_opt_str(o, e->trace_parent);
+    o = avro_str(o, e->correlation_id.p, (size_t)e->correlation_id.n);
+    o = avro_opt_str(o, e->event_id);
+    o = AVRO_LIT(o, "agent:audit-ledger");
+    o = avro_str(o, e->tenant.p, (size_t)e->tenant.n);
+    o = avro_long(o, seq);
+    o = avro_str(o, e_hash, HEX_LEN);
+    o = avro_str(o, prev, HEX_LEN);
+    o = avro_str(o, e->event_id.p, (size_t)e->event_id.n);
+    o = avro_str(o, sha_hex, HEX_LEN);
+    o = avro_long(o, partition);
+    o = avro_long(o, offset);
+    return o;
+}
+
+static size_t entry_bound(Py_ssize_t record_len) {
+    return 2 * (size_t)record_len + 512;
+}
+
+/* `ChainHead.due(occurred_at, every_n, every_s)` after an entry; the wait as timedelta.total_seconds()
+ * computes it (an exact int over 1e6, correctly rounded: |wait| < 2**53 µs, see load_slot). */
+static int slot_due(const ChainSlot *s, int64_t now_us, int64_t every_n, double every_s) {
+    int64_t pending = s->size - s->checkpoint_size;
+    if (pending <= 0)
+        return 0;
+    if (pending >= every_n)
+        return 1;
+    return s->has_pending && (double)(now_us - s->pending_us) / 1e6 >= every_s;
+}
+
+static void slots_free(ChainSlots *ss) {
+    for (Py_ssize_t i = 0; i < ss->n; i++) {
+        Py_XDECREF(ss->items[i].info);
+        Py_XDECREF(ss->items[i].key);
+    }
+    free(ss->items);
+    free(ss->table);
+    memset(ss, 0, sizeof *ss);
+}
+
+static uint64_t slot_hash(int64_t partition, Span tenant) {
+    return hash_key((const unsigned char *)&partition, sizeof partition, tenant.p, (size_t)tenant.n);
+}
+
+static Py_ssize_t slot_find(const ChainSlots *ss, int64_t partition, Span tenant, uint64_t h) {
+    if (ss->table_cap == 0)
+        return -1;
+    for (size_t j = h & (ss->table_cap - 1); ss->table[j]; j = (j + 1) & (ss->table_cap - 1)) {
+        const ChainSlot *s = &ss->items[ss->table[j] - 1];
+        if (s->hash == h && s->partition == partition && span_eq(s->tenant, tenant))
+            return ss->table[j] - 1;
+    }
+    return -1;
+}
+
+/* Room for one more slot, its table entry included (no GIL needed). */
+static int slots_reserve(ChainSlots *ss) {
+    if (ss->n == ss->cap) {
+        Py_ssize_t cap = ss->cap ? ss->cap * 2 : 8;
+        ChainSlot *items = realloc(ss->items, (size_t)cap * sizeof(ChainSlot));
+        if (items == NULL)
+            return 0;
+        ss->items = items;
+        ss->cap = cap;
+    }
+    if ((size_t)(ss->n + 1) * 2 > ss->table_cap) {
+        size_t cap = ss->table_cap ? ss->table_cap * 2 : 16;
+        Py_ssize_t *table = calloc(cap, sizeof(Py_ssize_t));
+        if (table == NULL)
+            return 0;
+        for (Py_ssize_t i = 0; i < ss->n; i++) {
+            size_t j = ss->items[i].hash & (cap - 1);
+            while (table[j])
+                j = (j + 1) & (cap - 1);
+            table[j] = i + 1;
+        }
+        free(ss->table);
+        ss->table = table;
+        ss->table_cap = cap;
+    }
+    return 1;
+}
+
+/* An int attribute of head_for's answer within [lo, hi]; 0 if it is not (no exception left set). */
+static int int_in(PyObject *obj, int64_t lo, int64_t hi, int64_t *out) {
+    if (!PyLong_Check(obj))
+        return 0;
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    if (overflow || (v == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (v < lo || v > hi)
+        return 0;
+    *out = v;
+    return 1;
+}
+
+/* Read head_for's (head, size, last_hash, frontier, last_offset, checkpoint_size, pending_since_us)
+ * into the slot: SLOT_LIVE, or SLOT_PYTHON when a value is outside what the C code does exactly. */
+static int slot_state(ChainSlot *s, PyObject *info, int64_t max_us) {
+    PyObject **v = &PyTuple_GET_ITEM(info, 0);
+    if (!int_in(v[1], 0, MAX_SIZE - 1, &s->size) || !int_in(v[5], -MAX_SIZE, MAX_SIZE, &s->checkpoint_size))
+        return SLOT_PYTHON;
+    if (!PyUnicode_Check(v[2]))
+        return SLOT_PYTHON;
+    Py_ssize_t hn;
+    const char *hash = PyUnicode_AsUTF8AndSize(v[2], &hn);
+    unsigned char raw[HASH_LEN];
+    if (hash == NULL) {
+        PyErr_Clear();
+        return SLOT_PYTHON;
+    }
+    if (!from_hex((Span){(const unsigned char *)hash, hn}, raw))
+        return SLOT_PYTHON;
+    memcpy(s->last_hash, hash, HEX_LEN);
+    if (!PyList_Check(v[3]) || PyList_GET_SIZE(v[3]) != __builtin_popcountll((unsigned long long)s->size))
+        return SLOT_PYTHON;
+    s->depth = (int)PyList_GET_SIZE(v[3]);
+    for (int k = 0; k < s->depth; k++) {
+        PyObject *node = PyList_GET_ITEM(v[3], k);
+        if (!PyBytes_CheckExact(node) || PyBytes_GET_SIZE(node) != HASH_LEN)
+            return SLOT_PYTHON;
+        memcpy(s->frontier[k], PyBytes_AS_STRING(node), HASH_LEN);
+    }
+    s->has_offset = v[4] != Py_None;
+    if (s->has_offset && !int_in(v[4], INT64_MIN, INT64_MAX, &s->last_offset))
+        return SLOT_PYTHON;
+    /* a wait within 2**53 µs for every entry this run may chain (their times are 2020..max_us) */
+    s->has_pending = v[6] != Py_None;
+    if (s->has_pending &&
+        !int_in(v[6], max_us - (EXACT_DOUBLE >> 1), MIN_EVENT_US + (EXACT_DOUBLE >> 1), &s->pending_us))
+        return SLOT_PYTHON;
+    return SLOT_LIVE;
+}
+
+/* The slot of (partition, tenant), asking head_for (GIL held); -1 with an exception set. */
+static Py_ssize_t slot_load(ChainSlots *ss, int64_t partition, Span tenant, uint64_t h, PyObject *head_for,
+                            int64_t max_us) {
+    if (!slots_reserve(ss)) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    PyObject *name = PyUnicode_DecodeUTF8((const char *)tenant.p, tenant.n, "strict");
+    PyObject *p = PyLong_FromLongLong(partition);
+    PyObject *info = NULL;
+    if (name != NULL && p != NULL) {
+        PyObject *argv[2] = {p, name};
+        info = PyObject_Vectorcall(head_for, argv, 2, NULL);
+    }
+    Py_XDECREF(name);
+    Py_XDECREF(p);
+    if (info == NULL)
+        return -1;
+    ChainSlot *s = &ss->items[ss->n];
+    memset(s, 0, offsetof(ChainSlot, frontier));
+    s->partition = partition;
+    s->tenant = tenant;
+    s->hash = h;
+    s->info = info;
+    if (info == Py_None)
+        s->state = SLOT_SKIP;
+    else if (info == Py_False)
+        s->state = SLOT_PYTHON;
+    else if (!PyTuple_Check(info) || PyTuple_GET_SIZE(info) != 7) {
+        Py_DECREF(info);
+        PyErr_SetString(PyExc_TypeError, "head_for must answer None, False or a 7-tuple");
+        return -1;
+    } else {
+        s->state = slot_state(s, info, max_us);
+        if (s->state == SLOT_LIVE) {
+            s->key = PyBytes_FromStringAndSize((const char *)tenant.p, tenant.n);
+            if (s->key == NULL) {
+                Py_DECREF(info);
+                return -1;
+            }
+        }
+    }
+    size_t j = h & (ss->table_cap - 1);
+    while (ss->table[j])
+        j = (j + 1) & (ss->table_cap - 1);
+    ss->table[j] = ++ss->n;
+    return ss->n - 1;
+}
+
+/* Grow `b` to hold `more` bytes beyond its length (no GIL needed). */
+#define RESERVE(b, more) buf_reserve((b), (more))
+
+static int outs_push(OutRec **outs, Py_ssize_t *n, Py_ssize_t *cap, OutRec rec) {
+    if (*n == *cap) {
+        Py_ssize_t c = *cap ? *cap * 2 : 256;
+        OutRec *p = realloc(*outs, (size_t)c * sizeof(OutRec));
+        if (p == NULL)
+            return 0;
+        *outs = p;
+        *cap = c;
+    }
+    (*outs)[(*n)++] = rec;
+    return 1;
+}
+
+enum { RUN_END, RUN_DUE, RUN_PYTHON, RUN_ERROR, RUN_NOMEM };
+
+typedef struct {
+    ChainSlots slots;
+    Buf buf; /* the encoded entries, one after another */
+    OutRec *outs;
+    Py_ssize_t n_outs, cap_outs;
+    Py_ssize_t due_slot;
+} Run;
+
+/* Chain records from `i` until one is not handled, a chain is due, or the end; `*at` gets the
+ * index of the next record to look at. Called without the GIL; takes it only for head_for. */
+static int run_records(ChainBatch *self, Run *run, Py_ssize_t i, PyObject *head_for, int64_t every_n, double every_s,
+                       int64_t max_us, Py_ssize_t *at, PyThreadState **ts) {
+    size_t items_cap = (size_t)self->max_len / 2 + 1;
+    MapItem *items = malloc(items_cap * sizeof(MapItem));
+    char *canon = malloc(audit_bound(self->max_len));
+    char *link = malloc(6 * (size_t)self->max_len + 512);
+    int status = RUN_END;
+    if (items == NULL || canon == NULL || link == NULL)
+        status = RUN_NOMEM;
+    for (; status == RUN_END && i < self->n; i++) {
+        const ChainRec *r = &self->recs[i];
+        Audit a;
+        if (r->owner == NULL || !parse_audit(r->p, r->n, self->audit_header, items, (Py_ssize_t)items_cap, &a) ||
+            !chainable(&a, max_us)) {
+            status = RUN_PYTHON;
+            break;
+        }
+        uint64_t h = slot_hash(r->partition, a.env.tenant);
+        Py_ssize_t k = slot_find(&run->slots, r->partition, a.env.tenant, h);
+        if (k < 0) {
+            PyEval_RestoreThread(*ts);
+            k = slot_load(&run->slots, r->partition, a.env.tenant, h, head_for, max_us);
+            *ts = PyEval_SaveThread();
+            if (k < 0) {
+                status = RUN_ERROR;
+                break;
+            }
+        }
+        ChainSlot *s = &run->slots.items[k];
+        if (s->state == SLOT_SKIP) /* its partition was revoked while the batch was fetched */
+            continue;
+        if (s->state == SLOT_PYTHON) {
+            status = RUN_PYTHON;
+            break;
+        }
+        if (s->has_offset && r->offset <= s->last_offset) /* a redelivery: already chained */
+            continue;
+        /* ChainHead.append: the audit record's hash, the entry, its hash, id and leaf */
+        char *end = put_audit(canon, &a); /* never NULL: the time is 2020..max_us */
+        unsigned char digest[HASH_LEN], leaf[HASH_LEN];
+        char sha_hex[HEX_LEN], e_hash[HEX_LEN], id[ID_LEN];
+        sha256(canon, (size_t)(end - canon), digest);
+        to_hex(digest, sha_hex);
+        int64_t seq = s->size;
+        end = put_link(link, a.env.event_id, sha_hex, a.env.tenant, s->last_hash, seq);
+        sha256(link, (size_t)(end - link), digest);
+        to_hex(digest, e_hash);
+        sha256_prefixed(0, link, (size_t)(end - link), leaf);
+        entry_id(a.env.event_id.p, seq, id);
+        if (!RESERVE(&run->buf, entry_bound(r->n))) {
+            status = RUN_NOMEM;
+            break;
+        }
+        unsigned char *o = run->buf.p + run->buf.len;
+        unsigned char *done =
+            put_entry_record(o, self->entry_header, &a, id, seq, e_hash, s->last_hash, sha_hex, r->partition, r->offset);
+        OutRec out = {k, run->buf.len, (size_t)(done - o), a.env.trace_parent};
+        if (!outs_push(&run->outs, &run->n_outs, &run->cap_outs, out)) {
+            status = RUN_NOMEM;
+            break;
+        }
+        run->buf.len += (size_t)(done - o);
+        for (int64_t carry = seq; carry & 1; carry >>= 1)
+            node_hash(s->frontier[--s->depth], leaf, leaf);
+        memcpy(s->frontier[s->depth++], leaf, HASH_LEN);
+        s->has_offset = 1;
+        s->last_offset = r->offset;
+        s->size = seq + 1;
+        memcpy(s->last_hash, e_hash, HEX_LEN);
+        memcpy(s->last_event_id, id, ID_LEN);
+        s->occurred_us = a.env.occurred_at;
+        if (!s->has_pending) {
+            s->has_pending = 1;
+            s->pending_us = a.env.occurred_at;
+        }
+        s->appended++;
+        if (slot_due(s, a.env.occurred_at, every_n, every_s)) {
+            run->due_slot = k;
+            status = RUN_DUE;
+            i++;
+            break;
+        }
+    }
+    free(items);
+    free(canon);
+    free(link);
+    *at = i;
+    return status;
+}
+
+/* [(partition, [values], [keys], [trace_parent] or None)] in the order partitions first appear. */
+static PyObject *run_entries(const Run *run, int trace) {
+    PyObject *groups = PyList_New(0);
+    Py_ssize_t last = -1;
+    int64_t last_partition = 0;
+    for (Py_ssize_t i = 0; groups != NULL && i < run->n_outs; i++) {
+        const OutRec *o = &run->outs[i];
+        const ChainSlot *s = &run->slots.items[o->slot];
+        if (last < 0 || s->partition != last_partition) {
+            last = -1;
+            for (Py_ssize_t g = 0; g < PyList_GET_SIZE(groups); g++) {
+                PyObject *p = PyTuple_GET_ITEM(PyList_GET_ITEM(groups, g), 0);
+                if (PyLong_AsLongLong(p) == s->partition) {
+                    last = g;
+                    break;
+                }
+            }
+            if (last < 0) {
+                PyObject *row = Py_BuildValue("(LNNN)", (long long)s->partition, PyList_New(0), PyList_New(0),
+                                              trace ? PyList_New(0) : Py_NewRef(Py_None));
+                if (row == NULL || PyList_Append(groups, row) < 0) {
+                    Py_XDECREF(row);
+                    Py_CLEAR(groups);
+                    break;
+                }
+                Py_DECREF(row);
+                last = PyList_GET_SIZE(groups) - 1;
+            }
+            last_partition = s->partition;
+        }
+        PyObject *row = PyList_GET_ITEM(groups, last);
+        PyObject *value = PyBytes_FromStringAndSize((const char *)run->buf.p + o->start, (Py_ssize_t)o->len);
+        int bad = value == NULL || PyList_Append(PyTuple_GET_ITEM(row, 1), value) < 0 ||
+                  PyList_Append(PyTuple_GET_ITEM(row, 2), s->key) < 0;
+        Py_XDECREF(value);
+        if (!bad && trace) {
+            PyObject *tp = o->trace.p == NULL ? Py_NewRef(Py_None)
+                                              : PyUnicode_DecodeUTF8((const char *)o->trace.p, o->trace.n, "strict");
+            bad = tp == NULL || PyList_Append(PyTuple_GET_ITEM(row, 3), tp) < 0;
+            Py_XDECREF(tp);
+        }
+        if (bad)
+            Py_CLEAR(groups);
+    }
+    return groups;
+}
+
+/* [(head, partition, size, last_hash, frontier, last_offset, last_event_id, last_occurred_us,
+ * pending_since_us)] of every chain that got entries. */
+static PyObject *run_heads(const Run *run) {
+    PyObject *heads = PyList_New(0);
+    for (Py_ssize_t k = 0; heads != NULL && k < run->slots.n; k++) {
+        const ChainSlot *s = &run->slots.items[k];
+        if (s->state != SLOT_LIVE || s->appended == 0)
+            continue;
+        PyObject *frontier = PyList_New(s->depth);
+        for (int d = 0; frontier != NULL && d < s->depth; d++) {
+            PyObject *node = PyBytes_FromStringAndSize((const char *)s->frontier[d], HASH_LEN);
+            if (node == NULL)
+                Py_CLEAR(frontier);
+            else
+                PyList_SET_ITEM(frontier, d, node);
+        }
+        PyObject *row = frontier == NULL ? NULL
+                                         : Py_BuildValue("(OLLs#NLs#LL)", PyTuple_GET_ITEM(s->info, 0),
+                                                         (long long)s->partition, (long long)s->size, s->last_hash,
+                                                         (Py_ssize_t)HEX_LEN, frontier, (long long)s->last_offset,
+                                                         s->last_event_id, (Py_ssize_t)ID_LEN,
+                                                         (long long)s->occurred_us, (long long)s->pending_us);
+        if (row == NULL || PyList_Append(heads, row) < 0)
+            Py_CLEAR(heads);
+        Py_XDECREF(row);
+    }
+    return heads;
+}
+
+static PyObject *ChainBatch_run(ChainBatch *self, PyObject *args) {
+    Py_ssize_t start;
+    PyObject *head_for;
+    long long every_n, max_us;
+    double every_s;
+    int trace;
+    if (!PyArg_ParseTuple(args, "nOLdLp", &start, &head_for, &every_n, &every_s, &max_us, &trace))
+        return NULL;
+    if (!PyCallable_Check(head_for)) {
+        PyErr_SetString(PyExc_TypeError, "head_for must be callable");
+        return NULL;
+    }
+    if (start < 0 || start > self->n) {
+        PyErr_SetString(PyExc_IndexError, "start is outside the batch");
+        return NULL;
+    }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "a run of this batch is already on");
+        return NULL;
+    }
+    if (max_us > MAX_US) /* then every time taken has its text (put_time) */
+        max_us = MAX_US;
+    if (max_us < MIN_EVENT_US) /* nothing is chainable, and no bound below overflows */
+        max_us = MIN_EVENT_US - 1;
+    self->busy = 1;
+    Run run;
+    memset(&run, 0, sizeof run);
+    run.due_slot = -1;
+    Py_ssize_t next = start;
+    PyThreadState *ts = PyEval_SaveThread();
+    int status = run_records(self, &run, start, head_for, every_n, every_s, max_us, &next, &ts);
+    PyEval_RestoreThread(ts);
+    PyObject *result = NULL;
+    if (status == RUN_NOMEM)
+        PyErr_NoMemory();
+    else if (status != RUN_ERROR) {
+        PyObject *entries = run_entries(&run, trace);
+        PyObject *heads = entries == NULL ? NULL : run_heads(&run);
+        PyObject *due = NULL;
+        if (heads != NULL) {
+            if (status == RUN_DUE) {
+                const ChainSlot *s = &run.slots.items[run.due_slot];
+                due = Py_BuildValue("(OL)", PyTuple_GET_ITEM(s->info, 0), (long long)s->partition);
+            } else
+                due = Py_NewRef(Py_None);
+        }
+        if (due != NULL)
+            result = Py_BuildValue("(nNNN)", next, due, entries, heads);
+        else {
+            Py_XDECREF(entries);
+            Py_XDECREF(heads);
+        }
+    }
+    slots_free(&run.slots);
+    free(run.buf.p);
+    free(run.outs);
+    self->busy = 0;
+    return result;
+}
+
+static void chain_recs_free(ChainRec *recs, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        Py_XDECREF(recs[i].owner);
+    PyMem_Free(recs);
+}
+
+/* One record: a (value, partition, offset) tuple, or a confluent-kafka Message (value(),
+ * partition(), offset(); `offset() or 0` as the worker). A value that is not bytes, or no
+ * partition, leaves the record to Python. 0 with an exception set on error. */
+static int chain_rec(ModState *st, PyObject *item, ChainRec *r) {
+    PyObject *value, *partition, *offset;
+    memset(r, 0, sizeof *r);
+    if (PyTuple_Check(item)) {
+        if (PyTuple_GET_SIZE(item) != 3) {
+            PyErr_SetString(PyExc_TypeError, "a record is a Message or a (value, partition, offset) tuple");
+            return 0;
+        }
+        value = Py_NewRef(PyTuple_GET_ITEM(item, 0));
+        partition = Py_NewRef(PyTuple_GET_ITEM(item, 1));
+        offset = Py_NewRef(PyTuple_GET_ITEM(item, 2));
+    } else {
+        value = PyObject_CallMethodNoArgs(item, st->value);
+        partition = value == NULL ? NULL : PyObject_CallMethodNoArgs(item, st->partition);
+        offset = partition == NULL ? NULL : PyObject_CallMethodNoArgs(item, st->offset);
+        if (offset == NULL) {
+            Py_XDECREF(value);
+            Py_XDECREF(partition);
+            return 0;
+        }
+    }
+    int ok = 1;
+    int64_t p = 0, off = 0;
+    int handled = PyBytes_CheckExact(value) && partition != Py_None;
+    if (handled) {
+        ok = (p = PyLong_AsLongLong(partition)) != -1 || !PyErr_Occurred();
+        if (ok && offset != Py_None)
+            ok = (off = PyLong_AsLongLong(offset)) != -1 || !PyErr_Occurred();
+        if (ok && (p < INT32_MIN || p > INT32_MAX)) /* an Avro int in the entry */
+            handled = 0;
+    }
+    if (ok && handled) {
+        r->owner = Py_NewRef(value);
+        r->p = (const unsigned char *)PyBytes_AS_STRING(value);
+        r->n = PyBytes_GET_SIZE(value);
+        r->partition = p;
+        r->offset = off;
+    }
+    Py_DECREF(value);
+    Py_DECREF(partition);
+    Py_DECREF(offset);
+    return ok;
+}
+
+static PyObject *ChainBatch_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"records", "audit_header", "entry_header", NULL};
+    PyObject *items, *ah, *eh;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO", kwlist, &items, &ah, &eh))
+        return NULL;
+    ModState *st = PyType_GetModuleState(type);
+    if (st == NULL)
+        return NULL;
+    ChainBatch *self = (ChainBatch *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    if (!header_arg(ah, self->audit_header) || !header_arg(eh, self->entry_header)) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(items, "records must be a sequence");
+    if (seq == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    self->recs = PyMem_Calloc((size_t)(n ? n : 1), sizeof(ChainRec));
+    if (self->recs == NULL) {
+        Py_DECREF(seq);
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    PyObject **it = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!chain_rec(st, it[i], &self->recs[i])) {
+            Py_DECREF(seq);
+            Py_DECREF(self);
+            return NULL;
+        }
+        self->n = i + 1;
+        if (self->recs[i].n > self->max_len)
+            self->max_len = self->recs[i].n;
+    }
+    Py_DECREF(seq);
+    return (PyObject *)self;
+}
+
+static void ChainBatch_dealloc(ChainBatch *self) {
+    PyTypeObject *tp = Py_TYPE(self);
+    if (self->recs != NULL)
+        chain_recs_free(self->recs, self->n);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyObject *ChainBatch_len(ChainBatch *self, void *Py_UNUSED(closure)) {
+    return PyLong_FromSsize_t(self->n);
+}
+
+static PyMethodDef ChainBatch_methods[] = {
+    {"run", (PyCFunction)ChainBatch_run, METH_VARARGS,
+     "run(start, head_for, every_n, every_s, max_us, trace) -> (next, due, entries, heads): chain from `start` "
+     "until a record is not handled (next < len, due None), a chain is due ((head, partition)) or the end."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef ChainBatch_getset[] = {
+    {"size", (getter)ChainBatch_len, NULL, "records in the batch", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot ChainBatch_slots[] = {
+    {Py_tp_new, ChainBatch_new},
+    {Py_tp_dealloc, ChainBatch_dealloc},
+    {Py_tp_methods, ChainBatch_methods},
+    {Py_tp_getset, ChainBatch_getset},
+    {Py_tp_doc, "One batch of audit-topic records, chained into LedgerEntryChained records (see the C source)."},
+    {0, NULL},
+};
+
+static PyType_Spec ChainBatch_spec = {
+    "domain._ledger_native.ChainBatch", sizeof(ChainBatch), 0, Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    ChainBatch_slots,
+};
+
 /* ---- module functions (the differential tests' handles) --------------------------------- */
 
 static PyObject *audit_canonical(PyObject *Py_UNUSED(module), PyObject *args) {
@@ -1455,12 +2221,20 @@ static int module_exec(PyObject *module) {
     st->partition = PyUnicode_InternFromString("partition");
     st->key = PyUnicode_InternFromString("key");
     st->error = PyUnicode_InternFromString("error");
-    if (!st->value || !st->partition || !st->key || !st->error)
+    st->offset = PyUnicode_InternFromString("offset");
+    if (!st->value || !st->partition || !st->key || !st->error || !st->offset)
         return -1;
     PyObject *type = PyType_FromModuleAndSpec(module, &LogVerifier_spec, NULL);
     if (type == NULL)
         return -1;
     if (PyModule_AddObject(module, "LogVerifier", type) < 0) {
+        Py_DECREF(type);
+        return -1;
+    }
+    type = PyType_FromModuleAndSpec(module, &ChainBatch_spec, NULL);
+    if (type == NULL)
+        return -1;
+    if (PyModule_AddObject(module, "ChainBatch", type) < 0) {
         Py_DECREF(type);
         return -1;
     }
@@ -1474,6 +2248,7 @@ static int module_traverse(PyObject *module, visitproc visit, void *arg) {
         Py_VISIT(st->partition);
         Py_VISIT(st->key);
         Py_VISIT(st->error);
+        Py_VISIT(st->offset);
     }
     return 0;
 }
@@ -1485,6 +2260,7 @@ static int module_clear(PyObject *module) {
         Py_CLEAR(st->partition);
         Py_CLEAR(st->key);
         Py_CLEAR(st->error);
+        Py_CLEAR(st->offset);
     }
     return 0;
 }

@@ -1,12 +1,14 @@
 """Types of the C extension `domain._ledger_native` (source: domain/_ledger_native.c).
 
-The audit ledger's per-record work for `audit verify` from the log; the pure-Python path
-(`domain.ledger`, `ledgerflow.audit.from_log` + `verify`) is the reference it is held to.
+The audit ledger's per-record work for `audit verify` from the log (`LogVerifier`) and for the
+chaining worker's fold (`ChainBatch`); the pure-Python paths (`domain.ledger`,
+`ledgerflow.audit.from_log` + `verify`, `agents.ledger.LedgerWorker._chain_records`) are the
+references they are held to.
 A header is the 10-byte single-object header (C3 01 + fingerprint) of AuditRecorded v1 or
 LedgerEntryChained v1, the writer schemas the C code reads.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 def audit_canonical(value: bytes, header: bytes, /) -> bytes | None:
@@ -41,3 +43,39 @@ class LogVerifier:
     def unhandled(self) -> str | None: ...
     @property
     def counts(self) -> tuple[int, int]: ...
+
+# head_for's answer: the head object, size, last_hash, frontier, last offset chained from the
+# partition (None: none), checkpoint_size, pending_since in µs since the epoch (None: none)
+HeadState = tuple[Any, int, str, list[bytes], int | None, int, int | None]
+# per ledger partition, in the order partitions first appear: its entries' values, keys, and
+# (with `trace`) each audit record's trace_parent
+Entries = tuple[int, list[bytes], list[bytes], list[str | None] | None]
+# a head that got entries: (head, partition, size, last_hash, frontier, last_offset,
+# last_event_id, last_occurred_us, pending_since_us)
+HeadUpdate = tuple[Any, int, int, str, list[bytes], int, str, int, int]
+
+class ChainBatch:
+    """One batch of audit-topic records chained into LedgerEntryChained records, as
+    `LedgerWorker._chain_records` does record by record (see the C source)."""
+
+    def __init__(self, records: Sequence[Any], audit_header: bytes, entry_header: bytes) -> None:
+        """Records: confluent-kafka Messages (value(), partition(), offset()) or
+        (value, partition, offset) tuples; a value that is not bytes is left to Python."""
+
+    @property
+    def size(self) -> int: ...
+    def run(
+        self,
+        start: int,
+        head_for: Callable[[int, str], HeadState | bool | None],
+        every_n: int,
+        every_s: float,
+        max_us: int,
+        trace: bool,
+        /,
+    ) -> tuple[int, tuple[Any, int] | None, list[Entries], list[HeadUpdate]]:
+        """Chain from `start`: (next, due, entries, heads). `due` (head, partition): that chain
+        is due for a checkpoint after record next - 1; else next < size: record `next` is not
+        handled (Python's turn), or next == size: the end. head_for(partition, tenant) is asked
+        once per chain and run: None skips its records (a revoked partition), False leaves
+        them to Python."""

@@ -45,7 +45,8 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any, Protocol
 
 import orjson
@@ -572,6 +573,42 @@ class ChainHead:
             self.pending_since = occurred_at
         return event
 
+    def native_state(self, partition: int) -> NativeHeadState | None:
+        """This head as `domain._ledger_native.ChainBatch.run` reads it for records of
+        `partition`: (self, size, last_hash, frontier, last offset chained from the partition,
+        checkpoint_size, pending_since in µs since the epoch); None when pending_since is not
+        an aware time (then Python's own `append` and `due` decide)."""
+        since = self.pending_since
+        since_us = None
+        if since is not None:
+            if since.tzinfo is None:
+                return None
+            since_us = (since - _EPOCH) // _ONE_US
+        return (
+            self,
+            self.size,
+            self.last_hash,
+            self.frontier,
+            self.offsets.get(partition),
+            self.checkpoint_size,
+            since_us,
+        )
+
+    def native_applied(
+        self, partition: int, size: int, last_hash: str, frontier: list[bytes], offset: int, last_event_id: str,
+        occurred_us: int, since_us: int,
+    ) -> None:  # fmt: skip
+        """Take the state the C fold left after appending entries (`ChainBatch.run`'s heads):
+        what `append` would have set, times as the codec decodes them."""
+        self.size = size
+        self.last_hash = last_hash
+        self.frontier = frontier
+        self.offsets[partition] = offset
+        self.last_event_id = last_event_id
+        self.last_occurred_at = _EPOCH + timedelta(0, 0, occurred_us)
+        if self.pending_since is None:
+            self.pending_since = _EPOCH + timedelta(0, 0, since_us)
+
     def due(self, now: datetime, every_n: int, every_s: float) -> bool:
         """`checkpoint_due` of this head."""
         pending = self.size - self.checkpoint_size
@@ -587,6 +624,31 @@ class ChainHead:
         self.checkpoint_size = state.checkpoint_size
         self.pending_since = state.pending_since
         return signed
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US = timedelta(microseconds=1)
+NativeHeadState = tuple["ChainHead", int, str, list[bytes], int | None, int, int | None]
+
+
+@cache
+def native_chain_headers() -> tuple[bytes, bytes] | None:
+    """(AuditRecorded, LedgerEntryChained) single-object headers of v1, the layouts
+    `domain._ledger_native` reads and writes, if v1 is still today's schema of both; else None
+    (then the C fold is not used: a record of a newer writer would be "not handled", and the
+    entries it writes would be of an old schema)."""
+    from streams.codec import MAGIC
+    from streams.evolution import load_fixtures
+    from streams.schemas import load_all
+
+    today, released = load_all(), load_fixtures()
+    out = []
+    for name in ("AuditRecorded", "LedgerEntryChained"):
+        v1 = [f for f in released.get(name, []) if f.version == 1]
+        if not v1 or v1[0].schema.fingerprint != today[name].fingerprint:
+            return None
+        out.append(MAGIC + today[name].fingerprint)
+    return out[0], out[1]
 
 
 def checkpoint_due(state: ChainState, now: datetime, every_n: int, every_s: float) -> bool:
