@@ -1368,8 +1368,8 @@ static PyType_Spec LogVerifier_spec = {
  *
  * Handled exactly, else "not handled": an AuditRecorded v1 record (parse_audit) that
  * `Codec.decode` takes as it is: event_type "AuditRecorded"; a tenant with an ASCII byte that
- * str.isspace() does not take (so not blank); an event id in canonical lowercase form (what
- * `domain.ledger.derived_id` splices) and a canonical correlation id (what the codec's fast id
+ * str.isspace() does not take (so not blank) and no control character; an event id in
+ * canonical lowercase form (what `domain.ledger.derived_id` splices) and a canonical correlation id (what the codec's fast id
  * check passes); occurred_at from 2020-01-01 to `max_us` (the caller's now + 1 day). Anything
  * else (another writer, poison, an id uuid.UUID() would still take...) goes to Python.
  *
@@ -1444,20 +1444,25 @@ static int is_id(Span s, int upper_ok) {
     return 1;
 }
 
-/* An ASCII byte str.isspace() does not take: then the tenant is not blank (others: Python decides). */
-static int tenant_not_blank(Span s) {
+/* An ASCII byte str.isspace() does not take, so the tenant is not blank (others: Python decides),
+ * and no control character (below 0x20), which no checkpoint note could name: Python refuses
+ * those (domain.ledger._link). */
+static int tenant_ok(Span s) {
+    int not_blank = 0;
     for (Py_ssize_t i = 0; i < s.n; i++) {
         unsigned c = s.p[i];
-        if (c < 0x80 && !((c >= 9 && c <= 13) || (c >= 28 && c <= 32)))
-            return 1;
+        if (c < 0x20)
+            return 0;
+        if (c < 0x80 && c != ' ')
+            not_blank = 1;
     }
-    return 0;
+    return not_blank;
 }
 
 /* What `Codec.decode` accepts (streams.codec: _envelope_check) and `derived_id` splices. */
 static int chainable(const Audit *a, int64_t max_us) {
     const Envelope *e = &a->env;
-    return e->event_type.n == 13 && memcmp(e->event_type.p, "AuditRecorded", 13) == 0 && tenant_not_blank(e->tenant) &&
+    return e->event_type.n == 13 && memcmp(e->event_type.p, "AuditRecorded", 13) == 0 && tenant_ok(e->tenant) &&
            is_id(e->event_id, 0) && is_id(e->correlation_id, 1) && e->occurred_at >= MIN_EVENT_US &&
            e->occurred_at <= max_us;
 }

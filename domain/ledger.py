@@ -431,10 +431,20 @@ def _entry_event(
     return event
 
 
+_CONTROL = re.compile("[\x00-\x1f]")
+
+
 def _link(
     tenant: str, seq: int, prev_hash: str, audit: AuditRecorded, partition: int, offset: int
 ) -> tuple[str, bytes, LedgerEntryChained]:
-    """Entry `seq` of `tenant`'s chain for `audit`: (entry_hash, Merkle leaf hash, the event)."""
+    """Entry `seq` of `tenant`'s chain for `audit`: (entry_hash, Merkle leaf hash, the event).
+
+    Refuses (ValueError: the worker dead-letters the record) a tenant with a control character:
+    its chain could never be checkpointed (a C2SP note's text has none), and chaining it first
+    only to fail at the checkpoint stopped the worker for good.
+    """
+    if _CONTROL.search(tenant) is not None:
+        raise ValueError(f"tenant {tenant!r} has a control character: no checkpoint note can name its chain")
     env = audit.envelope
     a_sha = _sha256(audit_canonical_bytes(audit)).hexdigest()
     data = entry_bytes(tenant, seq, prev_hash, env.event_id, a_sha)

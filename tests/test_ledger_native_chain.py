@@ -228,6 +228,19 @@ def test_records_left_to_python_in_the_middle_of_a_batch_keep_order_and_heads() 
     ]
 
 
+def test_a_tenant_with_a_control_character_is_dead_lettered_not_chained_to_a_crash() -> None:
+    """No checkpoint note can name such a chain (its origin line would hold the character): it
+    used to be chained, then signing its first checkpoint raised NoteError and stopped the worker."""
+    msgs = [Msg(CODEC.encode(audit(i, ["acme", "a\tb", "x\ny", "acme"][i % 4])), 0, i) for i in range(12)]
+    _py, c, outs = fold_both([msgs], {0: _Partition()}, 1, 3600.0)  # a checkpoint after every entry
+    assert c.by_python == 2 * 6  # C leaves the six to Python (each batch is folded twice)
+    assert len(outs[0].entries[0][0]) == 6 and {h for h in c._parts[0].heads if h != "acme"} <= {"a\tb", "x\ny"}
+    assert all(h.size == 0 for t, h in c._parts[0].heads.items() if t != "acme")
+    dead = [dict(o[4] or []) for o in outs[0].other if o[0] == "t.audit.dlq"]
+    assert [d[HEADER_REASON] for d in dead] == [b"fold-refused"] * 6
+    assert sum(1 for o in outs[0].other if o[0] == "t.checkpoints") == 6
+
+
 def test_redeliveries_a_revoked_partition_and_restored_heads() -> None:
     """Records at or below a head's last offset are skipped; a partition no longer assigned
     is skipped whole; heads restored mid-chain (pending wait, a checkpoint behind) continue."""
@@ -308,8 +321,8 @@ def test_chain_batch_refuses_bad_arguments_cleanly() -> None:
 
 # --- hypothesis ------------------------------------------------------------------------------
 
-# chained tenants have no control character: a checkpoint's origin line cannot hold one (NoteError)
-TENANTS = ["acme", "initech", "é-corp", "t 1", "üñï", 'q"\\', "😀x", " ", "\u3000", "\t\n", "\x1c\x1f"]
+# "a\tb" and "x\ny" are refused by both folds (a checkpoint's origin line cannot hold a control character)
+TENANTS = ["acme", "initech", "é-corp", "t 1", "üñï", 'q"\\', "😀x", " ", "\u3000", "\t\n", "\x1c\x1f", "a\tb", "x\ny"]
 TEXT = st.text(st.characters(codec="utf-8"), max_size=12)
 IDS = st.one_of(
     st.uuids().map(str),
