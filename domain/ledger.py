@@ -71,6 +71,7 @@ from domain.merkle import (
     verify_consistency,
     verify_inclusion,
 )
+from domain.tenants import CONTROL
 from streams.avro_write import unchecked_twin
 from streams.events import AuditRecorded, Envelope, LedgerCheckpointSigned, LedgerEntryChained
 from streams.ids import derived_uuid7
@@ -431,9 +432,6 @@ def _entry_event(
     return event
 
 
-_CONTROL = re.compile("[\x00-\x1f]")
-
-
 def _link(
     tenant: str, seq: int, prev_hash: str, audit: AuditRecorded, partition: int, offset: int
 ) -> tuple[str, bytes, LedgerEntryChained]:
@@ -443,7 +441,7 @@ def _link(
     its chain could never be checkpointed (a C2SP note's text has none), and chaining it first
     only to fail at the checkpoint stopped the worker for good.
     """
-    if _CONTROL.search(tenant) is not None:
+    if CONTROL.search(tenant) is not None:
         raise ValueError(f"tenant {tenant!r} has a control character: no checkpoint note can name its chain")
     env = audit.envelope
     a_sha = _sha256(audit_canonical_bytes(audit)).hexdigest()

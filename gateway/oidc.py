@@ -19,6 +19,7 @@ import aiohttp
 import jwt
 from jwt import PyJWK, PyJWKSet
 
+from domain.tenants import tenant_problem
 from gateway.auth import Principal
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,9 @@ class OidcVerifier:
         tenant = claims.get(self.tenant_claim)
         if not isinstance(tenant, str) or not tenant.strip():
             raise TokenRejected(f"the token has no {self.tenant_claim!r} claim naming the tenant")
+        problem = tenant_problem(tenant)
+        if problem is not None:
+            raise TokenRejected(f"the token's {self.tenant_claim!r} claim: {problem}")
         roles = claims.get(self.roles_claim) or ["user"]
         return Principal(tenant=tenant, key_id=f"oidc:{claims['sub']}", roles=tuple(str(r) for r in roles))
 

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     k = sub.add_parser("keys", help="issue, revoke and list API keys (events on the api-keys topic)")
     ksub = k.add_subparsers(dest="keys_command", required=True)
     ki = ksub.add_parser("issue", help="issue a key for a tenant; prints the secret once")
-    ki.add_argument("--tenant", required=True)
+    ki.add_argument("--tenant", required=True, type=_tenant_name)
     ki.add_argument("--role", action="append", dest="roles", default=None)
     ki.add_argument("--label")
     kr = ksub.add_parser("revoke", help="revoke a key by its id")
@@ -506,6 +506,15 @@ def cmd_down(settings: Settings) -> int:
     state_file(settings).unlink(missing_ok=True)
     print("stopped leftovers of a supervisor that had died.")
     return 0
+
+
+def _tenant_name(text: str) -> str:
+    from domain.tenants import tenant_problem
+
+    problem = tenant_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def cmd_keys(settings: Settings, args: argparse.Namespace) -> int:

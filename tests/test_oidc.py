@@ -99,6 +99,7 @@ async def test_rotation_fetches_the_new_key(setup: tuple[TestClient, Keys, Recor
         ({"aud": "someone-else"}, "audience"),
         ({"iss": "https://evil.test"}, "issuer"),
         ({"tenant": ""}, "tenant"),
+        ({"tenant": "acme\nevil"}, "control character"),  # no checkpoint could name its chain
     ],
 )
 async def test_bad_claims_are_401_with_the_reason(
