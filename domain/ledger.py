@@ -640,6 +640,7 @@ NativeHeadState = tuple["ChainHead", int, str, list[bytes], int | None, int, int
 
 
 @cache
+@cache
 def native_chain_headers() -> tuple[bytes, bytes] | None:
     """(AuditRecorded, LedgerEntryChained) single-object headers of v1, the layouts
     `domain._ledger_native` reads and writes, if v1 is still today's schema of both; else None

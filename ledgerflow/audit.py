@@ -57,6 +57,7 @@ from domain.ledger import (
     check_checkpoint_event,
     check_consistency_file,
     check_proof_file,
+    native_chain_headers,
     tree_of,
     verify_chain,
 )
@@ -795,23 +796,7 @@ def _native() -> Any:
         from domain import _ledger_native
     except ImportError:
         return None
-    return _ledger_native if _native_headers() is not None else None
-
-
-@cache
-def _native_headers() -> tuple[bytes, bytes] | None:
-    """(AuditRecorded, LedgerEntryChained) single-object headers of v1, the layouts the C code
-    reads, if v1 is still today's schema of both; else None."""
-    from streams.evolution import load_fixtures
-
-    today, released = load_all(), load_fixtures()
-    out = []
-    for name in (AUDIT, ENTRY):
-        v1 = [f for f in released.get(name, []) if f.version == 1]
-        if not v1 or v1[0].schema.fingerprint != today[name].fingerprint:
-            return None
-        out.append(MAGIC + today[name].fingerprint)
-    return out[0], out[1]
+    return _ledger_native if native_chain_headers() is not None else None
 
 
 def native_available() -> bool:
@@ -876,7 +861,7 @@ def verify_log_native(
     Kafka key, then that envelope tenant. `timings`, if given, gets wall seconds by phase.
     """
     native = _native()
-    headers = _native_headers()
+    headers = native_chain_headers()
     if native is None or headers is None:
         raise LogNotReadable("the native verifier is not in use (not built, or LEDGERFLOW_NATIVE=0)")
     spent = timings if timings is not None else {}

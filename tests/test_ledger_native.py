@@ -23,7 +23,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from domain.checkpoint import SigningKey, generate_key
-from domain.ledger import LedgerEntry, audit_canonical_bytes, audit_canonical_bytes_from_record, entry_bytes_of
+from domain.ledger import (
+    LedgerEntry,
+    audit_canonical_bytes,
+    audit_canonical_bytes_from_record,
+    entry_bytes_of,
+    native_chain_headers,
+)
 from domain.merkle import MerkleTree
 from ledgerflow import audit
 from streams.codec import Codec
@@ -33,7 +39,7 @@ from tests.test_ledger_verify_log import EXPECTED, tampered
 from tests.test_ledger_verify_sql import audit_record, chain_events
 
 native = pytest.importorskip("domain._ledger_native")
-HEADERS = audit._native_headers()
+HEADERS = native_chain_headers()
 assert HEADERS is not None, "AuditRecorded / LedgerEntryChained moved past v1: the C code needs a new layout"
 AUDIT_HEADER, ENTRY_HEADER = HEADERS
 CODEC = Codec()
