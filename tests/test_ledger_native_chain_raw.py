@@ -13,45 +13,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agents.ledger import _Partition
+from tests.test_ledger_native import zigzag
 from tests.test_ledger_native_chain import AUDIT_HEADER, NOW, Msg, fold_both
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def uvarint(n: int, pad: int = 0) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n or pad:
-            out.append(b | 0x80)
-            if not n:
-                pad -= 1
-                while pad > 0:
-                    out.append(0x80)
-                    pad -= 1
-                out.append(0)
-                break
-        else:
-            out.append(b)
-            break
-    return bytes(out)
-
-
-def zz(v: int) -> int:
-    return (v << 1) ^ (v >> 63)
-
-
-def long_(v: int, pad: int = 0) -> bytes:
-    return uvarint(zz(v) & (2**64 - 1), pad)
-
-
 def string(s: bytes, pad: int = 0) -> bytes:
-    return long_(len(s), pad) + s
+    return zigzag(len(s), pad) + s
 
 
 def opt(s: bytes | None, pad: int = 0) -> bytes:
-    return uvarint(0, pad) if s is None else uvarint(2, pad) + string(s)
+    return zigzag(0, pad) if s is None else zigzag(1, pad) + string(s)
 
 
 def record(
@@ -73,9 +46,9 @@ def record(
         [
             string(event_id, next(p)),
             string(event_type, next(p)),
-            long_(schema_version, next(p)),
+            zigzag(schema_version, next(p)),
             string(tenant, next(p)),
-            long_(occurred_us, next(p)),
+            zigzag(occurred_us, next(p)),
             opt(trace, next(p)),
             string(corr, next(p)),
             opt(cause, next(p)),
@@ -89,10 +62,10 @@ def record(
     for negative, items, size_delta in details_blocks:
         payload = b"".join(string(k) + string(v) for k, v in items)
         if negative:
-            body += long_(-len(items)) + long_(len(payload) + size_delta) + payload
+            body += zigzag(-len(items)) + zigzag(len(payload) + size_delta) + payload
         else:
-            body += long_(len(items)) + payload
-    body += long_(0) + tail
+            body += zigzag(len(items)) + payload
+    body += zigzag(0) + tail
     return AUDIT_HEADER + body
 
 
