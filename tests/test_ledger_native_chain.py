@@ -34,7 +34,6 @@ from agents.ledger import LedgerConfig, LedgerWorker, _Batch, _Out, _Partition, 
 from domain.checkpoint import generate_key
 from domain.ledger import ChainHead, ChainState, native_chain_headers
 from streams import telemetry
-from streams.admin import create_missing
 from streams.clients import Producer
 from streams.codec import Codec
 from streams.deadletter import HEADER_FIRST_SEEN, HEADER_REASON
@@ -42,6 +41,7 @@ from streams.events import AuditRecorded, Envelope
 from streams.log_scan import scan_to_end
 from streams.topics import Topics
 from tests.conftest import REPO
+from tests.test_ledger_verify_log import ledger_topics
 
 native = pytest.importorskip("domain._ledger_native")
 HEADERS = native_chain_headers()
@@ -416,20 +416,6 @@ def test_the_c_fold_equals_the_python_fold(
 # --- through the broker ------------------------------------------------------------------------
 
 
-def _ledger_topics(bootstrap: str) -> Topics:
-    """Only the ledger's topics (the worker makes its heads topic), 3 partitions each."""
-    topics = Topics(prefix=f"t{uuid.uuid4().hex[:10]}.", partitions=3)
-    wanted = []
-    for key in ("audit", "ledger", "ledger-checkpoints"):
-        name = topics.name(key)
-        spec = topics.spec_for(name)
-        assert spec is not None
-        wanted.append((name, 3, spec.configs()))
-    wanted.append((topics.dlq(topics.name("audit")), 1, {}))
-    create_missing(bootstrap, wanted)
-    return topics
-
-
 def _log_of(bootstrap: str, topics: Topics) -> dict[str, dict[int, list[bytes]]]:
     """The committed values of the ledger's output topics, per partition in offset order."""
     out: dict[str, dict[int, list[bytes]]] = {}
@@ -458,7 +444,7 @@ def test_the_python_fold_through_the_broker_writes_the_c_folds_log(
             records.append((b"acme", b"not an event"))
     logs = []
     for native_on in (False, True):
-        topics = _ledger_topics(kafka_bootstrap)
+        topics = ledger_topics(kafka_bootstrap, dlq=True)
         producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True})
         for key, value in records:
             producer.produce(topics.name("audit"), value, key)

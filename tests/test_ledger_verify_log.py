@@ -30,8 +30,9 @@ pytestmark = pytest.mark.kafka
 CODEC = Codec()
 
 
-def ledger_topics(bootstrap: str) -> Topics:
-    """Only the three topics `verify` reads, under a fresh prefix (cheaper than every catalogue topic)."""
+def ledger_topics(bootstrap: str, *, dlq: bool = False) -> Topics:
+    """Only the three topics `verify` reads, under a fresh prefix (cheaper than every catalogue
+    topic); with `dlq`, the audit topic's dead-letter topic too (what the ledger worker writes)."""
     topics = Topics(prefix=f"t{uuid.uuid4().hex[:10]}.", partitions=3)
     wanted = []
     for kind in ("audit", "ledger", "ledger-checkpoints"):
@@ -39,6 +40,8 @@ def ledger_topics(bootstrap: str) -> Topics:
         spec = topics.spec_for(name)
         assert spec is not None
         wanted.append((name, topics.partitions_of(name), spec.configs()))
+    if dlq:
+        wanted.append((topics.dlq(topics.name("audit")), 1, {}))
     create_missing(bootstrap, wanted)
     return topics
 
