@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
 from projections.portal import PAGES, Page
@@ -123,7 +124,22 @@ def log_in(driver: WebDriver, base: str, secret: str) -> None:
     driver.find_element(By.CSS_SELECTOR, "#login button[type=submit]").click()
     # click() returns before the form's POST navigates: wait for the login page to be replaced,
     # or the next assertion reads the old URL on a slow machine.
-    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(box))
+    WebDriverWait(driver, 30).until(lambda _: _detached(box))
+
+
+def _detached(element: WebElement) -> bool:
+    """`staleness_of`, also for Chrome's answer when the old page's node is asked about while
+    the new page replaces it ("Node with given id does not belong to the document": a CI run
+    failed on it), which Selenium raises as a plain WebDriverException."""
+    try:
+        element.is_enabled()
+    except StaleElementReferenceException:
+        return True
+    except WebDriverException as exc:
+        if "does not belong to the document" in (exc.msg or ""):
+            return True
+        raise
+    return False
 
 
 def visit_every_page(
