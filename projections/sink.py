@@ -338,6 +338,12 @@ class SinkError(RuntimeError):
     """An insert or DLQ produce failed (the batch is kept and retried), or the sink cannot go on."""
 
 
+_Block = tuple[avro_block.Plan, bytes, dict[str, Any], bool]
+"""A fast job's block: its plan, its bytes, the INSERT's parameters, whether it is RowBinary."""
+_Built = _Block | avro_block.NativeRefused | None
+"""A block built ahead of the insert, the refusal met building it, or nothing built."""
+
+
 @dataclass
 class _Job:
     """One insert for the inserter thread: runs of one table, landed together or not at all (4).
@@ -350,6 +356,10 @@ class _Job:
     route: _Route | None
     token: str
     rows: int
+    # a native block built ahead by the driver (`Sink._prebuild`): what `_fast_block` returns, or
+    # the NativeRefused it raised; `building` while the driver is at it (the inserter waits)
+    block: _Built = None
+    building: bool = False
 
 
 class _Inserter:
@@ -393,6 +403,9 @@ class _Inserter:
                     if not self._queue:
                         return
                     job = self._queue[0]
+                    if job.building:  # the driver is building its block (`claim`): a few ms
+                        self._cv.wait()
+                        continue
                     if self._final and self._gap.intersection((p.topic, p.partition) for p, _ in job.runs):
                         self._drop_head(job)  # after a gap in one of its partitions: never land it
                         continue
@@ -442,6 +455,21 @@ class _Inserter:
         with self._cv:
             self._queue.extend(jobs)
             self.rows += sum(j.rows for j in jobs)
+            self._cv.notify_all()
+
+    def claim(self) -> _Job | None:
+        """A fast job queued behind the next one, whose block nobody built yet: the caller builds it
+        and hands it back with `built` (the inserter waits for a job being built)."""
+        with self._cv:
+            for job in islice(self._queue, 1, None):
+                if job.route is not None and job.block is None and not job.building:
+                    job.building = True
+                    return job
+            return None
+
+    def built(self, job: _Job, block: _Built) -> None:
+        with self._cv:
+            job.block, job.building = block, False
             self._cv.notify_all()
 
     def waiting(self) -> int:
@@ -546,6 +574,8 @@ class Sink:
         assign: Mapping[tuple[str, int], int] | None = None,
         commit: bool = True,
         consumer: Consumer | None = None,
+        resume: bool = True,
+        table_ready: Callable[[str], None] | None = None,
     ) -> None:
         self.topics = topics
         self.subscribed = list(subscribe) if subscribe is not None else topics.all()
@@ -595,6 +625,7 @@ class Sink:
         self.insert_failures = 0
         self.fast_rows = 0  # rows landed by the fast path (of rows_inserted)
         self.native_rows = 0  # of those, rows landed as RowBinary from the C transcoder
+        self.prebuilt_blocks = 0  # RowBinary blocks the driver built ahead for the inserter (`_prebuild`)
         self.fast_fallbacks = 0  # fast runs ClickHouse or the C transcoder refused, then decoded by the Codec
         self.commit_failures = 0
         self.last_insert_at: datetime | None = None
@@ -603,6 +634,12 @@ class Sink:
         self.assigned = threading.Event()  # set once the group gave us an assignment
         self._inserter = _Inserter(self._attempt, self._backoff_s, f"sink-inserter:{group}")
         self._commits = commit  # False: a reader with no group (replay), ClickHouse alone records progress
+        # False: the database is known to hold nothing of what is assigned (a replay's fresh target),
+        # so step 1 has nothing to ask it (its tables may not even exist yet, see table_ready)
+        self._resume_from_store = resume
+        # blocks until a table exists with its final columns (a replay whose DDL runs beside it);
+        # None: every table exists already. Called before a table's columns are read or rows inserted.
+        self._table_ready = table_ready
         if assign is not None:  # a reader with no group (replay): these partitions from these offsets, no
             # join and no rebalance; step 1 still applies (it only moves a start up to what ClickHouse holds)
             self._on_assign(
@@ -673,10 +710,12 @@ class Sink:
         unresolved: set[tuple[str, int]] = set()
         known = (
             self._resume_all({t: [tp.partition for tp in tps] for t, tps in by_topic.items()})
-            if len(by_topic) > 1
+            if len(by_topic) > 1 and self._resume_from_store
             else None
         )
         for topic, tps in by_topic.items():
+            if not self._resume_from_store:
+                break
             try:
                 # (1) ClickHouse holds every record ≤ max(_offset) and none above: start at max+1.
                 resume = known[topic] if known is not None else self.resume_offsets(topic, [tp.partition for tp in tps])
@@ -688,7 +727,7 @@ class Sink:
             for tp in tps:
                 if tp.partition in resume:
                     tp.offset = resume[tp.partition]
-        if self._fast and not unresolved:  # (ClickHouse answered above)
+        if self._fast and not unresolved and self._table_ready is None:  # (ClickHouse answered above)
             try:
                 self._load_types(list(by_topic))
             except Exception as exc:  # asked again by _route when a record needs it
@@ -810,7 +849,7 @@ class Sink:
             table = table_for(writer.event_type)
             if table not in self._types:
                 try:
-                    self._load_types([topic])
+                    self._load_types([topic], table)
                 except Exception as exc:
                     log.info("fast path: cannot read the columns of %s yet: %s", table, exc)
                     return None
@@ -821,15 +860,22 @@ class Sink:
         self._routes[(topic, header)] = route
         return route
 
-    def _load_types(self, topics: Sequence[str]) -> None:
+    def _load_types(self, topics: Sequence[str], table: str | None = None) -> None:
         """Column types of every table `topics` feed, in one query (the fast path's plans need them).
 
         Asked on assignment, before any insert holds the store: asked later by `_route`, the
-        driver would wait for the insert in flight before it could consume on.
+        driver would wait for the insert in flight before it could consume on. While the tables
+        are being made (`table_ready`), only `table` is asked for, once it is made.
         """
         wanted = sorted(
             {table_for(e) for t in topics if (spec := self.topics.spec_for(t)) for e in spec.events} - set(self._types)
         )
+        if self._table_ready is not None and table is not None:
+            self._table_ready(table)
+            wanted = [table]
+        elif self._table_ready is not None:
+            for t in wanted:
+                self._table_ready(t)
         if wanted:
             rows = self._store.query_rows(avro_block.TABLE_TYPES_SQL, parameters={"tables": wanted})
             found = avro_block.table_types(rows)
@@ -948,10 +994,14 @@ class Sink:
             # Submitted before a block of one of its partitions was refused (a poison storm, see
             # `_fall_back`): decode it now rather than have ClickHouse refuse one block after another.
             return self._fall_back(job, None)
+        if self._table_ready is not None:  # outside the insert's try: a failed DDL ends the inserter
+            self._table_ready(job.runs[0][1].table)
         native = False
         if fast:
             try:  # outside the insert's try: a bug here is not a refusal
-                plan, data, params, native = self._fast_block(job)
+                if isinstance(job.block, avro_block.NativeRefused):
+                    raise job.block
+                plan, data, params, native = job.block if job.block is not None else self._fast_block(job)
             except avro_block.NativeRefused as exc:  # a record failed a check: as if ClickHouse refused
                 return self._fall_back(job, exc)
         try:
@@ -989,7 +1039,7 @@ class Sink:
         self.last_insert_at = datetime.now(UTC)
         return True
 
-    def _fast_block(self, job: _Job) -> tuple[avro_block.Plan, bytes, dict[str, Any], bool]:
+    def _fast_block(self, job: _Job) -> _Block:
         """A fast job's block (every run's records, one writer schema), INSERT parameters, and
         whether the block is RowBinary (checked by the C transcoder: raises NativeRefused when a
         record fails a check) or Avro (checked by ClickHouse)."""
@@ -1001,6 +1051,30 @@ class Sink:
         if self.native and plan.native is not None:
             return plan, avro_block.native_block(plan, topic, runs), params, True
         return plan, avro_block.block_of_runs(plan, topic, runs), params, False
+
+    def _prebuild(self) -> None:
+        """Build (transcode, in C without the GIL) the RowBinary block of a job queued behind the
+        insert in flight, so the inserter only inserts it.
+
+        Why: the inserter is the replay's and a busy sink's serial path (transcode + insert, one
+        job at a time), while the driver, between consumes, often waits for it with a core idle.
+        A refused block is kept as its NativeRefused, for the inserter to fall back with."""
+        job = self._inserter.claim()
+        if job is None:
+            return
+        block: _Built = None
+        try:
+            block = self._fast_block(job)
+            if not block[3]:
+                block = None  # an Avro block: built by the inserter as before (only RowBinary is GIL-free)
+        except avro_block.NativeRefused as exc:
+            block = exc
+        except Exception:  # a bug: left to the inserter, which meets it again and stops (SinkError)
+            log.debug("building a block ahead failed; the inserter builds it", exc_info=True)
+        finally:
+            self._inserter.built(job, block)
+        if block is not None:
+            self.prebuilt_blocks += 1
 
     def _fall_back(self, job: _Job, exc: Exception | None) -> list[_Job]:
         """ClickHouse or the C transcoder refused a fast block (`exc`; None: not tried, see
@@ -1172,6 +1246,8 @@ class Sink:
         self._pressure()
         if inserter.waiting() == 0:
             self._submit()
+        elif self.native and not inserter.failures:
+            self._prebuild()
         due = sum(r.size() for p in self._parts.values() for r in p.due)
         if inserter.rows + due >= self.queue_max and not inserter.failures:
             # the inserter is behind: consume nothing until it catches up (while it fails, every
@@ -1429,6 +1505,7 @@ class Sink:
             "fast_rows": self.fast_rows,
             "fast_fallbacks": self.fast_fallbacks,
             "native_rows": self.native_rows,
+            "prebuilt_blocks": self.prebuilt_blocks,
             "commit_failures": self.commit_failures,
             "last_insert_at": self.last_insert_at.isoformat() if self.last_insert_at else None,
             "last_error": self.last_error,
