@@ -1017,13 +1017,21 @@ class Sink:
                 # (4) one insert per job; a retry of the same job carries the same token → deduplicated
                 self._store.insert(run.table, run.rows, run.columns, settings={"insert_deduplication_token": job.token})
         except Exception as exc:
+            landed = None
             if fast and not isinstance(exc, _TRANSIENT):
-                return self._fall_back(job, exc)
-            self.insert_failures += 1
-            table = job.runs[0][1].table
-            log.warning("insert of %s into %s failed (%d rows), pausing: %s", job.token, table, job.rows, exc)
-            self.last_error = f"insert {job.token}: {exc}"
-            return False
+                landed = self._block_landed(job)
+                if landed is False:
+                    return self._fall_back(job, exc)
+                if landed:  # the rows were written before the error (a view's insert failed after them)
+                    table = job.runs[0][1].table
+                    log.warning("insert of %s into %s raised after its rows landed: %s", job.token, table, exc)
+                    self.last_error = f"insert {job.token} landed, then: {exc}"
+            if not landed:
+                self.insert_failures += 1
+                table = job.runs[0][1].table
+                log.warning("insert of %s into %s failed (%d rows), pausing: %s", job.token, table, job.rows, exc)
+                self.last_error = f"insert {job.token}: {exc}"
+                return False
         if job.runs[0][1].table == DEAD_LETTERS:
             self.dead_lettered += job.rows
         else:
@@ -1051,6 +1059,31 @@ class Sink:
         if self.native and plan.native is not None:
             return plan, avro_block.native_block(plan, topic, runs), params, True
         return plan, avro_block.block_of_runs(plan, topic, runs), params, False
+
+    def _block_landed(self, job: _Job) -> bool | None:
+        """Whether a fast block whose insert raised (not a transient error) is in its table anyway:
+        True if its rows are there, False if none are, None if ClickHouse cannot say (retried as is).
+
+        Why: ClickHouse writes a block's rows into the table before it feeds the materialized views
+        reading it (`tokens_charged` → `charges_daily`); an error from a view comes after the rows
+        landed. Decoding such a block again would insert its rows a second time, under the tokens
+        of the decoded runs: a doubled row. A block is one insert, so it is all there or none."""
+        table = job.runs[0][1].table
+        where = " OR ".join(
+            f"(_partition = {{p{i}:UInt16}} AND _offset BETWEEN {{f{i}:UInt64}} AND {{l{i}:UInt64}})"
+            for i in range(len(job.runs))
+        )
+        params: dict[str, Any] = {"topic": job.runs[0][0].topic}
+        for i, (p, run) in enumerate(job.runs):
+            params.update({f"p{i}": p.partition, f"f{i}": run.first, f"l{i}": run.last})
+        try:
+            rows = self._store.query_rows(
+                f"SELECT count() FROM {table} WHERE _topic = {{topic:String}} AND ({where})", parameters=params
+            )
+        except Exception as exc:
+            log.info("cannot tell whether %s landed: %s", job.token, exc)
+            return None
+        return int(rows[0][0]) > 0
 
     def _prebuild(self) -> None:
         """Build (transcode, in C without the GIL) the RowBinary block of a job queued behind the

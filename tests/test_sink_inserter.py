@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import DatabaseError
 
 from projections import avro_block
 from projections.sink import Sink, SinkError
@@ -178,3 +179,37 @@ def test_a_dead_inserter_commits_nothing_and_raises(
     run_until(again, lambda: counts(store) == want)
     assert again.rows_inserted == len(events)
     assert committed(kafka_bootstrap, group, topics)  # and this one commits after landing
+
+
+class RaisesAfterLanding(LockedStore):
+    """The real store; the first fast insert into tokens_charged lands, then raises the way an
+    error from a materialized view reading the table would (the rows are already written)."""
+
+    def __init__(self, client: Client) -> None:
+        super().__init__(client)
+        self.raised = 0
+
+    def call(self, fn: Callable[[Client], Any]) -> Any:
+        out = super().call(fn)
+        closure = [c.cell_contents for c in getattr(fn, "__closure__", None) or ()]
+        plan = next((v for v in closure if isinstance(v, avro_block.Plan)), None)
+        if plan is not None and plan.event_type == "TokensCharged" and not self.raised:
+            self.raised += 1
+            raise DatabaseError("Code: 241. DB::Exception: Memory limit exceeded (pushing to view charges_daily_mv)")
+        return out
+
+
+@pytest.mark.kafka
+def test_a_block_that_raised_after_landing_is_not_decoded_and_inserted_again(
+    kafka_bootstrap: str, topics: Topics, store: Client, new_sink: Callable[..., Sink]
+) -> None:
+    events = make_events(300)
+    produce_events(kafka_bootstrap, topics, events)
+    want = expected_counts(events)
+    flaky = RaisesAfterLanding(store)
+    sink = new_sink(store_=flaky, batch_max=200, batch_ms=50)
+    run_until(sink, lambda: counts(store) == want)
+    assert flaky.raised == 1
+    assert sink.fast_fallbacks == 0 and sink.rows_inserted == len(events), sink.status()
+    ids = _event_ids(store, ["tokens_charged"])
+    assert len(ids) == len(set(ids)) == want["tokens_charged"]  # landed once, never decoded and landed again
