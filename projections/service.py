@@ -86,6 +86,7 @@ MAX_QUERY_BYTES = 1 << 20  # SQL text only: this endpoint takes no insert data
 # a setting and is ignored: a readonly=1 session could not change it anyway.
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SINK_REBUILD_S = 2.0  # wait before a new consumer after a fatal client error
+SINK_STALL_S = 60.0  # no progress on a partition with records waiting this long: a new consumer
 _PUBLIC_PATHS = frozenset({"/ping", "/readyz"})
 # What a tenant's key may call; the handler scopes each to the key's tenant (projections/access.py).
 _TENANT_PATHS = frozenset({"/v1/usage", "/v1/policy/dry-run", *dp_read.PATHS, *billing.PATHS, *slo_read.PATHS})
@@ -500,6 +501,7 @@ class ProjectionService:
             batch_max=self.batch_max,
             batch_ms=self.batch_ms,
             consumer_config=self.consumer_config,
+            stall_s=SINK_STALL_S,  # a wedged fetcher ends this sink; _sink_main builds a new one
         )
         sink.hooks = self.metrics
         return sink

@@ -576,6 +576,7 @@ class Sink:
         consumer: Consumer | None = None,
         resume: bool = True,
         table_ready: Callable[[str], None] | None = None,
+        stall_s: float | None = None,
     ) -> None:
         self.topics = topics
         self.subscribed = list(subscribe) if subscribe is not None else topics.all()
@@ -640,6 +641,12 @@ class Sink:
         # blocks until a table exists with its final columns (a replay whose DDL runs beside it);
         # None: every table exists already. Called before a table's columns are read or rows inserted.
         self._table_ready = table_ready
+        # a partition with records waiting and no progress this long while the sink kept asking
+        # for records is a wedged fetcher: SinkError, and the service builds a new consumer (None: off)
+        self.stall_s = stall_s
+        self._watch: dict[tuple[str, int], tuple[int, float]] = {}  # partition → (position, since when)
+        self._watch_at = 0.0
+        self._pressured_at = 0.0  # last time back-pressure kept the sink from consuming
         if assign is not None:  # a reader with no group (replay): these partitions from these offsets, no
             # join and no rebalance; step 1 still applies (it only moves a start up to what ClickHouse holds)
             self._on_assign(
@@ -1287,6 +1294,7 @@ class Sink:
             # partition is paused instead, and consume() below only serves the group's callbacks)
             if inserter.wait_rows_below(max(self.queue_max - due, 1), timeout) and inserter.waiting() == 0:
                 self._submit()
+            self._pressured_at = time.monotonic()
             return 0
         now = time.monotonic()
         runs = [p.run for p in self._parts.values() if p.run and not p.paused]
@@ -1310,7 +1318,44 @@ class Sink:
         now = time.monotonic()
         for p in list(self._parts.values()):
             self._commit_idle(p, now)
+        if self.stall_s is not None and now >= self._watch_at:
+            self._watch_progress(now)
         return len(msgs)
+
+    def _watch_progress(self, now: float) -> None:
+        """Raise SinkError when a partition stopped moving with records waiting (see `stall_s`).
+
+        Why: librdkafka can stop fetching one partition while the others flow (librdkafka#5430
+        shows it for a producer; the fetcher has had its own); nothing else would notice but the
+        lag. Only what the sink could have read counts: a partition paused (back-pressure, ClickHouse
+        down) or awaiting step 1 is skipped, and a window in which back-pressure held the sink
+        starts again. The position includes transaction markers, and the end is asked for fresh
+        (ListOffsets) only for a partition that did not move, so an idle partition costs nothing."""
+        assert self.stall_s is not None
+        self._watch_at = now + min(self.stall_s / 4, 5.0)
+        parts = {(p.topic, p.partition): p for p in self._parts.values() if not p.paused and not p.unresolved}
+        if self._inserter.failures:
+            parts = {}
+        self._watch = {k: v for k, v in self._watch.items() if k in parts}
+        if not parts:
+            return
+        positions = self.positions()
+        for key, p in parts.items():
+            pos = positions.get(key, -1)
+            seen = self._watch.get(key)
+            if seen is None or seen[0] != pos or self._pressured_at >= seen[1]:
+                self._watch[key] = (pos, now)
+                continue
+            if now - seen[1] < self.stall_s:
+                continue
+            low, high = self._consumer.get_watermark_offsets(p.tp, timeout=5.0, cached=False)
+            if high > max(pos, low):
+                self.last_error = f"consumer: no progress on {p.topic}[{p.partition}] for {now - seen[1]:.0f}s"
+                raise SinkError(
+                    f"the consumer made no progress on {p.topic}[{p.partition}] for {now - seen[1]:.0f}s with "
+                    f"{high - max(pos, low)} records waiting (position {pos}, end {high}): it must be rebuilt"
+                )
+            self._watch[key] = (pos, now)  # nothing to read: an idle partition
 
     def _take_batch(self, msgs: list[Message]) -> None:
         """Steps 2-3 intake of a consume() batch, a stretch of one partition at a time (fast path).

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
+from confluent_kafka import Producer
 
 from projections import avro_block
 from projections.sink import Sink, SinkError
@@ -23,7 +24,14 @@ from projections.store import LockedStore
 from streams.codec import HEADER_LEN, Codec
 from streams.topics import Topics
 from tests import factories
-from tests.test_projections_sink import committed, counts, expected_counts, make_events, produce_events, run_until
+from tests.test_projections_sink import (
+    committed,
+    counts,
+    expected_counts,
+    make_events,
+    produce_events,
+    run_until,
+)
 from tests.test_sink_avro import _plans, topic, two_stores  # noqa: F401  (fixtures)
 
 CODEC = Codec()
@@ -213,3 +221,31 @@ def test_a_block_that_raised_after_landing_is_not_decoded_and_inserted_again(
     assert sink.fast_fallbacks == 0 and sink.rows_inserted == len(events), sink.status()
     ids = _event_ids(store, ["tokens_charged"])
     assert len(ids) == len(set(ids)) == want["tokens_charged"]  # landed once, never decoded and landed again
+
+
+@pytest.mark.kafka
+def test_a_partition_that_stops_moving_with_records_waiting_ends_the_sink_and_an_idle_one_does_not(
+    kafka_bootstrap: str, topics: Topics, store: Client, new_sink: Callable[..., Sink]
+) -> None:
+    """The stall watchdog: a fetcher wedged on one partition (simulated by pausing it in librdkafka
+    behind the sink's back) raises SinkError naming it; partitions with nothing to read never do."""
+    events = make_events(120)
+    produce_events(kafka_bootstrap, topics, events)
+    sink = new_sink(stall_s=1.0)
+    run_until(sink, lambda: counts(store) == expected_counts(events))
+    idle_until = time.monotonic() + 2.5  # every partition read to its end: idle, never a stall
+    while time.monotonic() < idle_until:
+        sink.poll_once(0.1)
+
+    charges = topics.name("token-charges")
+    wedged = next(p for p in sink._parts.values() if p.topic == charges)
+    sink._consumer.pause([wedged.tp])  # the fetcher stops; the sink still thinks it is reading
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for i in range(30):  # records waiting on the wedged partition
+        producer.produce(charges, CODEC.encode(factories.charge(tenant=f"t{i}")), b"x", partition=wedged.partition)
+    assert producer.flush(30) == 0
+    deadline = time.monotonic() + 20
+    with pytest.raises(SinkError, match=rf"no progress on {charges}\[{wedged.partition}\]"):
+        while time.monotonic() < deadline:
+            sink.poll_once(0.1)
+    assert "no progress" in str(sink.status()["last_error"])
