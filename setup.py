@@ -13,6 +13,16 @@ ext_modules: list[Extension] = []
 ext_modules.append(
     Extension("projections._rowbinary", ["projections/_rowbinary.c"], extra_compile_args=_CFLAGS, optional=True)
 )
+# issue 10: replay reads Kafka as runs of records (projections/kafka_reader.py); librdkafka is dlopen'd, not linked
+ext_modules.append(
+    Extension(
+        "projections._kafka_reader",
+        ["projections/_kafka_reader.c"],
+        libraries=["dl"],
+        extra_compile_args=_CFLAGS,
+        optional=True,
+    )
+)
 # issue 6: `audit verify` from the log (audit.verify_log_native), the ledger worker's fold (LedgerWorker._chain_native)
 ext_modules.append(
     Extension(

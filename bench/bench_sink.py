@@ -115,7 +115,8 @@ def load_baseline(tree: Path) -> tuple[type[Sink], Any]:
     rp = types.ModuleType("baseline_replay")
     sys.modules[rp.__name__] = rp
     src = (tree / "projections" / "replay.py").read_text()
-    src = src.replace("from projections.sink import Keep, Sink\n", "from baseline_sink import Keep, Sink\n")
+    # (any import list: since session 7 replay.py also takes sink_consumer_config from the sink)
+    src = src.replace("from projections.sink import ", "from baseline_sink import ")
     exec(compile(src, str(tree / "projections" / "replay.py"), "exec"), rp.__dict__)
     BASELINE_REPLAY[0] = rp
     return cls, ab

@@ -59,6 +59,8 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import TopicPartition
 
+from projections import kafka_reader
+from projections.kafka_reader import RunConsumer
 from projections.migrations import MIGRATIONS_TABLE, Migration, applied, discover, migrate
 from projections.schema import DEAD_LETTERS, event_tables, table_for
 from projections.sink import Keep, Sink, sink_consumer_config
@@ -365,7 +367,7 @@ def finished(bounds: Mapping[TP, tuple[int, int]], positions: Mapping[TP, int]) 
 
 
 def end_offsets(
-    bootstrap: str, topic_names: Sequence[str], timeout: float = 10.0, consumer: Consumer | None = None
+    bootstrap: str, topic_names: Sequence[str], timeout: float = 10.0, consumer: Consumer | RunConsumer | None = None
 ) -> dict[TP, tuple[int, int]]:
     """(start, end) of every partition of `topic_names` now, as a read_committed consumer sees them.
 
@@ -389,13 +391,15 @@ def end_offsets(
         probe.close()
 
 
-def _watermarks(probe: Consumer, topic_names: Sequence[str], timeout: float) -> dict[TP, tuple[int, int]]:
-    md = probe.list_topics(timeout=timeout)
+def _watermarks(probe: Consumer | RunConsumer, topic_names: Sequence[str], timeout: float) -> dict[TP, tuple[int, int]]:
+    if isinstance(probe, RunConsumer):
+        found = probe.partitions_of(topic_names, timeout)
+    else:
+        md = probe.list_topics(timeout=timeout)
+        found = {name: sorted(md.topics[name].partitions) for name in topic_names if name in md.topics}
     out: dict[TP, tuple[int, int]] = {}
     for name in topic_names:
-        if name not in md.topics:
-            continue
-        for p in sorted(md.topics[name].partitions):
+        for p in found.get(name, ()):
             low, high = probe.get_watermark_offsets(TopicPartition(name, p), timeout=timeout, cached=False)
             out[(name, p)] = (int(low), int(high))
     return out
@@ -643,10 +647,15 @@ class ReplayJob:
             if store is not None:
                 store.close()
 
-    def _prefetch(self) -> tuple[dict[TP, tuple[int, int]], Consumer]:
+    def _prefetch(self) -> tuple[dict[TP, tuple[int, int]], Consumer | RunConsumer]:
         """The Sink's consumer, assigned every non-empty partition from its start, and each
-        partition's (start, end) read through it (read_committed: the end is the last stable offset)."""
-        consumer = Consumer(sink_consumer_config(self.bootstrap, self.group, self.consumer_config))
+        partition's (start, end) read through it (read_committed: the end is the last stable offset).
+
+        A reader of runs (`projections.kafka_reader`, same configuration) when it is available: the
+        driver then takes a run of records per Python step instead of a Message per record.
+        """
+        conf = sink_consumer_config(self.bootstrap, self.group, self.consumer_config)
+        consumer = RunConsumer(conf) if kafka_reader.available() else Consumer(conf)
         try:
             bounds = end_offsets(self.bootstrap, self.topic_names, consumer=consumer)
             consumer.assign([TopicPartition(t, p, low) for (t, p), (low, high) in sorted(bounds.items()) if high > low])

@@ -64,7 +64,11 @@ block. (1)-(5) are unchanged: same runs, same tokens, same order, one insert per
 Intake: the driver takes each consume() batch a stretch at a time (`_take_batch`: one Python
 step per run of records of one partition and one writer schema, the per-record work done in C
 by `map`, slicing and `groupby`), and hands anything unusual to the record-by-record intake
-(`_take_each`); both build the same backlog (tests/test_sink_avro.py compares them).
+(`_take_each`); both build the same backlog (tests/test_sink_avro.py compares them). A replay's
+consumer may be a `RunConsumer` (projections/kafka_reader.py: librdkafka read in C, records handed
+over as runs of one partition and one writer header, no Message objects): `_take_runs` takes a run
+with the same per-stretch step as `_take_batch` (`_take_stretch`), odd records and errors go to
+`_take_each`, and the same backlog results (the same test holds all three equal).
 
 Partial sinks (replay, `projections/replay.py`): `subscribe` limits the topics read; `keep`
 refuses records by table, time or offset (consumed, never landed, never dead-lettered); with
@@ -128,6 +132,7 @@ from clickhouse_connect.driver.exceptions import OperationalError
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
 from projections import avro_block
+from projections.kafka_reader import OddRecord, RunConsumer, odd_records
 from projections.metrics import SinkHooks
 from projections.schema import (
     DEAD_LETTER_COLUMNS,
@@ -573,7 +578,7 @@ class Sink:
         native: bool | None = None,
         assign: Mapping[tuple[str, int], int] | None = None,
         commit: bool = True,
-        consumer: Consumer | None = None,
+        consumer: Consumer | RunConsumer | None = None,
         resume: bool = True,
         table_ready: Callable[[str], None] | None = None,
         stall_s: float | None = None,
@@ -610,8 +615,12 @@ class Sink:
         self._bootstrap = bootstrap
         if consumer is not None and assign is None:
             raise ValueError("a prefetching consumer comes with `assign` (the partitions and offsets it was assigned)")
+        if isinstance(consumer, RunConsumer) and commit:
+            raise ValueError("a RunConsumer has no group to commit to: pass commit=False")
+        # a replay's reader of runs (projections/kafka_reader.py): taken by _take_runs, not _take_batch
+        self._runs = consumer if isinstance(consumer, RunConsumer) else None
         # a replay's consumer was built (sink_consumer_config) and assigned before its migrations ran
-        self._consumer = (
+        self._consumer: Consumer | RunConsumer = (
             consumer if consumer is not None else Consumer(sink_consumer_config(bootstrap, group, consumer_config))
         )
         self._producer: Producer | None = None
@@ -655,6 +664,7 @@ class Sink:
                 assigned=consumer is not None,
             )
         else:
+            assert not isinstance(self._consumer, RunConsumer)
             self._consumer.subscribe(
                 self.subscribed, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
             )
@@ -706,7 +716,10 @@ class Sink:
         return out
 
     def _on_assign(
-        self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition], assigned: bool = False
+        self,
+        consumer: confluent_kafka.Consumer | RunConsumer,
+        partitions: list[TopicPartition],
+        assigned: bool = False,
     ) -> None:
         """Step 1 for `partitions`, then assign them. `assigned`: the caller's consumer already has
         them at their offsets (a replay prefetching): left as it is unless step 1 moved a start."""
@@ -801,7 +814,7 @@ class Sink:
         self._forget(consumer, partitions)
         self._landed()
 
-    def _forget(self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]) -> None:
+    def _forget(self, consumer: confluent_kafka.Consumer | RunConsumer, partitions: list[TopicPartition]) -> None:
         with self._lock:
             dropped = [self._parts.pop((tp.topic, tp.partition), None) for tp in partitions]
         paused = [p.tp for p in dropped if p is not None and p.paused]
@@ -810,7 +823,7 @@ class Sink:
 
     # --- steps 2-5 ---------------------------------------------------------------------
 
-    def _decode(self, msg: Message) -> _Record:
+    def _decode(self, msg: Message | OddRecord) -> _Record:
         """(3) An event row for its table, or a dead letter: a bad record never stops the sink."""
         topic, partition, offset = _coordinates(msg)
         return self._decode_value(topic, partition, offset, msg.key(), msg.value())
@@ -1195,6 +1208,7 @@ class Sink:
                 p.committed = max(p.committed, o)
             return
         try:
+            assert not isinstance(self._consumer, RunConsumer)  # (it comes with commit=False)
             self._consumer.commit(offsets=tps, asynchronous=False)
             for p, o in zip(parts, offsets, strict=True):
                 p.committed = max(p.committed, o)
@@ -1304,11 +1318,17 @@ class Sink:
         if runs:
             due_by = min(r.started for r in runs) + (self.linger_s if inserter.waiting() == 0 else self.batch_s)
             wait = min(wait, max(due_by - now, 0.0), _BUSY_POLL_S)
-        msgs = self._consumer.consume(num_messages=min(_POLL_BATCH, self.batch_max * 2), timeout=wait)
-        if self._fast and (self._keep_fast is None or self._keep_fast.since is None):
-            self._take_batch(msgs)
+        batched = self._fast and (self._keep_fast is None or self._keep_fast.since is None)
+        if self._runs is not None:
+            consumed = self._take_runs(self._runs.read_runs(min(_POLL_BATCH, self.batch_max * 2), wait), batched)
         else:
-            self._take_each(msgs)
+            assert not isinstance(self._consumer, RunConsumer)
+            msgs = self._consumer.consume(num_messages=min(_POLL_BATCH, self.batch_max * 2), timeout=wait)
+            consumed = len(msgs)
+            if batched:
+                self._take_batch(msgs)
+            else:
+                self._take_each(msgs)
         idle = inserter.waiting() == 0
         for p in list(self._parts.values()):
             if not p.paused and (p.backlog or p.run is not None):
@@ -1320,7 +1340,7 @@ class Sink:
             self._commit_idle(p, now)
         if self.stall_s is not None and now >= self._watch_at:
             self._watch_progress(now)
-        return len(msgs)
+        return consumed
 
     def _watch_progress(self, now: float) -> None:
         """Raise SinkError when a partition stopped moving with records waiting (see `stall_s`).
@@ -1382,7 +1402,7 @@ class Sink:
         offsets = cast(list[int], list(map(_OFFSET, msgs)))
         values = cast(list[bytes], list(map(_VALUE, msgs)))
         keys: list[bytes | None] = list(map(_KEY, msgs))
-        parts, routes, keep_fast = self._parts, self._routes, self._keep_fast
+        parts = self._parts
         end = 0
         coordinates = cast(Iterator[tuple[str, int]], zip(map(_TOPIC, msgs), map(_PARTITION, msgs), strict=True))
         for (topic, partition), same in groupby(coordinates):
@@ -1405,37 +1425,102 @@ class Sink:
             hi = start
             for header, same_header in groupby(cast(Iterator[bytes], map(_HEADER, vals))):
                 lo, hi = hi, hi + len(list(same_header))  # msgs[lo:hi] share a writer schema
-                route = routes.get((topic, header), _UNSEEN)
-                if route is _UNSEEN:
-                    route = self._route(topic, header)
-                if route is None:
-                    self._take_each(msgs[lo:hi])  # the Codec decides: a row or a dead letter
-                    continue
-                upto = hi  # msgs[lo:upto] go to the backlog as they are
-                if keep_fast is not None:
-                    verdict, kept = keep_fast.fast_count(route.table, topic, partition, offsets[lo:hi])
-                    self._refused[0] += hi - lo - kept  # at or past the end: refused whatever they decode to
-                    if verdict is None:  # only decoding can tell (dead_letters is wanted)
-                        self._take_each(msgs[lo : lo + kept])
-                        upto = lo
-                    elif not verdict:
-                        self._refused[0] += kept
-                        upto = lo
-                    else:
-                        upto = lo + kept
-                part.next_offset = offsets[hi - 1] + 1
-                if upto == lo:
-                    continue
-                backlog = part.backlog
-                seg = backlog[-1] if backlog else None
-                if type(seg) is _FastSeg and seg.route is route:
-                    seg.offsets += offsets[lo:upto]
-                    seg.keys += keys[lo:upto]
-                    seg.values += values[lo:upto]
-                else:
-                    backlog.append(_FastSeg(route, offsets[lo:upto], keys[lo:upto], values[lo:upto]))
+                self._take_stretch(part, header, offsets, keys, values, lo, hi, lambda a, b: self._take_each(msgs[a:b]))
 
-    def _take_each(self, msgs: Sequence[Message]) -> None:
+    def _take_runs(self, items: list[tuple[Any, ...]], batched: bool) -> int:
+        """Steps 2-3 intake of a RunConsumer's read (replay): a run at a time, as `_take_batch` takes a
+        stretch (`batched`; else, with `since`, record by record); odd records and errors go to
+        `_take_each` as the Message path's do. Returns the records and events taken."""
+        parts = self._parts
+        taken = 0
+        for item in items:
+            if len(item) != 6 or type(item[0]) is not str:  # an odd record or an error event
+                taken += 1
+                self._take_each([OddRecord.of(item)])
+                continue
+            topic, partition, header, offsets, keys, values = item
+            n = len(offsets)
+            taken += n
+            part = parts.get((topic, partition))
+            if part is None or part.unresolved:
+                continue  # not ours any more, or start not known yet (refetched after the seek)
+            lo = 0
+            if offsets[0] < part.next_offset:  # redeliveries: a prefix
+                lo = bisect_left(offsets, part.next_offset)
+                if lo == n:
+                    continue
+            if not batched or offsets[lo] < part.slow_until:
+                self._take_each(odd_records(topic, partition, offsets[lo:], keys[lo:], values[lo:]))
+                continue
+            each = partial(self._take_records, topic, partition, offsets, keys, values)
+            self._take_stretch(part, header, offsets, keys, values, lo, n, each)
+        return taken
+
+    def _take_records(
+        self,
+        topic: str,
+        partition: int,
+        offsets: list[int],
+        keys: list[bytes | None],
+        values: list[bytes],
+        a: int,
+        b: int,
+    ) -> None:
+        """Records [a, b) of a run, record by record (`_take_each`)."""
+        self._take_each(odd_records(topic, partition, offsets[a:b], keys[a:b], values[a:b]))
+
+    def _take_stretch(
+        self,
+        part: _Partition,
+        header: bytes,
+        offsets: list[int],
+        keys: list[bytes | None],
+        values: list[bytes],
+        lo: int,
+        hi: int,
+        each: Callable[[int, int], None],
+    ) -> None:
+        """Records [lo, hi) of these lists: one partition, one header, ascending offsets, none a
+        redelivery, none below `slow_until`: appended to the backlog as one segment of their route,
+        or handed to the record-by-record intake (`each(a, b)` takes records [a, b)) when their
+        route, or `keep`, needs the Codec. Shared by `_take_batch` (Messages) and `_take_runs`."""
+        topic, partition = part.topic, part.partition
+        route = self._routes.get((topic, header), _UNSEEN)
+        if route is _UNSEEN:
+            route = self._route(topic, header)
+        if route is None:
+            each(lo, hi)  # the Codec decides: a row or a dead letter
+            return
+        upto = hi  # records [lo, upto) go to the backlog as they are
+        keep_fast = self._keep_fast
+        if keep_fast is not None:
+            verdict, kept = keep_fast.fast_count(route.table, topic, partition, offsets[lo:hi])
+            self._refused[0] += hi - lo - kept  # at or past the end: refused whatever they decode to
+            if verdict is None:  # only decoding can tell (dead_letters is wanted)
+                each(lo, lo + kept)
+                upto = lo
+            elif not verdict:
+                self._refused[0] += kept
+                upto = lo
+            else:
+                upto = lo + kept
+        part.next_offset = offsets[hi - 1] + 1
+        if upto == lo:
+            return
+        if lo == 0 and upto == len(offsets):  # a whole run (the reader's lists are ours to keep)
+            offs, ks, vs = offsets, keys, values
+        else:
+            offs, ks, vs = offsets[lo:upto], keys[lo:upto], values[lo:upto]
+        backlog = part.backlog
+        seg = backlog[-1] if backlog else None
+        if type(seg) is _FastSeg and seg.route is route:
+            seg.offsets += offs
+            seg.keys += ks
+            seg.values += vs
+        else:
+            backlog.append(_FastSeg(route, offs, ks, vs))
+
+    def _take_each(self, msgs: Sequence[Message | OddRecord]) -> None:
         """Steps 2-3 intake, one record at a time: errors, tombstones, unknown headers, replay with
         `since`, a partition after a refused block. `_take_batch` hands such records here."""
         parts, routes, fast, keep_fast = self._parts, self._routes, self._fast, self._keep_fast
@@ -1493,7 +1578,7 @@ class Sink:
         """Records consumed but refused by `keep` (no row, no dead letter)."""
         return self._refused[0] + self._refused[1]
 
-    def _reached_end(self, msg: Message) -> None:
+    def _reached_end(self, msg: Message | OddRecord) -> None:
         """The fetcher reached the partition's end: every record below it was delivered before this event."""
         part = self._parts.get((msg.topic() or "", msg.partition() or 0))
         end = msg.offset()
@@ -1655,7 +1740,7 @@ def _knows(codec: Codec | LazyCodec, header: bytes) -> bool:
     return True
 
 
-def _coordinates(msg: Message) -> tuple[str, int, int]:
+def _coordinates(msg: Message | OddRecord) -> tuple[str, int, int]:
     """(topic, partition, offset) of a consumed record (never None for a real record)."""
     topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
     assert topic is not None and partition is not None and offset is not None
