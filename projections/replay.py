@@ -665,8 +665,13 @@ class ReplayJob:
         return bounds, consumer
 
     def _consume(self, sink: Sink, bounds: dict[TP, tuple[int, int]], poll_timeout: float) -> None:
+        flushing = False
         while not self._cancel.is_set():
-            sink.poll_once(poll_timeout)
+            if flushing:  # everything is read: wait for the inserter, not in consume() (nothing comes)
+                sink.wait_inserted(poll_timeout)
+                sink.poll_once(0.0)
+            else:
+                sink.poll_once(poll_timeout)
             positions = sink.positions()
             done, total = progress(bounds, positions)
             now = time.monotonic()
@@ -685,6 +690,7 @@ class ReplayJob:
                 self._set(phase="flushing")
                 if sink.pending_rows() == 0:
                     return
+                flushing = True
 
     def _finish(self, state: str, sink: Sink | None, error: str | None) -> None:
         with self._lock:

@@ -482,6 +482,14 @@ class _Inserter:
         with self._cv:
             return max(0, len(self._queue) - (1 if self.busy else 0))
 
+    def wait_progress(self, timeout: float) -> None:
+        """Wait until a job landed or was given up, the queue is empty, an insert fails, or `timeout`."""
+        with self._cv:
+            self._cv.wait_for(
+                lambda: bool(self._done or self._dropped) or not self._queue or self.failures > 0 or self._gone(),
+                timeout,
+            )
+
     def wait_rows_below(self, limit: int, timeout: float) -> bool:
         """Back-pressure: wait until fewer than `limit` rows are queued; False if still not."""
         with self._cv:
@@ -1604,6 +1612,13 @@ class Sink:
                     stop.wait(0.5)
         finally:
             self.close()
+
+    def wait_inserted(self, timeout: float) -> None:
+        """Block until the inserter lands (or gives up) a job or has nothing queued, at most `timeout`.
+
+        For a reader that has read everything it will (a replay flushing): waiting here instead of
+        in consume() takes each landed job as it lands, not after a consume() timeout."""
+        self._inserter.wait_progress(timeout)
 
     def pending_rows(self) -> int:
         """Rows consumed and not yet landed and committed (in runs, queued or being inserted)."""
