@@ -233,7 +233,9 @@ kafka_error(Reader *self, const char *what, rd_kafka_resp_err_t err)
 }
 
 /* librdkafka's queued log lines → logger (a failing logger is reported, never raised; an
- * exception already pending, e.g. from building a read's items, is kept as it is). */
+ * exception already pending, e.g. from building a read's items, is kept as it is). The reader is
+ * marked busy while the logger runs: a logger (or another thread, while the logger does I/O) that
+ * calls back into the reader gets "in use" instead of closing it under this loop. */
 static void
 drain_logs(Reader *self)
 {
@@ -241,8 +243,10 @@ drain_logs(Reader *self)
         return;
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
+    int was_busy = self->busy;
+    self->busy = 1;
     rd_kafka_event_t *ev;
-    while ((ev = self->f.queue_poll(self->logq, 0)) != NULL) {
+    while (self->logq != NULL && (ev = self->f.queue_poll(self->logq, 0)) != NULL) {
         const char *fac = NULL, *str = NULL;
         int level = 6;
         if (self->f.event_type(ev) == RD_KAFKA_EVENT_LOG && self->f.event_log(ev, &fac, &str, &level) == 0 &&
@@ -254,6 +258,7 @@ drain_logs(Reader *self)
         }
         self->f.event_destroy(ev);
     }
+    self->busy = was_busy;
     PyErr_Restore(type, value, tb);
 }
 

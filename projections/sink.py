@@ -129,7 +129,8 @@ from typing import Any, cast
 import confluent_kafka
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import OperationalError
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, IsolationLevel, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from projections import avro_block
 from projections.kafka_reader import OddRecord, RunConsumer, odd_records
@@ -300,6 +301,17 @@ class _Run:
         return len(self.offsets) if self.route is not None else len(self.rows)
 
 
+@dataclass(frozen=True, slots=True)
+class _Watch:
+    """The stall watchdog's view of a partition: its position since when, the driver's held-back
+    seconds then, and whether records were waiting when this window started (`_watch_progress`)."""
+
+    position: int
+    since: float
+    held: float
+    waiting: bool = False
+
+
 @dataclass(slots=True)
 class _FastSeg:
     """Consecutive consumed records of one fast route, not decoded: appended to as they arrive,
@@ -365,6 +377,7 @@ class _Job:
     # the NativeRefused it raised; `building` while the driver is at it (the inserter waits)
     block: _Built = None
     building: bool = False
+    tried: bool = False  # built ahead once (kept, or left to the inserter): never again
 
 
 class _Inserter:
@@ -467,14 +480,15 @@ class _Inserter:
         and hands it back with `built` (the inserter waits for a job being built)."""
         with self._cv:
             for job in islice(self._queue, 1, None):
-                if job.route is not None and job.block is None and not job.building:
+                native = job.route is not None and job.route.plan.native is not None
+                if native and job.block is None and not job.building and not job.tried:
                     job.building = True
                     return job
             return None
 
     def built(self, job: _Job, block: _Built) -> None:
         with self._cv:
-            job.block, job.building = block, False
+            job.block, job.building, job.tried = block, False, True
             self._cv.notify_all()
 
     def waiting(self) -> int:
@@ -644,6 +658,7 @@ class Sink:
         self.fast_rows = 0  # rows landed by the fast path (of rows_inserted)
         self.native_rows = 0  # of those, rows landed as RowBinary from the C transcoder
         self.prebuilt_blocks = 0  # RowBinary blocks the driver built ahead for the inserter (`_prebuild`)
+        self.landed_with_error = 0  # blocks whose insert raised after their rows landed (`_block_landed`)
         self.fast_fallbacks = 0  # fast runs ClickHouse or the C transcoder refused, then decoded by the Codec
         self.commit_failures = 0
         self.last_insert_at: datetime | None = None
@@ -661,9 +676,10 @@ class Sink:
         # a partition with records waiting and no progress this long while the sink kept asking
         # for records is a wedged fetcher: SinkError, and the service builds a new consumer (None: off)
         self.stall_s = stall_s
-        self._watch: dict[tuple[str, int], tuple[int, float]] = {}  # partition → (position, since when)
+        self._watch: dict[tuple[str, int], _Watch] = {}
         self._watch_at = 0.0
-        self._pressured_at = 0.0  # last time back-pressure kept the sink from consuming
+        self._pressured_s = 0.0  # seconds back-pressure kept the driver from consuming, in all
+        self._admin: AdminClient | None = None  # the watchdog's end-offset queries (made on first use)
         if assign is not None:  # a reader with no group (replay): these partitions from these offsets, no
             # join and no rebalance; step 1 still applies (it only moves a start up to what ClickHouse holds)
             self._on_assign(
@@ -825,6 +841,8 @@ class Sink:
     def _forget(self, consumer: confluent_kafka.Consumer | RunConsumer, partitions: list[TopicPartition]) -> None:
         with self._lock:
             dropped = [self._parts.pop((tp.topic, tp.partition), None) for tp in partitions]
+        for tp in partitions:
+            self._watch.pop((tp.topic, tp.partition), None)  # a later assignment starts a new window
         paused = [p.tp for p in dropped if p is not None and p.paused]
         if paused:
             consumer.resume(paused)  # do not carry a pause into a later assignment
@@ -1052,8 +1070,12 @@ class Sink:
                     return self._fall_back(job, exc)
                 if landed:  # the rows were written before the error (a view's insert failed after them)
                     table = job.runs[0][1].table
-                    log.warning("insert of %s into %s raised after its rows landed: %s", job.token, table, exc)
+                    log.error(
+                        "insert of %s into %s raised after its rows landed; views reading %s may lack them: %s",
+                        job.token, table, table, exc,
+                    )  # fmt: skip
                     self.last_error = f"insert {job.token} landed, then: {exc}"
+                    self.landed_with_error += 1
             if not landed:
                 self.insert_failures += 1
                 table = job.runs[0][1].table
@@ -1314,9 +1336,10 @@ class Sink:
         if inserter.rows + due >= self.queue_max and not inserter.failures:
             # the inserter is behind: consume nothing until it catches up (while it fails, every
             # partition is paused instead, and consume() below only serves the group's callbacks)
+            held_from = time.monotonic()
             if inserter.wait_rows_below(max(self.queue_max - due, 1), timeout) and inserter.waiting() == 0:
                 self._submit()
-            self._pressured_at = time.monotonic()
+            self._pressured_s += time.monotonic() - held_from
             return 0
         now = time.monotonic()
         runs = [p.run for p in self._parts.values() if p.run and not p.paused]
@@ -1355,10 +1378,13 @@ class Sink:
 
         Why: librdkafka can stop fetching one partition while the others flow (librdkafka#5430
         shows it for a producer; the fetcher has had its own); nothing else would notice but the
-        lag. Only what the sink could have read counts: a partition paused (back-pressure, ClickHouse
-        down) or awaiting step 1 is skipped, and a window in which back-pressure held the sink
-        starts again. The position includes transaction markers, and the end is asked for fresh
-        (ListOffsets) only for a partition that did not move, so an idle partition costs nothing."""
+        lag. A partition's window restarts whenever its position moves (transaction markers
+        included); time the driver spent held by back-pressure does not count, and a paused
+        partition (ClickHouse down) or one awaiting step 1 is not watched. When a window runs out
+        the partition's end is asked for (one ListOffsets request for every such partition, on an
+        admin connection of its own: the consumer's would wait behind its long-poll fetch). Records
+        waiting then only start one more window: the sink is rebuilt if the position still has not
+        moved when that one runs out too, so a record that just arrived is never a stall."""
         assert self.stall_s is not None
         self._watch_at = now + min(self.stall_s / 4, 5.0)
         parts = {(p.topic, p.partition): p for p in self._parts.values() if not p.paused and not p.unresolved}
@@ -1368,22 +1394,47 @@ class Sink:
         if not parts:
             return
         positions = self.positions()
-        for key, p in parts.items():
+        held = self._pressured_s
+        due: list[tuple[str, int]] = []
+        for key in parts:
             pos = positions.get(key, -1)
             seen = self._watch.get(key)
-            if seen is None or seen[0] != pos or self._pressured_at >= seen[1]:
-                self._watch[key] = (pos, now)
-                continue
-            if now - seen[1] < self.stall_s:
-                continue
-            low, high = self._consumer.get_watermark_offsets(p.tp, timeout=5.0, cached=False)
-            if high > max(pos, low):
-                self.last_error = f"consumer: no progress on {p.topic}[{p.partition}] for {now - seen[1]:.0f}s"
+            if seen is None or seen.position != pos:
+                self._watch[key] = _Watch(pos, now, held)
+            elif pos >= 0 and (now - seen.since) - (held - seen.held) >= self.stall_s:
+                due.append(key)
+        if not due:
+            return
+        ends = self._ends([parts[k].tp for k in due])
+        for key in due:
+            seen, high = self._watch[key], ends.get(key)
+            if high is None:
+                continue  # not answered: asked again at the next check
+            if high > seen.position and seen.waiting:
+                stalled = now - seen.since + self.stall_s
+                p = parts[key]
+                self.last_error = f"consumer: no progress on {p.topic}[{p.partition}] for {stalled:.0f}s"
                 raise SinkError(
-                    f"the consumer made no progress on {p.topic}[{p.partition}] for {now - seen[1]:.0f}s with "
-                    f"{high - max(pos, low)} records waiting (position {pos}, end {high}): it must be rebuilt"
+                    f"the consumer made no progress on {p.topic}[{p.partition}] for {stalled:.0f}s with "
+                    f"{high - seen.position} records waiting (position {seen.position}, end {high}): it must be rebuilt"
                 )
-            self._watch[key] = (pos, now)  # nothing to read: an idle partition
+            self._watch[key] = _Watch(seen.position, now, held, waiting=high > seen.position)
+
+    def _ends(self, tps: list[TopicPartition]) -> dict[tuple[str, int], int]:
+        """The end offsets (last stable, as a read_committed consumer sees them) of `tps`, in one
+        request; {} when the broker does not answer in time (the watchdog asks again later)."""
+        if self._admin is None:
+            self._admin = AdminClient({"bootstrap.servers": self._bootstrap})
+        try:
+            futures = self._admin.list_offsets(
+                {tp: OffsetSpec.latest() for tp in tps},
+                isolation_level=IsolationLevel.READ_COMMITTED,
+                request_timeout=5,
+            )
+            return {(tp.topic, tp.partition): int(f.result(timeout=5).offset) for tp, f in futures.items()}
+        except Exception as exc:  # a slow or restarting broker: not a stall of ours
+            log.info("stall check: cannot read end offsets: %s", exc)
+            return {}
 
     def _take_batch(self, msgs: list[Message]) -> None:
         """Steps 2-3 intake of a consume() batch, a stretch of one partition at a time (fast path).
@@ -1684,6 +1735,7 @@ class Sink:
             "fast_fallbacks": self.fast_fallbacks,
             "native_rows": self.native_rows,
             "prebuilt_blocks": self.prebuilt_blocks,
+            "landed_with_error": self.landed_with_error,
             "commit_failures": self.commit_failures,
             "last_insert_at": self.last_insert_at.isoformat() if self.last_insert_at else None,
             "last_error": self.last_error,

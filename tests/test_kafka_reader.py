@@ -12,9 +12,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 import time
 import uuid
 from itertools import pairwise
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -233,3 +237,33 @@ def test_replay_through_the_reader_builds_what_the_message_path_builds(
         for name in dbs:
             client.command(f"DROP DATABASE IF EXISTS {name}")
         client.close()
+
+
+def test_reader_survives_a_logger_that_closes_it() -> None:
+    """A logger that closes the reader while `read` drains its log lines (or another thread doing so
+    while the logger does I/O) gets "in use", not a reader destroyed under the loop (a segfault)."""
+    code = textwrap.dedent(
+        """
+        from projections import _kafka_reader, kafka_reader
+        holder = []
+        def logger(level, fac, msg):
+            if holder:
+                holder.pop().close()
+        conf = {"bootstrap.servers": "127.0.0.1:9", "group.id": "g", "debug": "generic,broker"}
+        r = _kafka_reader.Reader(kafka_reader.library_path(), conf, logger)
+        holder.append(r)
+        try:
+            r.read(1, 0.5)
+        except RuntimeError as exc:
+            print("raised", exc)
+        print("survived")
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=str(Path(__file__).resolve().parents[1]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0 and "survived" in proc.stdout, (proc.returncode, proc.stderr[-2000:])

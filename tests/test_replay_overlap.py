@@ -8,6 +8,7 @@ queued behind the insert in flight (`Sink._prebuild`). Neither may change what l
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from projections import replay as replay_module
-from projections.migrations import MIGRATIONS_TABLE, migrate
+from projections.migrations import MIGRATIONS_TABLE, discover, migrate
 from projections.replay import (
     FAILED,
     ReplayJob,
@@ -198,3 +199,16 @@ def test_blocks_built_ahead_by_the_driver_land_what_the_inserter_would_poison_in
     assert sink.native_rows == sink.fast_rows > 0
     ids = [str(r[0]) for r in store.query("SELECT event_id FROM tokens_charged").result_rows]
     assert len(ids) == len(set(ids))
+
+
+def test_every_migration_names_its_tables_with_the_database() -> None:
+    """SchemaBuild's readiness rule reads `{db}.name`: a view reading an unqualified table would
+    make that table "ready" before the view exists (its target would miss rows). So every name
+    after FROM/JOIN/TO/INTO/TABLE/VIEW in a migration is qualified."""
+    named = re.compile(r"(?<!ARRAY )\b(FROM|JOIN|TO|INTO|TABLE|VIEW)\s+(?:IF NOT EXISTS\s+)?([^\s(,;]+)", re.I)
+    found: list[tuple[int, str]] = []
+    for m in discover():
+        for stmt in m.statements("zdb"):
+            found += [(m.version, name) for _kw, name in named.findall(stmt)]
+    assert ("zdb.tokens_charged" in {n for _, n in found}) and len(found) > 60  # the pattern does read them
+    assert [(v, n) for v, n in found if not n.startswith("zdb.")] == []

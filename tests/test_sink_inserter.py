@@ -217,7 +217,7 @@ def test_a_block_that_raised_after_landing_is_not_decoded_and_inserted_again(
     flaky = RaisesAfterLanding(store)
     sink = new_sink(store_=flaky, batch_max=200, batch_ms=50)
     run_until(sink, lambda: counts(store) == want)
-    assert flaky.raised == 1
+    assert flaky.raised == 1 and sink.landed_with_error == 1
     assert sink.fast_fallbacks == 0 and sink.rows_inserted == len(events), sink.status()
     ids = _event_ids(store, ["tokens_charged"])
     assert len(ids) == len(set(ids)) == want["tokens_charged"]  # landed once, never decoded and landed again
