@@ -11,7 +11,7 @@ import dataclasses
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -35,20 +35,10 @@ from streams.codec import Codec
 from streams.topics import Topics
 from tests import factories
 from tests.test_projections_sink import counts, encoded, expected_counts, make_events, produce, run_until
-from tests.test_replay import _schema, _sql
+from tests.test_replay import _schema, _sql, extra_dbs  # noqa: F401  (fixture)
 from tests.test_sink_native import _corruptions
 
 CODEC = Codec()
-
-
-@pytest.fixture
-def dbs(chdb_url: str) -> Iterator[list[str]]:
-    names: list[str] = []
-    yield names
-    client = open_store(chdb_url, "default")
-    for name in names:
-        client.command(f"DROP DATABASE IF EXISTS {name} SYNC")
-    client.close()
 
 
 def test_tables_touched_reads_every_qualified_name() -> None:
@@ -60,11 +50,12 @@ def test_tables_touched_reads_every_qualified_name() -> None:
 
 
 def test_a_schema_build_makes_what_migrate_makes_and_a_table_is_ready_with_its_views(
-    chdb_url: str, dbs: list[str]
+    chdb_url: str,
+    extra_dbs: list[str],  # noqa: F811
 ) -> None:
     tag = uuid.uuid4().hex[:8]
     ref, new = f"sb_ref_{tag}", f"sb_new_{tag}"
-    dbs.extend([ref, new])
+    extra_dbs.extend([ref, new])
     a = open_store(chdb_url, ref)
     b = open_store(chdb_url, new)
     try:
@@ -110,11 +101,13 @@ def _broken_discover(real: Callable[[], list[Any]]) -> Callable[[], list[Any]]:
 
 
 def test_a_failed_schema_build_fails_every_waiter_and_records_nothing(
-    chdb_url: str, dbs: list[str], monkeypatch: pytest.MonkeyPatch
+    chdb_url: str,
+    extra_dbs: list[str],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(replay_module, "discover", _broken_discover(replay_module.discover))
     name = f"sb_bad_{uuid.uuid4().hex[:8]}"
-    dbs.append(name)
+    extra_dbs.append(name)
     build = SchemaBuild(chdb_url, name).start()
     build.wait_for("request_received")  # made by the first file, before the failure: ready
     with pytest.raises(SchemaBuildFailed, match=r"NoSuchType|broken"):
@@ -135,7 +128,7 @@ def test_a_replay_whose_ddl_fails_fails_with_the_reason_and_a_good_one_equals_th
     store: Client,
     chdb_url: str,
     new_sink: Callable[..., Sink],
-    dbs: list[str],
+    extra_dbs: list[str],  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     events = make_events(240)
@@ -147,7 +140,7 @@ def test_a_replay_whose_ddl_fails_fails_with_the_reason_and_a_good_one_equals_th
     live.close()
 
     def job(into: str) -> ReplayJob:
-        dbs.append(into)
+        extra_dbs.append(into)
         req = ReplayRequest(into, tuple(known_tables()))
         return ReplayJob(req, store_url=chdb_url, bootstrap=kafka_bootstrap, topics=topics, batch_ms=100)
 
