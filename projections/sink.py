@@ -146,6 +146,7 @@ from projections.schema import (
 )
 from projections.store import LockedStore
 from streams import telemetry
+from streams.admin import admin
 from streams.clients import Consumer, Producer
 from streams.codec import HEADER_LEN, Codec, PoisonEvent
 from streams.deadletter import DeadLetter
@@ -1424,7 +1425,7 @@ class Sink:
         """The end offsets (last stable, as a read_committed consumer sees them) of `tps`, in one
         request; {} when the broker does not answer in time (the watchdog asks again later)."""
         if self._admin is None:
-            self._admin = AdminClient({"bootstrap.servers": self._bootstrap})
+            self._admin = admin(self._bootstrap)
         try:
             futures = self._admin.list_offsets(
                 {tp: OffsetSpec.latest() for tp in tps},
