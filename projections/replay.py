@@ -227,23 +227,6 @@ def target_check(store_url: str, request: ReplayRequest) -> None:
         client.close()
 
 
-def migrate_fresh(client: Client, database: str) -> list[int]:
-    """`migrate` for a database that has no migration applied: every file's statements, then ONE
-    insert recording them all (a database with any applied goes through `migrate`).
-
-    Why: `migrate` records each file with its own insert (15 of them, ~0.5 s on chDB, as much as
-    the DDL itself), a fixed cost of every replay. The recorded rows are the same; a replay
-    interrupted half-way records nothing and re-runs the (re-runnable, `IF NOT EXISTS`) DDL.
-    """
-    if applied(client, database):
-        return migrate(client, database)
-    migrations = discover()
-    for m in migrations:
-        for stmt in m.statements(database):
-            client.command(stmt)
-    return _record_applied(client, database, migrations)
-
-
 def _record_applied(client: Client, database: str, migrations: Sequence[Migration]) -> list[int]:
     """One insert recording every file as applied (after all their statements ran)."""
     now = datetime.now(UTC)
@@ -266,13 +249,15 @@ def tables_touched(statement: str, database: str) -> set[str]:
 
 
 class SchemaBuild:
-    """`migrate_fresh` in a thread of its own, so a replay inserts into each table as soon as it is made.
+    """A fresh database's migrations, in a thread of its own, so a replay inserts into each table as
+    soon as it is made.
 
     Why: the fresh database's DDL (60 statements, 0.4-0.8 s on chDB) was a fixed cost before
-    the first insert. A table is ready once the last statement naming it ran: its own CREATE
-    and ALTERs, and the views and materialized views that read it (an insert before the view
+    the first insert, and `migrate` records each file with an insert of its own (~0.5 s more on
+    chDB; here one insert records them all). A table is ready once the last statement naming it
+    ran: its own CREATE and ALTERs, and the views and materialized views that read it (an insert before the view
     that reads it exists would never reach the view's target). The statements run in the files'
-    order, as `migrate_fresh` runs them; the one insert recording the files comes last, so a
+    order, as `migrate` runs them; the one insert recording the files comes last, so a
     build interrupted half-way records nothing and a re-run repeats the (re-runnable) DDL.
     A table no statement names is ready when the whole build is.
     """

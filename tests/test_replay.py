@@ -23,7 +23,6 @@ from clickhouse_connect.driver.client import Client
 from ledgerflow import cli
 from ledgerflow.replay import progress_line
 from projections.access import ReadAccess
-from projections.migrations import MIGRATIONS_TABLE, migrate
 from projections.replay import (
     BadReplayRequest,
     ReplayJob,
@@ -32,7 +31,6 @@ from projections.replay import (
     check,
     finished,
     known_tables,
-    migrate_fresh,
     parse_request,
     progress,
     record_filter,
@@ -131,26 +129,6 @@ def _schema(client: Client, database: str) -> list[tuple[str, str, str]]:
         parameters={"db": database},
     ).result_rows
     return [(str(n), str(e), str(q)) for n, e, q in rows]
-
-
-def test_migrate_fresh_builds_what_migrate_builds(chdb_url: str, extra_dbs: list[str]) -> None:
-    """The replay's one-insert migration: same tables, views and recorded migrations as `migrate`;
-    a database with migrations applied goes through `migrate` (nothing pending: nothing done)."""
-    tag = uuid.uuid4().hex[:8]
-    old, new = f"mig_old_{tag}", f"mig_new_{tag}"
-    extra_dbs.extend([old, new])
-    a, b = open_store(chdb_url, old), open_store(chdb_url, new)
-    try:
-        applied_now = migrate_fresh(b, new)
-        assert applied_now == migrate(a, old) and applied_now
-        assert _schema(b, new) == _schema(a, old)
-        recorded = f"SELECT version, name, checksum FROM {MIGRATIONS_TABLE} ORDER BY version"
-        assert b.query(recorded).result_rows == a.query(recorded).result_rows
-        assert migrate_fresh(b, new) == []
-        assert len(b.query(recorded).result_rows) == len(applied_now)
-    finally:
-        a.close()
-        b.close()
 
 
 def _replay(chdb_url: str, kafka_bootstrap: str, topics: Topics, into: str, **kw: Any) -> dict[str, Any]:

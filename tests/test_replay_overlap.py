@@ -84,6 +84,12 @@ def test_a_schema_build_makes_what_migrate_makes_and_a_table_is_ready_with_its_v
         assert _schema(b, new) == _schema(a, ref)
         recorded = f"SELECT version, name, checksum FROM {MIGRATIONS_TABLE} ORDER BY version"
         assert b.query(recorded).result_rows == a.query(recorded).result_rows
+        # a built database is migrated: `migrate` (the replay's path for it) applies nothing more,
+        # and another build of it is refused
+        assert migrate(b, new) == []
+        assert len(b.query(recorded).result_rows) == len(versions)
+        with pytest.raises(SchemaBuildFailed, match="not fresh"):
+            SchemaBuild(chdb_url, new).start().join()
     finally:
         a.close()
         b.close()
